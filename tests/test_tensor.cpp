@@ -1,0 +1,75 @@
+// Tensor storage, views, the memory pool and tensor_math.
+#include <doctest/doctest.h>
+
+#include <cstdint>
+
+#include "engine/check.h"
+#include "engine/memory_pool.h"
+#include "engine/random.h"
+#include "engine/tensor.h"
+#include "engine/tensor_math.h"
+
+using namespace hfq;
+
+TEST_CASE("storage is 64-byte aligned, views share it") {
+    Tensor t = Tensor::from_vector({2, 3}, {1, 2, 3, 4, 5, 6});
+    CHECK(reinterpret_cast<uintptr_t>(t.raw()) % 64 == 0);
+    Tensor v = t.reshape({3, 2});
+    v.f32()[5] = 60;
+    CHECK(t.f32()[5] == 60);
+    CHECK(v.shares_storage_with(t));
+    Tensor row = t.slice0(1, 2);
+    CHECK(row.shape() == Shape{1, 3});
+    CHECK(row.f32()[0] == 4);
+    Tensor c = t.clone();
+    c.f32()[0] = -1;
+    CHECK(t.f32()[0] == 1);
+}
+
+TEST_CASE("bad shapes and types throw with the shapes in the message") {
+    Tensor t = Tensor::zeros({2, 3});
+    CHECK_THROWS_WITH_AS(t.reshape({4, 2}), "reshape: cannot view [2, 3] as [4, 2]", Error);
+    CHECK_THROWS_AS(t.data<int32_t>(), Error);
+    CHECK_THROWS_AS(add(t, Tensor::zeros({3, 2})), Error);
+    CHECK_THROWS_AS(t.slice0(1, 3), Error);
+    CHECK_THROWS_AS(Tensor::from_vector({2}, {1, 2, 3}), Error);
+    CHECK_THROWS_AS(t.item(), Error);
+}
+
+TEST_CASE("the pool reuses freed blocks instead of asking the OS again") {
+    const size_t bytes = 12345 * 4;
+    { Tensor a = Tensor::empty({12345}); }
+    const PoolStats before = pool_stats();
+    for (int i = 0; i < 10; ++i) Tensor a = Tensor::empty({12345});
+    const PoolStats after = pool_stats();
+    CHECK(after.os_allocations == before.os_allocations);
+    CHECK(after.cached_bytes >= bytes);
+}
+
+TEST_CASE("tensor_math") {
+    Tensor a = Tensor::from_vector({3}, {1, -2, 3});
+    Tensor b = Tensor::from_vector({3}, {0.5f, 0.5f, -1});
+    CHECK(add(a, b).to_vector() == std::vector<float>{1.5f, -1.5f, 2});
+    CHECK(mul(a, b).to_vector() == std::vector<float>{0.5f, -1, -3});
+    CHECK(scale(a, 2).to_vector() == std::vector<float>{2, -4, 6});
+    axpy_(a, 2, b);
+    CHECK(a.to_vector() == std::vector<float>{2, -1, 1});
+    CHECK(sum_f64(a) == 2.0);
+    CHECK(max_abs(b) == 1.0f);
+    CHECK(max_rel_diff(Tensor::from_vector({2}, {1.0f, 2.2f}), Tensor::from_vector({2}, {1.0f, 2.0f})) ==
+          doctest::Approx(0.1).epsilon(1e-5));
+}
+
+TEST_CASE("Rng: reproducible, restorable, derived streams independent of use") {
+    Rng a(42), b(42);
+    for (int i = 0; i < 5; ++i) CHECK(a.next_u64() == b.next_u64());
+    Rng saved = Rng::restore(a.state(), a.stream());
+    CHECK(saved.next_u64() == a.next_u64());
+    Rng d1 = Rng::derive(7, {1, 2}), d2 = Rng::derive(7, {1, 2}), d3 = Rng::derive(7, {2, 1});
+    CHECK(d1.next_u64() == d2.next_u64());
+    CHECK(d1.next_u64() != d3.next_u64());
+    double mean = 0;
+    for (int i = 0; i < 10000; ++i) mean += a.uniform();
+    CHECK(mean / 10000 == doctest::Approx(0.5).epsilon(0.02));
+    for (int i = 0; i < 1000; ++i) CHECK(a.below(7) < 7);
+}
