@@ -1,0 +1,138 @@
+// The pieces every weight quantizer shares (spec section 2): the integer
+// grid, rounding, power-of-two scales, codes, the in-range mask, the
+// weighted quantization error E(s) and the weighted least-squares scale.
+//
+// Scale groups. A weight tensor {O, ...} (OIHW convolution or {out, in}
+// linear, see engine/tensor.h) is quantized with one scale per tensor, or
+// one per output channel: then channel o is the contiguous block of
+// elements [o * size, (o + 1) * size). Every sum below runs over ONE group,
+// sequentially in element order and accumulated in double, so its value
+// never depends on how many threads work on the tensor: threads only ever
+// split the work across groups (for_each_group).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "engine/tensor.h"
+
+namespace hfq::quant {
+
+// The integers q in [-qn, qp] a b-bit quantizer may use.
+//   signed:   qn = qp = 2^(b-1) - 1 (4 bits: -7..7, -8 unused: symmetric)
+//   unsigned: qn = 0, qp = 2^b - 1   (the input goes through ReLU first)
+struct Grid {
+    int bits = 4;
+    bool is_signed = true;
+    int qn = 7;
+    int qp = 7;
+};
+// bits in 2..8; throws hfq::Error naming `who` otherwise.
+Grid make_grid(int bits, bool is_signed, const char* who);
+
+// The contiguous scale groups of a tensor: `count` groups of `size` elements.
+struct ScaleGroups {
+    int64_t count = 1;
+    int64_t size = 0;
+};
+// per_channel: one group per index of axis 0; otherwise one group.
+ScaleGroups scale_groups(const Shape& shape, bool per_channel, const char* who);
+
+// rint: round half to even under the default rounding mode
+// (2.5 -> 2, 0.5 -> 0, 1.5 -> 2, -8.5 -> -8). std::round would round half
+// away from zero, which is not what the reference does.
+inline float rint_even(float v) { return std::nearbyint(v); }
+// Round half away from zero (the traditional msqe-baseline's floor(|v| + 0.5)),
+// in double so that |v| + 0.5 is exact.
+inline float round_half_away(float v) { return float(std::copysign(std::floor(std::fabs(double(v)) + 0.5), v)); }
+
+// po2(v) = 2^rint(log2(v + 1e-7)); this returns the exponent. The 1e-7 is part
+// of the definition: it keeps po2(0) finite (2^-23).
+int po2_exponent(double v);
+inline float exp2_scale(int exponent) { return std::ldexp(1.0f, exponent); }
+
+// clip(rint(x / s), -qn, qp): the integer code of x at scale s.
+inline float clip_to_grid(float r, const Grid& g) { return std::fmin(std::fmax(r, float(-g.qn)), float(g.qp)); }
+inline float code_at(float x, float s, const Grid& g) { return clip_to_grid(rint_even(x / s), g); }
+// m(x; s) = 1[-qn <= rint(x/s) <= qp] (bounds inclusive).
+inline bool in_range(float x, float s, const Grid& g) {
+    const float r = rint_even(x / s);
+    return r >= -g.qn && r <= g.qp;
+}
+// The straight-through scale-gradient term of one element (spec 4.1), with
+// u = x / s: rint(u) - u in range, -qn below the grid, qp above it.
+inline float scale_gradient_term(float x, float s, const Grid& g) {
+    const float u = x / s;
+    const float r = rint_even(u);
+    if (r < -g.qn) return float(-g.qn);
+    if (r > g.qp) return float(g.qp);
+    return r - u;
+}
+
+// What one pass over a group at scale s yields, w the element weights
+// (nullptr: all ones) and q = code_at(x, s):
+//   error = E(s) = sum w (x - s q)^2    (a sum, not a mean)
+//   wqx   = sum w q x,  wqq = sum w q q  (the least-squares sums at these codes)
+struct GroupSums {
+    double error = 0;
+    double wqx = 0;
+    double wqq = 0;
+};
+GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g);
+inline double weighted_error(const float* x, const float* w, int64_t n, float s, const Grid& g) {
+    return group_sums(x, w, n, s, g).error;
+}
+
+// LS = po2( mean(w q x) / (mean(w q q) + 1e-7) ), from the sums over the
+// group's n elements (the 1e-7 sits on the denominator of the MEAN form).
+int least_squares_exponent(double sum_wqx, double sum_wqq, int64_t n);
+
+// Population statistics of one group, in double, sequentially.
+double population_std(const float* x, int64_t n);
+float max_abs(const float* x, int64_t n);
+
+// How codes are rounded: half to even (rint, every quantizer of the paper)
+// or half away from zero (the traditional msqe-baseline).
+enum class Rounding { half_even, half_away };
+
+// The final fake-quantization pass over one group:
+//   code_i = clip(round(x_i / code_scale)),  y_i = out_scale * code_i.
+// (code_scale == out_scale except for msqe-baseline, whose output pairs the
+// last least-squares scale with the codes of the iteration before.)
+// If `codes` is not null it holds the previous step's codes; they are compared
+// (when compare_codes) and overwritten with the new ones.
+struct PassStats {
+    double error = 0;     // sum (x - y)^2, unweighted
+    int64_t clipped = 0;  // elements whose rounded value fell outside [-qn, qp]
+    int64_t changed = 0;  // codes that differ from `codes` on entry
+};
+PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n,
+                         float code_scale, float out_scale, const Grid& g, Rounding rounding);
+
+// The backward pass over one group (spec 2, 3.2, 4.1, 4.2), g = dL/dy:
+//   dx_i = g_i * m_i * gate_i       (m_i = 1 when identity_ste; gate_i =
+//                                    1[x_i > 0] on the unsigned grid: the ReLU)
+//   M_i  = decay M_i + (1 - decay) m_i g_i^2   (if M is not null)
+// and returns sum_i g_i t_i with t_i = scale_gradient_term (if want_scale_sum).
+// dx may be null (the weights need no gradient).
+struct BackwardGroup {
+    const float* x = nullptr;  // the quantizer's input (after the ReLU if unsigned)
+    const float* grad = nullptr;
+    float* dx = nullptr;
+    float* second_moments = nullptr;
+    float decay = 0;
+    bool identity_ste = false;
+    bool want_scale_sum = false;
+};
+double backward_group(const BackwardGroup& b, int64_t n, float s, const Grid& g);
+
+// Runs f(group) for every group, groups split across OpenMP threads (each
+// group is handled whole by one thread, so results do not depend on the
+// thread count). f must not throw: collect problems and check afterwards.
+template <class F>
+void for_each_group(const ScaleGroups& groups, F&& f) {
+    const bool parallel = groups.count > 1 && groups.count * groups.size >= (1 << 14);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t gi = 0; gi < groups.count; ++gi) f(gi);
+}
+
+}  // namespace hfq::quant

@@ -1,0 +1,171 @@
+// The shared pieces of the quantizers (spec section 2) and the reference
+// values of spec section 7 that concern them and the MSQE search.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "quant/grid.h"
+#include "quant/msqe_po2.h"
+#include "quant/quantizer.h"
+
+using namespace hfq;
+using namespace hfq::quant;
+
+namespace {
+
+const Grid g4 = make_grid(4, true, "test");
+
+std::vector<float> quantized(const std::vector<float>& x, float s, const Grid& g) {
+    std::vector<float> y(x.size());
+    quantize_group(x.data(), y.data(), nullptr, false, int64_t(x.size()), s, s, g, Rounding::half_even);
+    return y;
+}
+
+}  // namespace
+
+TEST_CASE("grids: signed is symmetric, unsigned starts at 0") {
+    CHECK(g4.qn == 7);
+    CHECK(g4.qp == 7);
+    const Grid g2 = make_grid(2, true, "test");
+    CHECK((g2.qn == 1 && g2.qp == 1));
+    const Grid g8 = make_grid(8, true, "test");
+    CHECK((g8.qn == 127 && g8.qp == 127));
+    const Grid u4 = make_grid(4, false, "test");
+    CHECK((u4.qn == 0 && u4.qp == 15));
+    const Grid u8 = make_grid(8, false, "test");
+    CHECK((u8.qn == 0 && u8.qp == 255));
+}
+
+TEST_CASE("rint rounds half to even, never half away from zero") {
+    CHECK(rint_even(2.5f) == 2.0f);
+    CHECK(rint_even(0.5f) == 0.0f);
+    CHECK(rint_even(1.5f) == 2.0f);
+    CHECK(rint_even(-8.5f) == -8.0f);
+    CHECK(rint_even(-0.5f) == 0.0f);
+    CHECK(rint_even(3.5f) == 4.0f);
+    // The codes use it: 8 bits so that -8.5 is not clipped.
+    const Grid g8 = make_grid(8, true, "test");
+    CHECK(quantized({2.5f, 0.5f, 1.5f, -8.5f}, 1.0f, g8) == std::vector<float>{2, 0, 2, -8});
+    // msqe-baseline's rounding is half away from zero.
+    CHECK(round_half_away(2.5f) == 3.0f);
+    CHECK(round_half_away(0.5f) == 1.0f);
+    CHECK(round_half_away(-8.5f) == -9.0f);
+    CHECK(round_half_away(0.49999997f) == 0.0f);  // |v| + 0.5 must not round up in float
+}
+
+TEST_CASE("po2 includes the 1e-7") {
+    CHECK(po2_exponent(1.0) == 0);
+    CHECK(po2_exponent(3.5) == 2);        // log2 3.5 = 1.81
+    CHECK(po2_exponent(2.8284) == 1);     // just below 2^1.5
+    CHECK(po2_exponent(2.8285) == 2);     // just above
+    CHECK(po2_exponent(0.0) == -23);      // log2(1e-7) = -23.25
+    CHECK(po2_exponent(1e-7) == -22);     // log2(2e-7) = -22.25: the 1e-7 counts
+    CHECK(exp2_scale(-3) == 0.125f);
+}
+
+TEST_CASE("codes, clipping and the in-range mask (bounds inclusive)") {
+    CHECK(code_at(7.4f, 1.0f, g4) == 7.0f);
+    CHECK(in_range(7.4f, 1.0f, g4));
+    CHECK(code_at(7.6f, 1.0f, g4) == 7.0f);
+    CHECK(!in_range(7.6f, 1.0f, g4));
+    CHECK(!in_range(7.5f, 1.0f, g4));  // rint(7.5) = 8 (half to even): outside
+    CHECK(in_range(6.5f, 1.0f, g4));   // rint(6.5) = 6
+    CHECK(!in_range(-7.5f, 1.0f, g4));
+    CHECK(in_range(-7.4f, 1.0f, g4));
+    CHECK(code_at(-9.0f, 1.0f, g4) == -7.0f);
+    // The reference suite's clip-mask case: 2 bits (qn = qp = 1) at its initial
+    // scale 1 + 1e-7 (so 1.5 rounds down to 1, while 1.6 rounds up to 2: clipped).
+    const float s = 1.0f + 1e-7f;
+    const Grid g2 = make_grid(2, true, "test");
+    const std::vector<float> x{0.5f, 0.0f, 1.0f, 1.5f, 1.6f, 2.0f, -0.5f, -1.0f, -1.5f, -1.6f, -2.0f};
+    const std::vector<bool> mask{true, true, true, true, false, false, true, true, true, false, false};
+    for (size_t i = 0; i < x.size(); ++i) CHECK_MESSAGE(in_range(x[i], s, g2) == mask[i], "x = ", x[i]);
+    CHECK(!in_range(1.5f, 1.0f, g2));  // at exactly s = 1, rint(1.5) = 2 is outside
+    // The scale-gradient term: rint(u) - u in range, -qn below, qp above.
+    CHECK(scale_gradient_term(2.5f, 1.0f, g4) == -0.5f);
+    CHECK(scale_gradient_term(1.5f, 1.0f, g4) == 0.5f);
+    CHECK(scale_gradient_term(9.0f, 1.0f, g4) == 7.0f);
+    CHECK(scale_gradient_term(-9.0f, 1.0f, g4) == -7.0f);
+}
+
+TEST_CASE("reference 5: Q([6, 5, 1, 8, 3, -8]; s)") {
+    const std::vector<float> x{6, 5, 1, 8, 3, -8};
+    CHECK(quantized(x, 2.0f, g4) == std::vector<float>{6, 4, 0, 8, 4, -8});
+    CHECK(quantized(x, 1.0f, g4) == std::vector<float>{6, 5, 1, 7, 3, -7});
+}
+
+TEST_CASE("reference 3: E(1) = 0.30 (a sum), and weighted") {
+    const std::vector<float> x{1.2f, 0.9f, 1.0f, 1.6f, 0.3f, 1.0f};
+    CHECK(weighted_error(x.data(), nullptr, 6, 1.0f, g4) == doctest::Approx(0.30).epsilon(1e-6));
+    // The reference suite's weighted case: w = 1.1 .. 1.6 gives 0.415.
+    const std::vector<float> w{1.1f, 1.2f, 1.3f, 1.4f, 1.5f, 1.6f};
+    CHECK(weighted_error(x.data(), w.data(), 6, 1.0f, g4) == doctest::Approx(0.415).epsilon(1e-6));
+    // Zero weights remove elements.
+    const std::vector<float> w0{1, 1, 1, 0, 1, 1};
+    CHECK(weighted_error(x.data(), w0.data(), 6, 1.0f, g4) == doctest::Approx(0.14).epsilon(1e-6));
+}
+
+TEST_CASE("least squares: the 1e-7 sits on the denominator of the mean form") {
+    // mean(w q x) = 4e-7, mean(w q q) = 1e-7 over n = 1000 elements: the mean
+    // form gives 4e-7 / (1e-7 + 1e-7) = 2 -> exponent 1, where 1e-7 added to
+    // the sum would give 4e-4 / (1e-4 + 1e-7) ~ 4 -> exponent 2.
+    const int64_t n = 1000;
+    CHECK(least_squares_exponent(4e-7 * n, 1e-7 * n, n) == 1);
+    CHECK(least_squares_exponent(4.0 * n, 1.0 * n, n) == 2);     // 4 / (1 + 1e-7)
+    CHECK(least_squares_exponent(0.0, 0.0, n) == -23);           // no codes: po2(0)
+}
+
+TEST_CASE("reference 1: least squares gives s = 1, the line search then s = 2") {
+    const std::vector<float> x{-0.17f, 2.58f, -8.75f, -3.56f, 1.56f, -0.15f, 2.15f, -0.66f, 0.49f};
+    const int64_t n = int64_t(x.size());
+    const ExponentSearch ls = least_squares_search(x.data(), nullptr, n, /*start s = 1*/ 0, 3, g4);
+    CHECK(ls.exponent == 0);
+    CHECK(ls.error == doctest::Approx(weighted_error(x.data(), nullptr, n, 1.0f, g4)));
+    const ExponentSearch fine = line_search(x.data(), nullptr, n, ls, 6, g4);
+    CHECK(fine.exponent == 1);
+    CHECK(fine.error == doctest::Approx(weighted_error(x.data(), nullptr, n, 2.0f, g4)));
+    CHECK(fine.error < ls.error);
+
+    // The whole optimisation, through the quantizer: its first call starts at
+    // rint(log2(8.75 / 7 + 1e-7)) = 0, i.e. s = 1, with w = sqrt(M) = 1.
+    QuantizerOptions opt;
+    opt.outlier_mask = false;
+    auto q = make_quantizer("msqe-po2", opt, {n});
+    Variable wq = q->fake_quantize(Variable(Tensor::from_vector({n}, x)), true);
+    CHECK(static_cast<MsqePo2Quantizer&>(*q).exponents() == std::vector<int>{1});
+    CHECK(wq.value().to_vector() == quantized(x, 2.0f, g4));
+}
+
+TEST_CASE("reference 2: per channel, from given start exponents") {
+    // Channels along axis 0: [6, 5], [5, 3], [1, -8.5].
+    const std::vector<float> x{6, 5, 5, 3, 1, -8.5f};
+    const std::vector<int> start{int(std::nearbyint(std::log2(0.0012))), int(std::nearbyint(std::log2(3.5))),
+                                 int(std::nearbyint(std::log2(0.00015)))};
+    CHECK(start == std::vector<int>{-10, 2, -13});
+    const std::vector<int> expected{0, 0, 1};  // scales [1, 1, 2]
+
+    // The search functions, channel by channel.
+    for (int c = 0; c < 3; ++c) {
+        const float* xc = x.data() + 2 * c;
+        ExponentSearch best = least_squares_search(xc, nullptr, 2, start[c], 3, g4);
+        best = line_search(xc, nullptr, 2, best, 6, g4);
+        CHECK_MESSAGE(best.exponent == expected[c], "channel ", c);
+    }
+
+    // The quantizer, with the start exponents loaded as its state.
+    QuantizerOptions opt;
+    opt.per_channel = true;
+    opt.outlier_mask = false;
+    auto q = make_quantizer("msqe-po2", opt, {3, 2});
+    NamedTensors st = q->state();
+    for (auto& [name, t] : st) {
+        if (name == "exponent")
+            for (int c = 0; c < 3; ++c) t.data<int32_t>()[c] = start[c];
+        if (name == "initialized") t.data<int32_t>()[0] = 1;
+    }
+    q->load_state(st);
+    Variable wq = q->fake_quantize(Variable(Tensor::from_vector({3, 2}, x)), true);
+    CHECK(static_cast<MsqePo2Quantizer&>(*q).exponents() == expected);
+    CHECK(wq.value().to_vector() == std::vector<float>{6, 5, 5, 3, 0, -8});
+}
