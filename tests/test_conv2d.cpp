@@ -1,0 +1,196 @@
+// conv2d (engine/conv2d.cpp): forward against a direct convolution loop in
+// double, backward against finite differences, the argument checks, and which
+// oneDNN kernels the MobileNet configurations run.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <string>
+
+#include "engine/check.h"
+#include "engine/conv2d.h"
+#include "engine/ops.h"
+#include "tests/gradcheck.h"
+
+using namespace hfq;
+using testing::random_tensor;
+
+namespace {
+
+// The geometry a test case expects, written out by hand (not computed by the
+// code under test): output size and the zero padding before (top, left).
+struct Expected {
+    int64_t ho, wo, pad_top, pad_left;
+};
+
+// y[n,oh,ow,co] = b[co] + sum over the group's input channels ci and kernel
+// taps (i,j) of x[n, oh*s - pad_top + i, ow*s - pad_left + j, ci] * w[co, ci', i, j],
+// taps outside x reading zero. x {N,H,W,Cin} NHWC, w {Cout,Cin/G,KH,KW}.
+Tensor reference_conv(const Tensor& x, const Tensor& w, const Tensor& b, int stride, int groups, Expected e) {
+    const int64_t n_ = x.dim(0), h = x.dim(1), wd = x.dim(2), cin = x.dim(3);
+    const int64_t cout = w.dim(0), cin_g = w.dim(1), kh = w.dim(2), kw = w.dim(3), cout_g = cout / groups;
+    Tensor y = Tensor::empty({n_, e.ho, e.wo, cout});
+    const float* px = x.f32();
+    const float* pw = w.f32();
+    for (int64_t n = 0; n < n_; ++n)
+        for (int64_t oh = 0; oh < e.ho; ++oh)
+            for (int64_t ow = 0; ow < e.wo; ++ow)
+                for (int64_t co = 0; co < cout; ++co) {
+                    double s = b.defined() ? b.f32()[co] : 0.0;
+                    const int64_t first_ci = co / cout_g * cin_g;
+                    for (int64_t c = 0; c < cin_g; ++c)
+                        for (int64_t i = 0; i < kh; ++i)
+                            for (int64_t j = 0; j < kw; ++j) {
+                                const int64_t ih = oh * stride - e.pad_top + i, iw = ow * stride - e.pad_left + j;
+                                if (ih < 0 || ih >= h || iw < 0 || iw >= wd) continue;
+                                s += double(px[((n * h + ih) * wd + iw) * cin + first_ci + c]) *
+                                     pw[((co * cin_g + c) * kh + i) * kw + j];
+                            }
+                    y.f32()[((n * e.ho + oh) * e.wo + ow) * cout + co] = static_cast<float>(s);
+                }
+    return y;
+}
+
+struct Case {
+    const char* name;
+    Shape x, w;
+    Conv2dParams p;
+    Expected e;
+};
+
+// Channel counts are mostly not multiples of oneDNN's 8/16 blocks, so the
+// blocked weight layouts carry padding.
+const Case kCases[] = {
+    {"standard 3x3, pad 1", {2, 6, 7, 3}, {5, 3, 3, 3}, {1, 1, false, 1}, {6, 7, 1, 1}},
+    {"standard 3x3, stride 2, pad 1", {2, 7, 8, 4}, {20, 4, 3, 3}, {2, 1, false, 1}, {4, 4, 1, 1}},
+    {"depthwise 3x3, stride 1", {2, 6, 5, 8}, {8, 1, 3, 3}, {1, 1, false, 8}, {6, 5, 1, 1}},
+    {"depthwise 3x3, stride 2", {2, 7, 6, 24}, {24, 1, 3, 3}, {2, 1, false, 24}, {4, 3, 1, 1}},
+    {"pointwise 1x1", {2, 5, 4, 8}, {12, 8, 1, 1}, {1, 0, false, 1}, {5, 4, 0, 0}},
+    // SAME, stride 2, k 3: H 8 -> 4 rows, total pad 1 -> top 0, bottom 1;
+    // W 7 -> 4 cols, total pad 2 -> 1 left, 1 right.
+    {"SAME 3x3 stride 2, odd extra at the bottom", {2, 8, 7, 6}, {6, 1, 3, 3}, {2, 0, true, 6}, {4, 4, 0, 1}},
+    // SAME, stride 2, k 1: H 6 -> 3 with (3-1)*2+1-6 < 0, i.e. no padding.
+    {"SAME 1x1 stride 2, negative total clamped to 0", {1, 6, 5, 4}, {3, 4, 1, 1}, {2, 0, true, 1}, {3, 3, 0, 0}},
+    {"SAME 5x5 stride 1", {1, 5, 6, 3}, {4, 3, 5, 5}, {1, 0, true, 1}, {5, 6, 2, 2}},
+    {"groups 2", {2, 5, 5, 4}, {6, 2, 3, 3}, {1, 1, false, 2}, {5, 5, 1, 1}},
+    {"groups 4, 3x1 kernel, no padding", {1, 6, 5, 8}, {8, 2, 3, 1}, {1, 0, false, 4}, {4, 5, 0, 0}},
+};
+
+Variable run_conv(const std::vector<Variable>& in, const Conv2dParams& p) {
+    return conv2d(in[0], in[1], in.size() > 2 ? in[2] : Variable(), p);
+}
+
+// |a - b| <= 1e-5 * (1 + |b|) at every element.
+void check_close(const Tensor& actual, const Tensor& expected) {
+    REQUIRE(actual.shape() == expected.shape());
+    for (int64_t i = 0; i < actual.numel(); ++i) {
+        INFO("element ", i, ": ", actual.f32()[i], " vs ", expected.f32()[i]);
+        CHECK(std::fabs(actual.f32()[i] - expected.f32()[i]) <= 1e-5 * (1 + std::fabs(expected.f32()[i])));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("conv2d forward equals a direct convolution loop") {
+    for (const Case& c : kCases) {
+        for (bool with_bias : {false, true}) {
+            INFO("case: ", std::string(c.name));
+            CAPTURE(with_bias);
+            const Tensor x = random_tensor(c.x, 1), w = random_tensor(c.w, 2);
+            const Tensor b = with_bias ? random_tensor({c.w[0]}, 3) : Tensor();
+            const Variable y = conv2d(Variable(x), Variable(w), with_bias ? Variable(b) : Variable(), c.p);
+            CHECK(y.shape() == Shape{c.x[0], c.e.ho, c.e.wo, c.w[0]});
+            check_close(y.value(), reference_conv(x, w, b, c.p.stride, c.p.groups, c.e));
+        }
+    }
+}
+
+TEST_CASE("conv2d backward of x, weight and bias matches finite differences") {
+    // conv2d is linear in each input, so a large step has no truncation error
+    // and keeps f32 rounding noise small against the difference.
+    testing::GradCheckOptions opt;
+    opt.step = 0.05;
+    for (const Case& c : kCases) {
+        INFO("case: ", std::string(c.name));
+        testing::check_gradients([&](const std::vector<Variable>& in) { return run_conv(in, c.p); },
+                                 {random_tensor(c.x, 4), random_tensor(c.w, 5), random_tensor({c.w[0]}, 6)}, opt);
+    }
+}
+
+TEST_CASE("conv2d backward with a constant input (first layer) or constant weights") {
+    // Each skips one backward pass; what it does compute must not change.
+    const Case& c = kCases[1];
+    const Tensor x = random_tensor(c.x, 7), w = random_tensor(c.w, 8), dy_seed = random_tensor({2, 4, 4, 20}, 9);
+    Variable x_all(x, true), w_all(w, true);
+    conv2d(x_all, w_all, Variable(), c.p).backward(dy_seed);
+
+    Variable x_const(x), w_only(w, true);
+    conv2d(x_const, w_only, Variable(), c.p).backward(dy_seed);
+    CHECK(!x_const.grad().defined());
+    CHECK(w_only.grad().to_vector() == w_all.grad().to_vector());
+
+    Variable x_only(x, true), w_const(w);
+    conv2d(x_only, w_const, Variable(), c.p).backward(dy_seed);
+    CHECK(!w_const.grad().defined());
+    CHECK(x_only.grad().to_vector() == x_all.grad().to_vector());
+}
+
+TEST_CASE("conv2d rejects bad arguments with a message naming conv2d and the problem") {
+    const Variable x(random_tensor({1, 5, 5, 4}, 1));
+    const Variable w(random_tensor({6, 4, 3, 3}, 2));
+    const Conv2dParams p{1, 1, false, 1};
+    auto with = [](int stride, int padding, bool same, int groups) { return Conv2dParams{stride, padding, same, groups}; };
+
+    CHECK_THROWS_WITH_AS(conv2d(Variable(random_tensor({5, 5, 4}, 1)), w, Variable(), p),
+                         doctest::Contains("conv2d: x must be NHWC"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, Variable(random_tensor({6, 4, 3}, 2)), Variable(), p),
+                         doctest::Contains("conv2d: weight must be OIHW"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(Variable(), w, Variable(), p), doctest::Contains("conv2d: x and weight"), Error);
+    // weight {6,3,3,3} wants 3 input channels, x has 4.
+    CHECK_THROWS_WITH_AS(conv2d(x, Variable(random_tensor({6, 3, 3, 3}, 2)), Variable(), p),
+                         doctest::Contains("conv2d: weight [6, 3, 3, 3] expects 3 input channels"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, Variable(random_tensor({6, 1, 3, 3}, 2)), Variable(), with(1, 1, false, 3)),
+                         doctest::Contains("conv2d: groups 3 must divide"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, Variable(random_tensor({6, 4, 9, 3}, 2)), Variable(), p),
+                         doctest::Contains("conv2d: kernel height 9 is larger than the padded input height 5"),
+                         Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(), with(0, 1, false, 1)), doctest::Contains("conv2d: stride"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(), with(1, -1, false, 1)), doctest::Contains("conv2d: padding"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(), with(1, 1, true, 1)), doctest::Contains("conv2d: same_padding"),
+                         Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(), with(1, 1, false, 0)), doctest::Contains("conv2d: groups"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(random_tensor({5}, 3)), p),
+                         doctest::Contains("conv2d: bias must be f32 {6}"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(Variable(Tensor::zeros({0, 5, 5, 4})), w, Variable(), p),
+                         doctest::Contains("conv2d: x has an empty dimension"), Error);
+    CHECK_THROWS_WITH_AS(conv2d(Variable(Tensor::zeros({1, 5, 5, 4}, DType::s8)), w, Variable(), p),
+                         doctest::Contains("conv2d: x and weight must be f32"), Error);
+}
+
+TEST_CASE("MobileNet's convolutions on NHWC run oneDNN JIT kernels, not the reference ones") {
+    // JIT kernel names: jit:<isa>, jit_dw:<isa>, jit_1x1:<isa>, and on
+    // AVX-512 machines the brgemm-based brgconv*/brdgmm_dw:<isa>.
+    auto is_jit = [](const std::string& name) {
+        const bool jit_family = name.rfind("jit", 0) == 0 || name.rfind("brg", 0) == 0 || name.rfind("brdgmm", 0) == 0;
+        const bool vector_isa = name.find("avx2") != std::string::npos || name.find("avx512") != std::string::npos;
+        return jit_family && vector_isa && name.find("ref") == std::string::npos;
+    };
+    struct Config {
+        const char* name;
+        Shape x, w;
+        Conv2dParams p;
+    };
+    const Config configs[] = {
+        {"depthwise 3x3 stride 1", {4, 28, 28, 32}, {32, 1, 3, 3}, {1, 1, false, 32}},
+        {"depthwise 3x3 stride 2", {4, 28, 28, 64}, {64, 1, 3, 3}, {2, 1, false, 64}},
+        {"pointwise 64 -> 128", {4, 14, 14, 64}, {128, 64, 1, 1}, {1, 0, false, 1}},
+    };
+    for (const Config& c : configs) {
+        const Conv2dImplNames names = conv2d_impl_names(c.x, c.w, false, c.p);
+        INFO("case: ", std::string(c.name));
+        INFO("forward ", names.forward, ", backward data ", names.backward_data, ", backward weights ",
+             names.backward_weights);
+        CHECK(is_jit(names.forward));
+        CHECK(is_jit(names.backward_data));
+        CHECK(is_jit(names.backward_weights));
+    }
+}
