@@ -1,0 +1,115 @@
+#include "data/image_transform.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <opencv2/imgproc.hpp>
+
+#include "engine/check.h"
+
+namespace hfq {
+
+namespace {
+// Python's round(): halves go to the even neighbour (nearbyint's default mode).
+int round_half_even(double v) { return static_cast<int>(std::nearbyint(v)); }
+}  // namespace
+
+void check_options(const RandomResizedCropOptions& o) {
+    HFQ_CHECK(0 < o.scale_min && o.scale_min <= o.scale_max && o.scale_max <= 1.0,
+              "random_resized_crop: scale range [", o.scale_min, ", ", o.scale_max, "] must lie in (0, 1]");
+    HFQ_CHECK(0 < o.ratio_min && o.ratio_min <= o.ratio_max, "random_resized_crop: ratio range [", o.ratio_min,
+              ", ", o.ratio_max, "] must be positive and ordered");
+}
+
+CropRect random_resized_crop(int width, int height, const RandomResizedCropOptions& o, Rng& rng) {
+    HFQ_CHECK(width > 0 && height > 0, "random_resized_crop: empty image ", width, "x", height);
+    check_options(o);
+    const double area = static_cast<double>(width) * height;
+    const double log_ratio_min = std::log(o.ratio_min), log_ratio_max = std::log(o.ratio_max);
+    for (int attempt = 0; attempt < 10; ++attempt) {
+        const double target_area = area * (o.scale_min + (o.scale_max - o.scale_min) * rng.uniform_f64());
+        const double aspect = std::exp(log_ratio_min + (log_ratio_max - log_ratio_min) * rng.uniform_f64());
+        const int w = round_half_even(std::sqrt(target_area * aspect));
+        const int h = round_half_even(std::sqrt(target_area / aspect));
+        if (0 < w && w <= width && 0 < h && h <= height) {
+            const int y = static_cast<int>(rng.below(height - h + 1));
+            const int x = static_cast<int>(rng.below(width - w + 1));
+            return {x, y, w, h};
+        }
+    }
+    // No random box fitted: the largest centred crop with an allowed ratio.
+    const double in_ratio = static_cast<double>(width) / height;
+    int w = width, h = height;
+    if (in_ratio < o.ratio_min) {
+        h = std::min(height, round_half_even(w / o.ratio_min));
+    } else if (in_ratio > o.ratio_max) {
+        w = std::min(width, round_half_even(h * o.ratio_max));
+    }
+    return {(width - w) / 2, (height - h) / 2, w, h};
+}
+
+CropRect center_crop(int width, int height, int size, double crop_fraction) {
+    HFQ_CHECK(width > 0 && height > 0, "center_crop: empty image ", width, "x", height);
+    HFQ_CHECK(size > 0 && crop_fraction > 0 && crop_fraction <= 1, "center_crop: size ", size,
+              " and crop_fraction ", crop_fraction, " must be positive, crop_fraction at most 1");
+    const int shorter = std::min(width, height);
+    const double resized_shorter = std::round(size / crop_fraction);  // 256 for 224
+    const int side = std::clamp(round_half_even(size * shorter / resized_shorter), 1, shorter);
+    return {(width - side) / 2, (height - side) / 2, side, side};
+}
+
+int dct_scale_denominator(const CropRect& crop, int out_width, int out_height) {
+    for (int d : {8, 4, 2})
+        if (crop.width >= out_width * d && crop.height >= out_height * d) return d;
+    return 1;
+}
+
+CropRect scale_crop(const CropRect& crop, int d, int scaled_width, int scaled_height) {
+    // Outward rounding: the scaled crop keeps at least crop / d pixels per axis.
+    const int x0 = crop.x / d, y0 = crop.y / d;
+    const int x1 = std::min(scaled_width, (crop.x + crop.width + d - 1) / d);
+    const int y1 = std::min(scaled_height, (crop.y + crop.height + d - 1) / d);
+    return {x0, y0, x1 - x0, y1 - y0};
+}
+
+void resize_image(const cv::Mat& src, int out_width, int out_height, cv::Mat& dst) {
+    if (src.cols == out_width && src.rows == out_height) {
+        src.copyTo(dst);
+        return;
+    }
+    const bool strong_shrink = src.cols > 2 * out_width || src.rows > 2 * out_height;
+    cv::resize(src, dst, cv::Size(out_width, out_height), 0, 0, strong_shrink ? cv::INTER_AREA : cv::INTER_LINEAR);
+}
+
+Normalization imagenet_normalization() { return {{0.485f, 0.456f, 0.406f}, {0.229f, 0.224f, 0.225f}}; }
+
+void write_normalized(const cv::Mat& image, int offset_x, int offset_y, bool flip, const Normalization& norm,
+                      int out_height, int out_width, int out_channels, float* out) {
+    const int in_channels = image.channels();
+    HFQ_CHECK(image.depth() == CV_8U && (in_channels == 1 || in_channels == 3),
+              "write_normalized: expects an 8-bit image with 1 or 3 channels, got ", in_channels, " channels");
+    HFQ_CHECK(out_channels == 3 || (out_channels == 1 && in_channels == 1), "write_normalized: cannot write a ",
+              in_channels, "-channel image as ", out_channels, " channels");
+    // (v / 255 - mean) / std as one multiply-add per value.
+    float scale[3], bias[3];
+    for (int c = 0; c < out_channels; ++c) {
+        scale[c] = 1.f / (255.f * norm.std[c]);
+        bias[c] = -norm.mean[c] / norm.std[c];
+    }
+    for (int y = 0; y < out_height; ++y) {
+        const int sy = y + offset_y;
+        const uint8_t* row = (sy >= 0 && sy < image.rows) ? image.ptr<uint8_t>(sy) : nullptr;
+        float* o = out + static_cast<int64_t>(y) * out_width * out_channels;
+        for (int x = 0; x < out_width; ++x, o += out_channels) {
+            const int sx = (flip ? out_width - 1 - x : x) + offset_x;
+            if (row == nullptr || sx < 0 || sx >= image.cols) {  // zero padding
+                for (int c = 0; c < out_channels; ++c) o[c] = bias[c];
+                continue;
+            }
+            const uint8_t* p = row + sx * in_channels;
+            for (int c = 0; c < out_channels; ++c) o[c] = p[in_channels == 1 ? 0 : c] * scale[c] + bias[c];
+        }
+    }
+}
+
+}  // namespace hfq

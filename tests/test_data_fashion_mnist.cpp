@@ -1,0 +1,197 @@
+// Fashion-MNIST from the installed IDX files (Debian's dataset-fashion-mnist),
+// and clear errors for damaged copies of them.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <numeric>
+
+#include <zlib.h>
+
+#include "data/fashion_mnist.h"
+#include "test_data_util.h"
+
+using namespace hfq;
+using hfq::test::TempDir;
+using hfq::test::read_bytes;
+using hfq::test::write_bytes;
+
+namespace {
+
+const std::string kDir = "/usr/share/datasets/fashion-mnist";
+
+// The decompressed contents of an installed IDX file.
+std::vector<uint8_t> gunzip(const std::string& path) {
+    gzFile f = gzopen(path.c_str(), "rb");
+    REQUIRE(f != nullptr);
+    std::vector<uint8_t> out;
+    uint8_t chunk[1 << 16];
+    for (int n; (n = gzread(f, chunk, sizeof chunk)) > 0;) out.insert(out.end(), chunk, chunk + n);
+    gzclose(f);
+    return out;
+}
+
+void write_gz(const std::string& path, const std::vector<uint8_t>& data) {
+    gzFile f = gzopen(path.c_str(), "wb1");
+    REQUIRE(f != nullptr);
+    REQUIRE(gzwrite(f, data.data(), static_cast<unsigned>(data.size())) == static_cast<int>(data.size()));
+    gzclose(f);
+}
+
+void put_u32_be(std::vector<uint8_t>& b, size_t at, uint32_t v) {
+    for (int k = 0; k < 4; ++k) b[at + k] = static_cast<uint8_t>(v >> (24 - 8 * k));
+}
+
+std::string error_of(const FashionMnistOptions& o) {
+    try {
+        FashionMnist ds(o);
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "(no error)";
+}
+
+int64_t pixel_sum(const FashionMnist& ds, int64_t i) {
+    return std::accumulate(ds.pixels(i), ds.pixels(i) + 28 * 28, int64_t{0});
+}
+
+}  // namespace
+
+TEST_CASE("the installed Fashion-MNIST files load with the right counts, labels and pixels") {
+    // Expected values computed once, independently, with Python:
+    //   b = gzip.open(f).read(); np.frombuffer(b, np.uint8, offset=16).reshape(-1, 28, 28)
+    // (labels: offset=8): train[0] label 9, pixel sum 76247, pixel (14, 14) = 217;
+    // train[59999] label 5, sum 16684; test[0] label 9, sum 33456; test[9999] label 5, sum 24390.
+    const FashionMnist train({.dir = kDir, .train_split = true});
+    REQUIRE(train.size() == 60000);
+    CHECK(train.num_classes() == 10);
+    CHECK(train.label(0) == 9);
+    CHECK(pixel_sum(train, 0) == 76247);
+    CHECK(train.pixels(0)[14 * 28 + 14] == 217);
+    CHECK(train.label(59999) == 5);
+    CHECK(pixel_sum(train, 59999) == 16684);
+    std::vector<int> per_class(10);
+    for (int64_t i = 0; i < train.size(); ++i) ++per_class[train.label(i)];
+    CHECK(per_class == std::vector<int>(10, 6000));
+
+    const FashionMnist test({.dir = kDir, .train_split = false});
+    REQUIRE(test.size() == 10000);
+    CHECK(test.label(0) == 9);
+    CHECK(pixel_sum(test, 0) == 33456);
+    CHECK(test.label(9999) == 5);
+    CHECK(pixel_sum(test, 9999) == 24390);
+    CHECK(test.name(3).ends_with("t10k-images-idx3-ubyte.gz[3]"));
+}
+
+TEST_CASE("normalized training pixels have mean 0 and standard deviation 1") {
+    const FashionMnist train({.dir = kDir});
+    CHECK(train.sample_shape() == Shape{28, 28, 1});
+    std::vector<float> out(28 * 28);
+    double sum = 0, sum_sq = 0;
+    Rng rng;
+    for (int64_t i = 0; i < train.size(); ++i) {
+        train.load(i, rng, out.data());
+        for (float v : out) {
+            sum += v;
+            sum_sq += double(v) * v;
+        }
+    }
+    const double n = 60000.0 * 784, mean = sum / n, std = std::sqrt(sum_sq / n - mean * mean);
+    CHECK(std::abs(mean) < 1e-3);
+    CHECK(std::abs(std - 1.0) < 1e-3);
+
+    // Pixel (14, 14) of sample 0 is 217.
+    train.load(0, rng, out.data());
+    CHECK(out[14 * 28 + 14] == doctest::Approx((217 / 255.0 - 0.2860) / 0.3530).epsilon(1e-5));
+}
+
+TEST_CASE("resizing to the model's size with 3 replicated channels") {
+    const FashionMnist ds({.dir = kDir, .train_split = false, .size = 32, .channels = 3});
+    CHECK(ds.sample_shape() == Shape{32, 32, 3});
+    std::vector<float> out(32 * 32 * 3);
+    Rng rng;
+    ds.load(0, rng, out.data());
+    double mean = 0;
+    for (int p = 0; p < 32 * 32; ++p) {
+        CHECK(out[p * 3] == out[p * 3 + 1]);
+        CHECK(out[p * 3] == out[p * 3 + 2]);
+        mean += out[p * 3] * 0.3530 + 0.2860;  // back to [0, 1]
+    }
+    // Bilinear upscaling keeps the picture's mean brightness (28x28 sum 33456).
+    CHECK(mean / (32 * 32) == doctest::Approx(33456 / 255.0 / 784).epsilon(0.02));
+}
+
+TEST_CASE("training augmentation: random crop from the zero-padded picture, and flip") {
+    const FashionMnist ds({.dir = kDir, .train_split = false, .augment = true});
+    const FashionMnist plain({.dir = kDir, .train_split = false});
+    const float background = (0 - 0.2860f) / 0.3530f;
+    int flips = 0;
+    for (uint64_t seed = 0; seed < 12; ++seed) {
+        std::vector<float> out(28 * 28), original(28 * 28);
+        Rng rng(seed), copy(seed), unused;
+        ds.load(5, rng, out.data());
+        plain.load(5, unused, original.data());
+        // RandomCrop(28, padding=4): corner row then column in [0, 8], then the flip coin.
+        const int dy = static_cast<int>(copy.below(9)) - 4, dx = static_cast<int>(copy.below(9)) - 4;
+        const bool flip = copy.uniform() < 0.5f;
+        flips += flip;
+        for (int y = 0; y < 28; ++y)
+            for (int x = 0; x < 28; ++x) {
+                const int sy = y + dy, sx = (flip ? 27 - x : x) + dx;
+                const bool inside = sy >= 0 && sy < 28 && sx >= 0 && sx < 28;
+                REQUIRE(out[y * 28 + x] == (inside ? original[sy * 28 + sx] : background));
+            }
+    }
+    CHECK(flips > 0);
+    CHECK(flips < 12);
+}
+
+TEST_CASE("damaged copies of the files are refused with the file named") {
+    TempDir dir;
+    const std::string images = "t10k-images-idx3-ubyte.gz", labels = "t10k-labels-idx1-ubyte.gz";
+    const std::vector<uint8_t> pixels = gunzip(kDir + "/" + images), label_bytes = gunzip(kDir + "/" + labels);
+    const FashionMnistOptions o{.dir = dir.path.string(), .train_split = false};
+
+    CHECK(error_of(o).find("t10k-images-idx3-ubyte.gz nor") != std::string::npos);  // nothing there yet
+
+    write_bytes(dir / labels, read_bytes(kDir + "/" + labels));
+    std::vector<uint8_t> bad = pixels;
+    put_u32_be(bad, 0, 2049);  // a label file's magic
+    write_gz(dir / images, bad);
+    CHECK(error_of(o) == dir / images + ": magic number 2049, expected 2051 (an IDX file of unsigned-byte images)");
+
+    bad = pixels;
+    put_u32_be(bad, 4, 9999);
+    write_gz(dir / images, bad);
+    CHECK(error_of(o) == dir / images + ": holds 9999 images, expected 10000");
+
+    bad = pixels;
+    put_u32_be(bad, 8, 32);
+    write_gz(dir / images, bad);
+    CHECK(error_of(o) == dir / images + ": images are 32x28, expected 28x28");
+
+    bad = pixels;
+    bad.push_back(0);
+    write_gz(dir / images, bad);
+    CHECK(error_of(o).find(dir / images + ": unexpected data after") == 0);
+
+    bad.assign(pixels.begin(), pixels.end() - 100);  // a short, valid gzip stream
+    write_gz(dir / images, bad);
+    CHECK(error_of(o).find(dir / images + ": truncated: the file ends after") == 0);
+
+    const std::vector<uint8_t> gz = read_bytes(kDir + "/" + images);  // the gzip stream itself cut short
+    write_bytes(dir / images, std::vector<uint8_t>(gz.begin(), gz.begin() + gz.size() / 2));
+    CHECK(error_of(o).find(dir / images + ": truncated or corrupted gzip data") == 0);
+
+    write_bytes(dir / images, read_bytes(kDir + "/" + images));
+    bad = label_bytes;
+    bad[8 + 123] = 10;
+    write_gz(dir / labels, bad);
+    CHECK(error_of(o) == dir / labels + ": label 10 of item 123 is not below 10");
+
+    // Uncompressed files are read as well.
+    std::filesystem::remove(dir / labels);
+    write_bytes(dir / "t10k-labels-idx1-ubyte", label_bytes);
+    const FashionMnist ds(o);
+    CHECK(ds.label(0) == 9);
+    CHECK(ds.label(9999) == 5);
+}
