@@ -8,6 +8,7 @@
 #include "quant/grid.h"
 #include "quant/msqe_po2.h"
 #include "quant/quantizer.h"
+#include "tests/test_quant_util.h"
 
 using namespace hfq;
 using namespace hfq::quant;
@@ -158,13 +159,11 @@ TEST_CASE("reference 2: per channel, from given start exponents") {
     opt.per_channel = true;
     opt.outlier_mask = false;
     auto q = make_quantizer("msqe-po2", opt, {3, 2});
-    NamedTensors st = q->state();
-    for (auto& [name, t] : st) {
+    hfq::testing::edit_state(*q, [&](const std::string& name, Tensor& t) {
         if (name == "exponent")
             for (int c = 0; c < 3; ++c) t.data<int32_t>()[c] = start[c];
         if (name == "initialized") t.data<int32_t>()[0] = 1;
-    }
-    q->load_state(st);
+    });
     Variable wq = q->fake_quantize(Variable(Tensor::from_vector({3, 2}, x)), true);
     CHECK(static_cast<MsqePo2Quantizer&>(*q).exponents() == expected);
     CHECK(wq.value().to_vector() == std::vector<float>{6, 5, 5, 3, 0, -8});

@@ -1,0 +1,282 @@
+// The gradient-based quantizers (spec section 4): learnable-po2's
+// initialisation, exponent rounding and exponent gradient (reference values
+// 4 and 6), lsq's scale gradient, both against closed forms computed here and
+// finite differences of the smooth surrogate the straight-through estimator
+// differentiates.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "engine/random.h"
+#include "quant/learnable_po2.h"
+#include "quant/lsq.h"
+#include "quant/quantizer.h"
+#include "tests/test_quant_util.h"
+
+using namespace hfq;
+using namespace hfq::quant;
+using hfq::testing::edit_state;
+using hfq::testing::mse_loss;
+using hfq::testing::state_tensor;
+
+namespace {
+
+QuantizerOptions plain_learnable(ExponentRounding rounding) {
+    QuantizerOptions opt;
+    opt.rounding = rounding;
+    opt.second_moments = false;
+    opt.outlier_mask = false;
+    return opt;
+}
+
+Variable& log2_scale(Quantizer& q) { return *q.named_parameters().at(0).second; }
+
+std::vector<float> normal_values(int64_t n, uint64_t seed, float scale) {
+    Rng rng(seed);
+    std::vector<float> v(n);
+    for (float& x : v) x = scale * rng.normal();
+    return v;
+}
+
+// The smooth surrogate of one element whose STE branch is frozen at scale s0:
+// in range s * (x/s + c) with c = rint(x/s0) - x/s0 held constant, below the
+// grid -qn s, above qp s. Its derivatives are what the STE claims.
+double surrogate(double x, double s, float x0, float s0, const Grid& g) {
+    const float r = std::nearbyint(x0 / s0);
+    if (r < -g.qn) return -g.qn * s;
+    if (r > g.qp) return g.qp * s;
+    const double c = double(r) - double(x0) / s0;
+    return s * (x / s + c);
+}
+
+}  // namespace
+
+TEST_CASE("reference 4: learnable-po2 initialisation e = log2(max(3 std / qp, 1e-5)), not rounded") {
+    for (auto [values, expected] : {std::pair{std::vector<float>{6, 5, 1, 8, 3, -8}, 1.1528215},
+                                    std::pair{std::vector<float>{6, 5, 1, 1, 3, -1}, 0.0599999}}) {
+        auto q = make_quantizer("learnable-po2", QuantizerOptions{}, {6});
+        CHECK(!q->initialized());
+        q->fake_quantize(Variable(Tensor::from_vector({6}, values)), true);
+        CHECK(q->initialized());
+        const float e = log2_scale(*q).value().f32()[0];
+        CHECK(std::fabs(e - expected) < 1e-6);
+        CHECK(q->report().continuous_exponents == std::vector<float>{e});
+    }
+    // The floor 1e-5 for a constant group, and per channel (channels along axis 0).
+    QuantizerOptions per_channel;
+    per_channel.per_channel = true;
+    auto pc = make_quantizer("learnable-po2", per_channel, {2, 3});
+    const Variable x(Tensor::from_vector({2, 3}, {0, 0, 0, 6, 5, 1}));
+    pc->fake_quantize(x, true);
+    CHECK(log2_scale(*pc).value().f32()[0] == doctest::Approx(std::log2(1e-5f)));
+    CHECK(log2_scale(*pc).value().f32()[1] ==
+          doctest::Approx(std::log2(3 * std::sqrt(14.0 / 3) / 7)).epsilon(1e-6));  // std of [6, 5, 1]
+}
+
+TEST_CASE("reference 6: dL/de = ln 2 in rint mode; SGD steps to 0.306853 and 0.459674") {
+    const std::vector<float> xv{6, 5, 1, 8, 3, -8};
+    const Tensor x = Tensor::from_vector({6}, xv);
+    auto q = make_quantizer("learnable-po2", plain_learnable(ExponentRounding::rint), {6});
+    Variable& e = log2_scale(*q);
+
+    // First call initialises e = 1.1528215; rint -> 1, s = 2.
+    Variable loss = mse_loss(q->fake_quantize(Variable(x), true), x);
+    CHECK(q->report().exponents == std::vector<int>{1});
+    loss.backward();
+    CHECK(e.grad().f32()[0] == doctest::Approx(std::log(2.0)).epsilon(1e-6));
+    e.value().f32()[0] -= 1.0f * e.grad().f32()[0];  // SGD, learning rate 1
+    CHECK(std::fabs(e.value().f32()[0] - 0.459674) < 1e-6);
+
+    // From e = 1 exactly.
+    e.zero_grad();
+    e.value().f32()[0] = 1.0f;
+    mse_loss(q->fake_quantize(Variable(x), true), x).backward();
+    CHECK(e.grad().f32()[0] == doctest::Approx(std::log(2.0)).epsilon(1e-6));
+    e.value().f32()[0] -= 1.0f * e.grad().f32()[0];
+    CHECK(std::fabs(e.value().f32()[0] - 0.306853) < 1e-6);
+}
+
+TEST_CASE("learnable-po2 exponent rounding: ceil, rint, msqe-round (ties to ceil)") {
+    // The reference suite's cases: x = [6, 8], [5, 3], [1, -8] (one channel each).
+    const Tensor x = Tensor::from_vector({3, 2}, {6, 8, 5, 3, 1, -8});
+    auto exponents_for = [&](ExponentRounding mode, std::vector<double> scales) {
+        QuantizerOptions opt = plain_learnable(mode);
+        opt.per_channel = true;
+        auto q = make_quantizer("learnable-po2", opt, {3, 2});
+        edit_state(*q, [](const std::string& name, Tensor& t) {
+            if (name == "initialized") t.data<int32_t>()[0] = 1;
+        });
+        for (int c = 0; c < 3; ++c) log2_scale(*q).value().f32()[c] = float(std::log2(scales[c]));
+        q->fake_quantize(Variable(x), true);
+        return q->report().exponents;
+    };
+    using R = ExponentRounding;
+    CHECK(exponents_for(R::rint, {1.3, 3.1, 0.3}) == std::vector<int>{0, 2, -2});
+    CHECK(exponents_for(R::ceil, {1.3, 3.1, 0.3}) == std::vector<int>{1, 2, -1});
+    CHECK(exponents_for(R::msqe_round, {1.5, 1.5, 1.5}) == std::vector<int>{1, 0, 1});  // [1, -8]: a tie
+    CHECK(exponents_for(R::msqe_round, {2.1, 0.51, 0.251}) == std::vector<int>{1, 0, -1});
+    // Per tensor: E(1) = 2 < E(2) = 3 on [6, 5, 1, 8, 3, -8] -> floor.
+    auto q = make_quantizer("learnable-po2", plain_learnable(R::msqe_round), {6});
+    edit_state(*q, [](const std::string& name, Tensor& t) {
+        if (name == "initialized") t.data<int32_t>()[0] = 1;
+    });
+    log2_scale(*q).value().f32()[0] = float(std::log2(1.5));
+    q->fake_quantize(Variable(Tensor::from_vector({6}, {6, 5, 1, 8, 3, -8})), true);
+    CHECK(q->report().exponents == std::vector<int>{0});
+}
+
+TEST_CASE("learnable-po2 msqe-round weights: sqrt(M) and the range mask |x| <= 2^e (qp + 0.5)") {
+    // The reference suite's weighted cases, channels [6.6, 8.5], [5, 3], [1, -8],
+    // e = log2([1.1, 0.9, 0.9]).
+    const Tensor x = Tensor::from_vector({3, 2}, {6.6f, 8.5f, 5, 3, 1, -8});
+    auto exponents_for = [&](bool outlier_mask, std::vector<float> m) {
+        QuantizerOptions opt;
+        opt.per_channel = true;
+        opt.outlier_mask = outlier_mask;
+        auto q = make_quantizer("learnable-po2", opt, {3, 2});
+        edit_state(*q, [&](const std::string& name, Tensor& t) {
+            if (name == "initialized") t.data<int32_t>()[0] = 1;
+            if (name == "second_moment") t.copy_from(Tensor::from_vector({3, 2}, m));
+        });
+        const double scales[3] = {1.1, 0.9, 0.9};
+        for (int c = 0; c < 3; ++c) log2_scale(*q).value().f32()[c] = float(std::log2(scales[c]));
+        q->fake_quantize(Variable(x), true);
+        return q->report().exponents;
+    };
+    CHECK(exponents_for(false, {2, 2, 2, 2, 2, 2}) == std::vector<int>{1, 0, 0});
+    CHECK(exponents_for(true, {2, 2, 2, 2, 2, 2}) == std::vector<int>{0, 0, 0});  // 8.5 > 1.1 * 7.5
+    CHECK(exponents_for(false, {2, 0, 2, 2, 2, 0}) == std::vector<int>{0, 0, 0});
+}
+
+TEST_CASE("learnable-po2 gradients: closed form and finite differences of the surrogate") {
+    for (ExponentRounding mode : {ExponentRounding::ceil, ExponentRounding::rint, ExponentRounding::msqe_round}) {
+        CAPTURE(exponent_rounding_name(mode));
+        QuantizerOptions opt;
+        opt.rounding = mode;
+        opt.per_channel = true;
+        const int64_t groups = 3, n = 40;
+        // Different spreads per channel, a few large values that clip.
+        std::vector<float> xv = normal_values(groups * n, 11, 1.0f);
+        for (int64_t c = 0; c < groups; ++c)
+            for (int64_t i = 0; i < n; ++i) xv[c * n + i] *= float(c + 1) * (i % 13 == 0 ? 4.0f : 1.0f);
+        const std::vector<float> rv = normal_values(groups * n, 12, 1.0f);  // dL/dy
+        auto q = make_quantizer("learnable-po2", opt, {groups, n});
+        Variable w(Tensor::from_vector({groups, n}, xv), true);
+        Variable y = q->fake_quantize(w, true);
+        y.backward(Tensor::from_vector({groups, n}, rv));
+        const Variable& e = log2_scale(*q);
+        const std::vector<float> scales = q->report().scales;
+        const Grid& g = q->grid();
+
+        int clipped = 0;
+        for (int64_t c = 0; c < groups; ++c) {
+            const float s = scales[c];
+            // Closed form: dL/de = sum g s ln2 t, t = rint(u) - u / -qn / qp.
+            double closed = 0, numeric_e = 0;
+            const double h = 1e-4;
+            for (int64_t i = c * n; i < (c + 1) * n; ++i) {
+                const double u = double(xv[i]) / s;
+                const double r = std::nearbyint(u);
+                const double t = r < -g.qn ? -g.qn : r > g.qp ? g.qp : r - u;
+                closed += rv[i] * s * std::log(2.0) * t;
+                clipped += r < -g.qn || r > g.qp;
+                // Surrogate with s(e) = 2^(e + (k - e)) = s * 2^(de): central difference in e.
+                numeric_e += rv[i] * (surrogate(xv[i], s * std::exp2(h), xv[i], s, g) -
+                                      surrogate(xv[i], s * std::exp2(-h), xv[i], s, g)) / (2 * h);
+                // d/dx of the surrogate: 1 in range, 0 clipped: the STE.
+                const double dx_num = (surrogate(double(xv[i]) + 1e-3, s, xv[i], s, g) -
+                                       surrogate(double(xv[i]) - 1e-3, s, xv[i], s, g)) / 2e-3;
+                CHECK(w.grad().f32()[i] == doctest::Approx(rv[i] * dx_num).epsilon(1e-5));
+            }
+            CHECK(e.grad().f32()[c] == doctest::Approx(closed).epsilon(1e-5));
+            CHECK(e.grad().f32()[c] == doctest::Approx(numeric_e).epsilon(1e-4));
+        }
+        CHECK(clipped > 0);
+    }
+}
+
+TEST_CASE("learnable-po2: second moments updated in backward, evaluation uses the current e") {
+    QuantizerOptions opt;  // msqe-round with sqrt(M) and the mask
+    const std::vector<float> xv = normal_values(32, 5, 0.1f);
+    auto q = make_quantizer("learnable-po2", opt, {32});
+    Variable w(Tensor::from_vector({32}, xv), true);
+    Variable y = q->fake_quantize(w, true);
+    const float s = q->report().scales.at(0);
+    const std::vector<float> gv = normal_values(32, 6, 1.0f);
+    y.backward(Tensor::from_vector({32}, gv));
+    const Tensor M = state_tensor(*q, "second_moment");
+    for (int i = 0; i < 32; ++i) {
+        const float u = std::nearbyint(xv[i] / s);
+        const bool m = u >= -7 && u <= 7;
+        const float expected = float(0.999f * 1.0 + (1.0 - 0.999f) * (m ? double(gv[i]) * gv[i] : 0.0));
+        CHECK(M.f32()[i] == doctest::Approx(expected).epsilon(1e-7));
+    }
+    // Move e by one: evaluation follows e (rounded anew), changes no state.
+    Variable& e = log2_scale(*q);
+    e.value().f32()[0] += 1.0f;
+    const int64_t step = q->step();
+    Variable ye = q->fake_quantize(w, false);
+    CHECK(q->step() == step);
+    CHECK(state_tensor(*q, "second_moment").to_vector() == M.to_vector());
+    const std::vector<float> yv = ye.value().to_vector();
+    bool coarser = false;
+    for (int i = 0; i < 32; ++i) {
+        const float code = yv[i] / (2 * s);
+        coarser = coarser || yv[i] != y.value().f32()[i];
+        CHECK(std::fabs(code - std::nearbyint(code)) < 1e-6);  // on the grid of 2s
+    }
+    CHECK(coarser);
+}
+
+TEST_CASE("lsq: initialisation, forward on a real scale, gradients") {
+    const int64_t groups = 2, n = 50;
+    std::vector<float> xv = normal_values(groups * n, 21, 0.5f);
+    for (int64_t i = n; i < 2 * n; ++i) xv[i] *= 3.0f;
+    QuantizerOptions opt;
+    opt.per_channel = true;
+    auto q = make_quantizer("lsq", opt, {groups, n});
+    Variable w(Tensor::from_vector({groups, n}, xv), true);
+    Variable y = q->fake_quantize(w, true);
+    Variable& s_param = *q->named_parameters().at(0).second;
+    CHECK(q->named_parameters().at(0).first == "scale");
+    const Grid& g = q->grid();
+    for (int64_t c = 0; c < groups; ++c) {
+        double mean_abs = 0;
+        for (int64_t i = c * n; i < (c + 1) * n; ++i) mean_abs += std::fabs(xv[i]) / n;
+        CHECK(s_param.value().f32()[c] == doctest::Approx(2 * mean_abs / std::sqrt(7.0)).epsilon(1e-6));
+    }
+    CHECK(q->report().exponents.empty());
+    CHECK(q->report().scales == s_param.value().to_vector());
+
+    // Make some weights clip: shrink the scale of channel 0 before a second step.
+    s_param.value().f32()[0] *= 0.5f;
+    y = q->fake_quantize(w, true);
+    const std::vector<float> rv = normal_values(groups * n, 22, 1.0f);
+    y.backward(Tensor::from_vector({groups, n}, rv));
+    int clipped = 0;
+    for (int64_t c = 0; c < groups; ++c) {
+        const float s = s_param.value().f32()[c];
+        double closed = 0, numeric = 0;
+        const double h = 1e-4 * s;
+        for (int64_t i = c * n; i < (c + 1) * n; ++i) {
+            const float r = std::nearbyint(xv[i] / s);
+            CHECK(y.value().f32()[i] == s * std::fmin(std::fmax(r, -7.0f), 7.0f));
+            const double u = double(xv[i]) / s;
+            const double t = r < -g.qn ? -g.qn : r > g.qp ? g.qp : double(r) - u;
+            clipped += r < -g.qn || r > g.qp;
+            closed += rv[i] * t;
+            numeric += rv[i] * (surrogate(xv[i], s + h, xv[i], s, g) - surrogate(xv[i], s - h, xv[i], s, g)) / (2 * h);
+            CHECK(w.grad().f32()[i] == ((r >= -7 && r <= 7) ? rv[i] : 0.0f));
+        }
+        const double grad_scale = 1.0 / std::sqrt(double(n) * g.qp);  // N: the group's elements
+        CHECK(s_param.grad().f32()[c] == doctest::Approx(closed * grad_scale).epsilon(1e-5));
+        CHECK(s_param.grad().f32()[c] == doctest::Approx(numeric * grad_scale).epsilon(1e-4));
+    }
+    CHECK(clipped > 0);
+
+    // A scale driven to zero or below is refused with a clear message.
+    s_param.value().f32()[1] = -0.1f;
+    const std::string msg = hfq::testing::error_message([&] { q->fake_quantize(w, true); });
+    CHECK(msg.find("scale of group 1") != std::string::npos);
+}

@@ -1,0 +1,56 @@
+// Helpers shared by the quantizer tests (tests/test_quant_*.cpp).
+#pragma once
+#include <doctest/doctest.h>
+
+#include <functional>
+#include <string>
+
+#include "engine/autograd.h"
+#include "engine/check.h"
+#include "quant/quantizer.h"
+
+namespace hfq::testing {
+
+// A copy of one of the quantizer's state tensors.
+inline Tensor state_tensor(const quant::Quantizer& q, const std::string& name) {
+    for (const auto& [n, t] : q.state())
+        if (n == name) return t;
+    FAIL("no state tensor ", name);
+    return {};
+}
+
+// Edits a snapshot of the state and loads it back (through the checked path).
+inline void edit_state(quant::Quantizer& q, const std::function<void(const std::string&, Tensor&)>& edit) {
+    quant::NamedTensors st = q.state();
+    for (auto& [name, t] : st) edit(name, t);
+    q.load_state(st);
+}
+
+// The message of the hfq::Error f throws ("" if it throws nothing).
+template <class F>
+std::string error_message(F&& f) {
+    try {
+        f();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+// L = mean((y - target)^2), a {1} tensor; target is a constant.
+inline Variable mse_loss(const Variable& y, const Tensor& target) {
+    const int64_t n = y.value().numel();
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const double d = double(y.value().f32()[i]) - target.f32()[i];
+        sum += d * d;
+    }
+    return make_result(Tensor::full({1}, float(sum / n)), "mse_loss", {y}, [y, target, n](const Tensor& dl) {
+        Tensor g = Tensor::empty(y.shape());
+        for (int64_t i = 0; i < n; ++i)
+            g.f32()[i] = float(2.0 * (double(y.value().f32()[i]) - target.f32()[i]) / n * dl.item());
+        y.accumulate_grad(g);
+    });
+}
+
+}  // namespace hfq::testing
