@@ -1,6 +1,7 @@
-// Average pooling on NHWC activations with oneDNN's pooling primitives
-// (avg_exclude_padding: padded positions are left out of the count), and the
-// reshape to {N, features}.
+// Average pooling on NHWC activations (padded positions are left out of the
+// count, PyTorch's count_include_pad=False), and the reshape to {N, features}.
+#include <algorithm>
+
 #include "engine/check.h"
 #include "engine/dnnl_context.h"
 #include "engine/ops.h"
@@ -12,12 +13,51 @@ struct Window {
     int64_t kh, kw, stride, padding;
 };
 
-struct PoolPrimitives {
-    dnnl::pooling_forward forward;
-    dnnl::pooling_backward backward;
+// Along one axis of length `in` with `out` windows of size k: the windows
+// [o*stride - padding, o*stride - padding + k) that contain position i are
+// o in [first, last]; extent(o) counts the window's positions inside the image.
+struct Axis {
+    int64_t in, out, k, stride, padding;
+    int64_t first(int64_t i) const {
+        const int64_t a = i + padding - k + 1;  // o*stride >= a
+        return a <= 0 ? 0 : (a + stride - 1) / stride;
+    }
+    int64_t last(int64_t i) const { return std::min(out - 1, (i + padding) / stride); }
+    int64_t extent(int64_t o) const {
+        const int64_t begin = o * stride - padding;
+        return std::min(begin + k, in) - std::max<int64_t>(begin, 0);
+    }
 };
 
+// dx[n, i, j, c] = sum over the windows (oh, ow) containing (i, j) of
+// dy[n, oh, ow, c] / (number of image positions in that window).
+// oneDNN's pooling backward adds overlapping windows in an order that depends
+// on how it splits the work over threads; this loop gathers them in a fixed
+// order, so dx does not depend on the thread count.
+void average_pool_backward(const Tensor& dy, Tensor& dx, const Window& w) {
+    const int64_t n = dx.dim(0), channels = dx.dim(3);
+    const Axis rows{dx.dim(1), dy.dim(1), w.kh, w.stride, w.padding};
+    const Axis cols{dx.dim(2), dy.dim(2), w.kw, w.stride, w.padding};
+    const float* pdy = dy.f32();
+    float* pdx = dx.f32();
+#pragma omp parallel for schedule(static)
+    for (int64_t ni = 0; ni < n * rows.in; ++ni) {  // one image row of one sample
+        const int64_t b = ni / rows.in, i = ni % rows.in;
+        for (int64_t j = 0; j < cols.in; ++j) {
+            float* out = pdx + (ni * cols.in + j) * channels;
+            std::fill(out, out + channels, 0.0f);
+            for (int64_t oh = rows.first(i); oh <= rows.last(i); ++oh)
+                for (int64_t ow = cols.first(j); ow <= cols.last(j); ++ow) {
+                    const float count = static_cast<float>(rows.extent(oh) * cols.extent(ow));
+                    const float* g = pdy + ((b * rows.out + oh) * cols.out + ow) * channels;
+                    for (int64_t c = 0; c < channels; ++c) out[c] += g[c] / count;
+                }
+        }
+    }
+}
+
 // x {N,H,W,C} -> {N,Ho,Wo,C}, Ho = (H + 2p - kh) / stride + 1 (rounded down).
+// The forward runs on oneDNN (avg_exclude_padding), the backward above.
 Variable average_pool(const char* op, const Variable& x, const Window& w) {
     const Tensor& xv = x.value();
     const Shape& s = xv.shape();
@@ -27,22 +67,19 @@ Variable average_pool(const char* op, const Variable& x, const Window& w) {
     const dnnl::memory::desc src = nhwc_desc(xv);
     const dnnl::memory::desc dst = nhwc_desc(y);
 
-    static PrimitiveCache<PoolPrimitives> cache;
-    PoolPrimitives& p = cache.get(cat(shape_str(s), w.kh, ' ', w.kw, ' ', w.stride, ' ', w.padding), [&] {
+    static PrimitiveCache<dnnl::pooling_forward> cache;
+    auto& forward = cache.get(cat(shape_str(s), w.kh, ' ', w.kw, ' ', w.stride, ' ', w.padding), [&] {
         const dnnl::memory::dims stride{w.stride, w.stride}, kernel{w.kh, w.kw}, pad{w.padding, w.padding};
-        const auto alg = dnnl::algorithm::pooling_avg_exclude_padding;
-        const auto fwd = dnnl::pooling_forward::primitive_desc(
-            {dnnl::prop_kind::forward_training, alg, src, dst, stride, kernel, pad, pad}, cpu_engine());
-        const auto bwd =
-            dnnl::pooling_backward::primitive_desc({alg, src, dst, stride, kernel, pad, pad}, cpu_engine(), fwd);
-        return PoolPrimitives{dnnl::pooling_forward(fwd), dnnl::pooling_backward(bwd)};
+        return dnnl::pooling_forward(dnnl::pooling_forward::primitive_desc(
+            {dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_avg_exclude_padding, src, dst, stride, kernel,
+             pad, pad},
+            cpu_engine()));
     });
-    run_primitive(op, p.forward, {{DNNL_ARG_SRC, as_memory(src, xv)}, {DNNL_ARG_DST, as_memory(dst, y)}});
+    run_primitive(op, forward, {{DNNL_ARG_SRC, as_memory(src, xv)}, {DNNL_ARG_DST, as_memory(dst, y)}});
 
-    return make_result(y, op, {x}, [x, src, dst, &p, name = cat(op, " backward")](const Tensor& dy) {
+    return make_result(y, op, {x}, [x, w](const Tensor& dy) {
         Tensor dx = Tensor::empty(x.shape());
-        run_primitive(name.c_str(), p.backward,
-                      {{DNNL_ARG_DIFF_DST, as_memory(dst, dy)}, {DNNL_ARG_DIFF_SRC, as_memory(src, dx)}});
+        average_pool_backward(dy, dx, w);
         x.accumulate_grad(dx);
     });
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "engine/check.h"
+#include "engine/dnnl_context.h"
 #include "engine/ops.h"
 #include "engine/tensor_math.h"
 #include "tests/gradcheck.h"
@@ -101,4 +102,20 @@ TEST_CASE("pooling rejects bad arguments") {
     CHECK_THROWS_WITH_AS(avg_pool2d(x, 5, 1), doctest::Contains("does not fit input [1, 4, 4, 2]"), Error);
     CHECK_THROWS_WITH_AS(global_avg_pool(Variable(Tensor::zeros({2, 3}))), doctest::Contains("global_avg_pool"), Error);
     CHECK_THROWS_WITH_AS(flatten(Variable(Tensor::full({}, 1.0f))), doctest::Contains("flatten"), Error);
+}
+
+TEST_CASE("avg_pool2d gradient with overlapping windows does not depend on the thread count") {
+    const Tensor x = random_tensor({4, 15, 15, 16}, 4);
+    const Tensor dy = random_tensor({4, 8, 8, 16}, 5);
+    auto grad = [&](int threads) {
+        set_compute_threads(threads);
+        Variable v(x, true);
+        avg_pool2d(v, 3, 2, 1).backward(dy);
+        return v.grad().to_vector();
+    };
+    const int threads = compute_threads();
+    const std::vector<float> one = grad(1);
+    CHECK(one == grad(2));
+    CHECK(one == grad(3));
+    set_compute_threads(threads);
 }
