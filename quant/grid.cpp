@@ -28,15 +28,29 @@ ScaleGroups scale_groups(const Shape& shape, bool per_channel, const char* who) 
 
 int po2_exponent(double v) { return static_cast<int>(std::nearbyint(std::log2(v + 1e-7))); }
 
-GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g) {
-    GroupSums sums;
-    for (int64_t i = 0; i < n; ++i) {
-        const double q = code_at(x[i], s, g);
+GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g, Rounding rounding) {
+    // Eight interleaved partial sums (element i goes to lane i % 8) added in a
+    // fixed order at the end: the compiler can vectorise the loop, and the
+    // result depends on the data alone, never on the number of threads.
+    constexpr int L = 8;
+    double err[L] = {}, wqx[L] = {}, wqq[L] = {};
+    auto add = [&](int lane, int64_t i) {
+        const double q = clip_to_grid(round_as(x[i] / s, rounding), g);
         const double wi = w ? w[i] : 1.0;
         const double d = double(x[i]) - double(s) * q;
-        sums.error += wi * d * d;
-        sums.wqx += wi * q * x[i];
-        sums.wqq += wi * q * q;
+        err[lane] += wi * d * d;
+        wqx[lane] += wi * q * x[i];
+        wqq[lane] += wi * q * q;
+    };
+    int64_t i = 0;
+    for (; i + L <= n; i += L)
+        for (int lane = 0; lane < L; ++lane) add(lane, i + lane);
+    for (int lane = 0; i < n; ++i, ++lane) add(lane, i);
+    GroupSums sums;
+    for (int lane = 0; lane < L; ++lane) {
+        sums.error += err[lane];
+        sums.wqx += wqx[lane];
+        sums.wqq += wqq[lane];
     }
     return sums;
 }
@@ -66,8 +80,7 @@ PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_
                          float code_scale, float out_scale, const Grid& g, Rounding rounding) {
     PassStats st;
     for (int64_t i = 0; i < n; ++i) {
-        const float u = x[i] / code_scale;
-        const float r = rounding == Rounding::half_even ? rint_even(u) : round_half_away(u);
+        const float r = round_as(x[i] / code_scale, rounding);
         const bool clipped = r < -g.qn || r > g.qp;
         const float q = clip_to_grid(r, g);
         y[i] = out_scale * q;

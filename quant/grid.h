@@ -6,10 +6,14 @@
 // linear, see engine/tensor.h) is quantized with one scale per tensor, or
 // one per output channel: then channel o is the contiguous block of
 // elements [o * size, (o + 1) * size). Every sum below runs over ONE group,
-// sequentially in element order and accumulated in double, so its value
-// never depends on how many threads work on the tensor: threads only ever
-// split the work across groups (for_each_group).
+// in double, in an order fixed by the data alone (element order; the hot
+// group_sums uses eight interleaved partial sums, added in a fixed order), so
+// its value never depends on how many threads work on the tensor: threads
+// only ever split the work across groups (for_each_group). The reference
+// (TensorFlow) sums in float32; double sums agree with it on every reference
+// value and make near-ties between candidate scales rarer.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -51,8 +55,14 @@ int po2_exponent(double v);
 inline float exp2_scale(int exponent) { return std::ldexp(1.0f, exponent); }
 
 // clip(rint(x / s), -qn, qp): the integer code of x at scale s.
-inline float clip_to_grid(float r, const Grid& g) { return std::fmin(std::fmax(r, float(-g.qn)), float(g.qp)); }
+// (std::min/max rather than fmin/fmax: those are library calls; inputs are finite.)
+inline float clip_to_grid(float r, const Grid& g) { return std::min(std::max(r, float(-g.qn)), float(g.qp)); }
 inline float code_at(float x, float s, const Grid& g) { return clip_to_grid(rint_even(x / s), g); }
+
+// How codes are rounded: half to even (rint, every quantizer of the paper)
+// or half away from zero (the traditional msqe-baseline).
+enum class Rounding { half_even, half_away };
+inline float round_as(float v, Rounding r) { return r == Rounding::half_even ? rint_even(v) : round_half_away(v); }
 // m(x; s) = 1[-qn <= rint(x/s) <= qp] (bounds inclusive).
 inline bool in_range(float x, float s, const Grid& g) {
     const float r = rint_even(x / s);
@@ -69,7 +79,7 @@ inline float scale_gradient_term(float x, float s, const Grid& g) {
 }
 
 // What one pass over a group at scale s yields, w the element weights
-// (nullptr: all ones) and q = code_at(x, s):
+// (nullptr: all ones) and q = clip(round(x / s)) (code_at, by default):
 //   error = E(s) = sum w (x - s q)^2    (a sum, not a mean)
 //   wqx   = sum w q x,  wqq = sum w q q  (the least-squares sums at these codes)
 struct GroupSums {
@@ -77,7 +87,8 @@ struct GroupSums {
     double wqx = 0;
     double wqq = 0;
 };
-GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g);
+GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g,
+                     Rounding rounding = Rounding::half_even);
 inline double weighted_error(const float* x, const float* w, int64_t n, float s, const Grid& g) {
     return group_sums(x, w, n, s, g).error;
 }
@@ -90,9 +101,6 @@ int least_squares_exponent(double sum_wqx, double sum_wqq, int64_t n);
 double population_std(const float* x, int64_t n);
 float max_abs(const float* x, int64_t n);
 
-// How codes are rounded: half to even (rint, every quantizer of the paper)
-// or half away from zero (the traditional msqe-baseline).
-enum class Rounding { half_even, half_away };
 
 // The final fake-quantization pass over one group:
 //   code_i = clip(round(x_i / code_scale)),  y_i = out_scale * code_i.

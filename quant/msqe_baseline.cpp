@@ -20,15 +20,9 @@ Quantizer::ScaleChoice MsqeBaselineQuantizer::choose_scales(const Tensor& x, boo
         int e = po2_exponent(double(max_abs(xg, n)) / grid_.qp);
         int previous = e;
         for (int it = 0; it < options_.baseline_iters; ++it) {
-            const float s = exp2_scale(e);
-            double zx = 0, zz = 0;
-            for (int64_t i = 0; i < n; ++i) {
-                const double z = clip_to_grid(round_half_away(xg[i] / s), grid_);
-                zx += z * xg[i];
-                zz += z * z;
-            }
+            const GroupSums z = group_sums(xg, nullptr, n, exp2_scale(e), grid_, Rounding::half_away);
             previous = e;
-            e = least_squares_exponent(zx, zz, n);
+            e = least_squares_exponent(z.wqx, z.wqq, n);
         }
         choice.exponent[gi] = e;
         code_exponent[gi] = previous;

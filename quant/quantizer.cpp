@@ -140,16 +140,22 @@ Variable Quantizer::fake_quantize(const Variable& weight, bool training) {
                      update_m](const Tensor& dy) {
         HFQ_CHECK(dy.shape() == shape_, who(), ": backward got a gradient of shape ", shape_str(dy.shape()),
                   " for weights of shape ", shape_str(shape_));
+        HFQ_CHECK(dy.dtype() == DType::f32, who(), ": backward got a ", dtype_name(dy.dtype()), " gradient");
         Tensor dx = weight.requires_grad() ? Tensor::empty(shape_) : Tensor();
         const bool want_param = param.requires_grad();
+        // Raw pointers are taken here: nothing may throw inside the parallel loop.
+        const float* px = x.f32();
+        const float* pdy = dy.f32();
+        float* pdx = dx.defined() ? dx.f32() : nullptr;
+        float* pm = update_m ? second_moments_.f32() : nullptr;
         std::vector<double> sums(groups_.count, 0.0);
         for_each_group(groups_, [&](int64_t gi) {
             const int64_t off = gi * groups_.size;
             BackwardGroup b;
-            b.x = x.f32() + off;
-            b.grad = dy.f32() + off;
-            b.dx = dx.defined() ? dx.f32() + off : nullptr;
-            b.second_moments = update_m ? second_moments_.f32() + off : nullptr;
+            b.x = px + off;
+            b.grad = pdy + off;
+            b.dx = pdx ? pdx + off : nullptr;
+            b.second_moments = pm ? pm + off : nullptr;
             b.decay = options_.second_moments_decay;
             b.identity_ste = identity_ste();
             b.want_scale_sum = want_param;
