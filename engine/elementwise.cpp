@@ -82,6 +82,22 @@ Variable add(const Variable& a, const Variable& b) {
     });
 }
 
+namespace {
+
+// in {..., C} times scale {C} along the last dimension.
+Tensor scale_channels(const Tensor& in, const Tensor& scale) {
+    const int64_t channels = scale.numel(), rows = in.numel() / channels;
+    Tensor out = Tensor::empty(in.shape());
+    const float* pi = in.f32();
+    const float* ps = scale.f32();
+    float* po = out.f32();
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < channels; ++c) po[r * channels + c] = pi[r * channels + c] * ps[c];
+    return out;
+}
+
+}  // namespace
+
 Variable mul_channel(const Variable& x, const Variable& scale) {
     const Tensor& xv = x.value();
     const Tensor& sv = scale.value();
@@ -90,28 +106,14 @@ Variable mul_channel(const Variable& x, const Variable& scale) {
     const int64_t channels = xv.dim(-1);
     HFQ_CHECK(sv.dtype() == DType::f32 && sv.shape() == Shape{channels}, "mul_channel: scale must have shape [",
               channels, "] for input ", shape_str(xv.shape()), ", got ", shape_str(sv.shape()));
-    const int64_t rows = xv.numel() / channels;
-    Tensor y = Tensor::empty(xv.shape());
-    {
-        const float* px = xv.f32();
-        const float* ps = sv.f32();
-        float* py = y.f32();
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < channels; ++c) py[r * channels + c] = px[r * channels + c] * ps[c];
-    }
-    return make_result(y, "mul_channel", {x, scale}, [x, scale, rows, channels](const Tensor& dy) {
-        const float* pdy = dy.f32();
-        if (x.requires_grad()) {  // dx = dy * scale
-            Tensor dx = Tensor::empty(dy.shape());
-            const float* ps = scale.value().f32();
-            float* pdx = dx.f32();
-            for (int64_t r = 0; r < rows; ++r)
-                for (int64_t c = 0; c < channels; ++c) pdx[r * channels + c] = pdy[r * channels + c] * ps[c];
-            x.accumulate_grad(dx);
-        }
-        if (scale.requires_grad()) {  // dscale[c] = sum over rows of dy * x, in double, rows in order
-            std::vector<double> acc(channels, 0.0);
+    return make_result(scale_channels(xv, sv), "mul_channel", {x, scale}, [x, scale](const Tensor& dy) {
+        if (x.requires_grad()) x.accumulate_grad(scale_channels(dy, scale.value()));  // dx = dy * scale
+        if (scale.requires_grad()) {
+            // dscale[c] = sum over rows of dy * x, in double, rows in order.
+            const int64_t channels = scale.value().numel(), rows = dy.numel() / channels;
+            const float* pdy = dy.f32();
             const float* px = x.value().f32();
+            std::vector<double> acc(channels, 0.0);
             for (int64_t r = 0; r < rows; ++r)
                 for (int64_t c = 0; c < channels; ++c) acc[c] += double(pdy[r * channels + c]) * px[r * channels + c];
             Tensor ds = Tensor::empty({channels});
