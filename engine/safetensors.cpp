@@ -5,9 +5,10 @@
 // adds three rules of its own: duplicate JSON keys, unknown fields in a
 // tensor entry and JSON nested deeper than a header needs are errors too.
 //
-// Nothing is allocated from what the header claims: every range is checked
-// against the real file size first, so a lying header costs at most the
-// file's own size (times 4 for U8 -> f32).
+// Nothing is allocated from sizes the header claims: every range is checked
+// against the real file size first, so the tensors take at most 4 times the
+// file's size (U8 -> f32), and the parsed JSON a few times the header's real
+// size.
 #include "engine/safetensors.h"
 
 #include <algorithm>
