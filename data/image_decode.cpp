@@ -87,12 +87,12 @@ cv::Mat ImageDecoder::decode_jpeg(std::span<const uint8_t> bytes, const CropPlan
     const int w = TJSCALED(width, factor), h = TJSCALED(height, factor);
 
     const bool cmyk = colorspace == TJCS_CMYK || colorspace == TJCS_YCCK;
-    rgb_.resize(size_t(w) * h * 3);
-    if (cmyk) cmyk_.resize(size_t(w) * h * 4);
+    uint8_t* rgb = rgb_.get(size_t(w) * h * 3);
+    uint8_t* target = cmyk ? cmyk_.get(size_t(w) * h * 4) : rgb;
     // Default flags: accurate integer IDCT and smooth chroma upsampling, the
     // same pixels Pillow (and so torchvision) decodes.
-    const int status = tjDecompress2(tj_, bytes.data(), bytes.size(), cmyk ? cmyk_.data() : rgb_.data(), w, 0, h,
-                                     cmyk ? TJPF_CMYK : TJPF_RGB, 0);
+    const int status =
+        tjDecompress2(tj_, bytes.data(), bytes.size(), target, w, 0, h, cmyk ? TJPF_CMYK : TJPF_RGB, 0);
     if (status != 0) {
         // A warning still yields an image, but "premature end" or "corrupt
         // data" means some of it is grey filler: not a sample to train on.
@@ -101,10 +101,10 @@ cv::Mat ImageDecoder::decode_jpeg(std::span<const uint8_t> bytes, const CropPlan
         const bool harmless = tjGetErrorCode(tj_) == TJERR_WARNING && std::strstr(message, "extraneous bytes");
         if (!harmless) throw UnreadableSample(cat("corrupt or truncated JPEG (", message, ")"));
     }
-    if (cmyk) cmyk_to_rgb(cmyk_.data(), rgb_.data(), int64_t(w) * h, jpeg_has_adobe_marker(bytes));
+    if (cmyk) cmyk_to_rgb(target, rgb, int64_t(w) * h, jpeg_has_adobe_marker(bytes));
     last_denominator_ = d;
     roi = scale_crop(request.crop, d, w, h);
-    return cv::Mat(h, w, CV_8UC3, rgb_.data());
+    return cv::Mat(h, w, CV_8UC3, rgb);
 }
 
 cv::Mat ImageDecoder::decode_other(std::span<const uint8_t> bytes, const CropPlanner& plan, CropRect& roi) {
@@ -120,8 +120,7 @@ cv::Mat ImageDecoder::decode_other(std::span<const uint8_t> bytes, const CropPla
     check_size(other_.cols, other_.rows);
     const CropRequest request = plan(other_.cols, other_.rows);
     check_crop(request.crop, other_.cols, other_.rows);
-    rgb_.resize(other_.total() * 3);
-    cv::Mat rgb(other_.rows, other_.cols, CV_8UC3, rgb_.data());
+    cv::Mat rgb(other_.rows, other_.cols, CV_8UC3, rgb_.get(other_.total() * 3));
     cv::cvtColor(other_, rgb, cv::COLOR_BGR2RGB);
     roi = request.crop;
     return rgb;

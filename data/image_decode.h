@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -29,6 +30,23 @@ struct CropRequest {
 };
 // Chooses the crop once the full-resolution size is known.
 using CropPlanner = std::function<CropRequest(int width, int height)>;
+
+// A byte buffer that grows when asked for more and is never cleared (a
+// std::vector would zero every newly used byte; the decoder overwrites them all).
+class ScratchBuffer {
+public:
+    uint8_t* get(size_t bytes) {
+        if (bytes > capacity_) {
+            data_.reset(new uint8_t[bytes]);
+            capacity_ = bytes;
+        }
+        return data_.get();
+    }
+
+private:
+    std::unique_ptr<uint8_t[]> data_;
+    size_t capacity_ = 0;
+};
 
 // One decoder per thread: it holds a TurboJPEG handle and reuses its pixel
 // buffers from image to image.
@@ -58,8 +76,8 @@ private:
     cv::Mat decode_other(std::span<const uint8_t> bytes, const CropPlanner& plan, CropRect& roi);
 
     void* tj_ = nullptr;          // tjhandle
-    std::vector<uint8_t> rgb_;    // the decoded image, H x W x 3
-    std::vector<uint8_t> cmyk_;   // CMYK JPEGs decode here first
+    ScratchBuffer rgb_;           // the decoded image, H x W x 3
+    ScratchBuffer cmyk_;          // CMYK JPEGs decode here first
     cv::Mat other_;               // imdecode's BGR result
     int last_denominator_ = 1;
 };

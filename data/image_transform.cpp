@@ -83,6 +83,43 @@ void resize_image(const cv::Mat& src, int out_width, int out_height, cv::Mat& ds
 
 Normalization imagenet_normalization() { return {{0.485f, 0.456f, 0.406f}, {0.229f, 0.224f, 0.225f}}; }
 
+namespace {
+
+// The source pixels of output row y, in output order and with out_channels
+// bytes each: image row y + offset_y, column (flip ? width - 1 - x : x) +
+// offset_x for output column x; zero where that falls outside the image.
+void gather_row(const cv::Mat& image, int sy, int offset_x, bool flip, int out_width, int out_channels,
+                uint8_t* row) {
+    const int in_channels = image.channels();
+    if (sy < 0 || sy >= image.rows) {
+        std::fill(row, row + out_width * out_channels, uint8_t{0});
+        return;
+    }
+    const uint8_t* src = image.ptr<uint8_t>(sy);
+    if (!flip && in_channels == out_channels && offset_x >= 0 && offset_x + out_width <= image.cols) {
+        std::copy(src + offset_x * in_channels, src + (offset_x + out_width) * in_channels, row);
+        return;
+    }
+    // Output columns [x_begin, x_end) read inside the image; the rest is padding.
+    const int first = offset_x, last = offset_x + out_width - 1;  // source columns of x = 0 and x = out_width - 1
+    const int x_begin = std::max(0, flip ? last - (image.cols - 1) : -first);
+    const int x_end = std::min(out_width, flip ? last + 1 : image.cols - first);
+    std::fill(row, row + out_width * out_channels, uint8_t{0});
+    for (int x = x_begin; x < x_end; ++x) {
+        const uint8_t* p = src + ((flip ? last - x : first + x) * in_channels);
+        uint8_t* r = row + x * out_channels;
+        if (in_channels == 3) {
+            r[0] = p[0];
+            r[1] = p[1];
+            r[2] = p[2];
+        } else {
+            for (int c = 0; c < out_channels; ++c) r[c] = p[0];
+        }
+    }
+}
+
+}  // namespace
+
 void write_normalized(const cv::Mat& image, int offset_x, int offset_y, bool flip, const Normalization& norm,
                       int out_height, int out_width, int out_channels, float* out) {
     const int in_channels = image.channels();
@@ -90,25 +127,20 @@ void write_normalized(const cv::Mat& image, int offset_x, int offset_y, bool fli
               "write_normalized: expects an 8-bit image with 1 or 3 channels, got ", in_channels, " channels");
     HFQ_CHECK(out_channels == 3 || (out_channels == 1 && in_channels == 1), "write_normalized: cannot write a ",
               in_channels, "-channel image as ", out_channels, " channels");
-    // (v / 255 - mean) / std as one multiply-add per value.
-    float scale[3], bias[3];
-    for (int c = 0; c < out_channels; ++c) {
-        scale[c] = 1.f / (255.f * norm.std[c]);
-        bias[c] = -norm.mean[c] / norm.std[c];
+    // (v / 255 - mean) / std as one multiply-add per value, with the scale and
+    // bias laid out like an output row so the loop below vectorizes.
+    const int row_values = out_width * out_channels;
+    std::vector<float> scale(row_values), bias(row_values);
+    for (int j = 0; j < row_values; ++j) {
+        const int c = j % out_channels;
+        scale[j] = 1.f / (255.f * norm.std[c]);
+        bias[j] = -norm.mean[c] / norm.std[c];
     }
+    std::vector<uint8_t> row(row_values);
     for (int y = 0; y < out_height; ++y) {
-        const int sy = y + offset_y;
-        const uint8_t* row = (sy >= 0 && sy < image.rows) ? image.ptr<uint8_t>(sy) : nullptr;
-        float* o = out + static_cast<int64_t>(y) * out_width * out_channels;
-        for (int x = 0; x < out_width; ++x, o += out_channels) {
-            const int sx = (flip ? out_width - 1 - x : x) + offset_x;
-            if (row == nullptr || sx < 0 || sx >= image.cols) {  // zero padding
-                for (int c = 0; c < out_channels; ++c) o[c] = bias[c];
-                continue;
-            }
-            const uint8_t* p = row + sx * in_channels;
-            for (int c = 0; c < out_channels; ++c) o[c] = p[in_channels == 1 ? 0 : c] * scale[c] + bias[c];
-        }
+        gather_row(image, y + offset_y, offset_x, flip, out_width, out_channels, row.data());
+        float* o = out + static_cast<int64_t>(y) * row_values;
+        for (int j = 0; j < row_values; ++j) o[j] = row[j] * scale[j] + bias[j];
     }
 }
 

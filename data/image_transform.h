@@ -42,11 +42,14 @@ int dct_scale_denominator(const CropRect& crop, int out_width, int out_height);
 // whose size is scaled_width x scaled_height.
 CropRect scale_crop(const CropRect& crop, int denominator, int scaled_width, int scaled_height);
 
-// Resizes src (8-bit, any channel count) to out_width x out_height in dst.
-// Bilinear (INTER_LINEAR) while shrinking by at most 2x per axis: every source
+// Resizes src (8-bit, 1 or 3 channels) to out_width x out_height in dst.
+// Bilinear (INTER_LINEAR) while each axis shrinks by at most 2x: every source
 // pixel still contributes. Beyond that bilinear would skip pixels and alias,
-// so INTER_AREA (box filter) is used. With DCT scaling the decode leaves less
-// than 2x to shrink, so training takes the fast bilinear path almost always.
+// so INTER_AREA (a box filter, antialiased like torchvision's resize) is used.
+// INTER_AREA is about 8x slower at the non-integer factors crops have, but
+// with DCT scaling the decoder leaves more than 2x to shrink only in the few
+// crops whose sides differ a lot relative to the output's (7 % of training
+// crops on the ImageNet-like benchmark folder, 17 % without DCT scaling).
 void resize_image(const cv::Mat& src, int out_width, int out_height, cv::Mat& dst);
 
 // Per-channel mean and standard deviation of pixel values scaled to [0, 1].

@@ -17,12 +17,14 @@ using namespace hfq::test;
 
 namespace {
 
-ImageTransformOptions eval_options(int size) {
+ImageTransformOptions transform_options(int size, bool train = true) {
     ImageTransformOptions o;
     o.size = size;
-    o.train = false;
+    o.train = train;
     return o;
 }
+
+ImageTransformOptions eval_options(int size) { return transform_options(size, false); }
 
 // The normalized value ImageNet normalization gives an 8-bit value in channel c.
 float normalized(int value, int c) {
@@ -198,7 +200,7 @@ TEST_CASE("training augmentation: random resized crop and flip; evaluation is de
 
     // Random crops differ with the generator and repeat with it.
     write_bytes(dir / "g/x/gradient.JPEG", encode_jpeg(gradient_rgb(200, 150)));
-    const ImageFolder train = ImageFolder::from_class_folders(dir / "g", ImageTransformOptions{.size = 32});
+    const ImageFolder train = ImageFolder::from_class_folders(dir / "g", transform_options(32));
     CHECK(load(train, 0, 1) == load(train, 0, 1));
     CHECK(load(train, 0, 1) != load(train, 0, 2));
     const ImageFolder eval = ImageFolder::from_class_folders(dir / "g", eval_options(32));
@@ -223,7 +225,7 @@ TEST_CASE("Loader over an ImageFolder: identical batches for 1, 2 and 3 threads"
     for (int c = 0; c < 3; ++c)
         for (int k = 0; k < 7; ++k)
             write_bytes(dir / cat("t/n0", c, "/", k, ".JPEG"), encode_jpeg(gradient_rgb(120 + 9 * k, 90 + 5 * c, 40 * c)));
-    auto ds = std::make_shared<ImageFolder>(ImageFolder::from_class_folders(dir / "t", ImageTransformOptions{.size = 24}));
+    auto ds = std::make_shared<ImageFolder>(ImageFolder::from_class_folders(dir / "t", transform_options(24)));
     LoaderOptions options;
     options.batch_size = 4;
     options.seed = 5;
@@ -255,7 +257,7 @@ TEST_CASE("corrupt and truncated files are skipped, counted, logged once, and re
     const auto good = read_bytes(dir / "t/n01/3.JPEG");
     write_bytes(dir / "t/n01/3.JPEG", std::vector<uint8_t>(good.begin(), good.begin() + good.size() / 2));  // truncated
     write_bytes(dir / "t/n01/7.JPEG", std::vector<uint8_t>(300, 0x5A));                                   // corrupt bytes
-    auto ds = std::make_shared<ImageFolder>(ImageFolder::from_class_folders(dir / "t", ImageTransformOptions{.size = 16}));
+    auto ds = std::make_shared<ImageFolder>(ImageFolder::from_class_folders(dir / "t", transform_options(16)));
     REQUIRE(ds->size() == 10);
     CHECK_THROWS_AS(load(*ds, 3), UnreadableSample);
 
