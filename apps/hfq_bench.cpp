@@ -1,0 +1,324 @@
+// hfq_bench: training-step throughput of MobileNets and of the single ops they
+// are made of, measured the way ../shared/bench/torch_baseline.py measures
+// PyTorch, so the two can be compared side by side:
+//
+//   train img/s = images / seconds over the timed steps; a step is
+//                 zero_grad + forward + cross-entropy + backward + SGD update
+//                 (momentum 0.9, weight decay 4e-5) on a fixed random batch;
+//   GFLOP/s     = img/s * forward MACs per image * 2 FLOP/MAC * 3
+//                 (forward, input gradient, weight gradient);
+//   peak memory = peak RSS of a fresh process that ran only that
+//                 configuration (each configuration runs in a forked child).
+//
+//   hfq_bench                                   # V1 and V2 at 224 and 32, batch 32
+//   hfq_bench --models v1 --res 224 --steps 5
+//   hfq_bench --ops                             # per-op forward/backward times
+//   hfq_bench --json results.json
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "engine/check.h"
+#include "engine/dnnl_context.h"
+#include "engine/memory_pool.h"
+#include "engine/ops.h"
+#include "layers/model.h"
+#include "layers/optimizer.h"
+#include "layers/summary.h"
+
+using namespace hfq;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Settings {
+    int batch = 32;
+    int threads = 2;
+    int warmup = 3;
+    int steps = 5;          // at least this many timed steps ...
+    double min_time = 10;   // ... and at least this many seconds of them
+    int max_steps = 1000;
+    uint64_t seed = 0;
+};
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+double peak_rss_mb() {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss / 1024.0;  // KiB on Linux
+}
+
+Tensor random_batch(const Shape& shape, Rng& rng) {
+    Tensor t = Tensor::empty(shape);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = rng.normal();
+    return t;
+}
+
+// Runs `step` until enough() holds; returns the time of each timed step.
+std::vector<double> time_steps(const Settings& s, const std::function<void()>& step) {
+    for (int i = 0; i < s.warmup; ++i) step();
+    std::vector<double> times;
+    double total = 0;
+    while (!((int)times.size() >= s.steps && (total >= s.min_time || (int)times.size() >= s.max_steps))) {
+        const auto t0 = Clock::now();
+        step();
+        times.push_back(seconds_since(t0));
+        total += times.back();
+    }
+    return times;
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+}
+
+// One model configuration: MobileNet `arch` at resolution `res` (1000 classes,
+// or 10 at 32x32, exactly as the PyTorch baseline).
+json bench_model(const std::string& arch, int res, const Settings& s) {
+    set_compute_threads(s.threads);
+    ModelConfig config;
+    config.arch = parse_arch(arch);
+    config.classes = res <= 32 ? 10 : 1000;
+    auto model = build_model(config, s.seed);
+    const int64_t macs = summarize(*model, {1, res, res, 3}).total_macs;
+
+    SgdOptions sgd_options;
+    sgd_options.lr = 0.01f;
+    sgd_options.momentum = 0.9f;
+    sgd_options.weight_decay = 4e-5f;
+    SGD sgd(model->named_parameters(), sgd_options);
+
+    Rng rng(s.seed);
+    Variable images(random_batch({s.batch, res, res, 3}, rng));  // NHWC
+    std::vector<int32_t> labels(s.batch);
+    for (auto& l : labels) l = static_cast<int32_t>(rng.below(config.classes));
+
+    model->train();
+    std::vector<double> losses;
+    auto train_step = [&] {
+        sgd.zero_grad();
+        Variable loss = cross_entropy((*model)(images), labels);
+        loss.backward();
+        sgd.step();
+        losses.push_back(loss.value().item());
+    };
+    pool_reset_peak();
+    rusage ru0{};
+    getrusage(RUSAGE_SELF, &ru0);
+    const std::vector<double> train_times = time_steps(s, train_step);
+    rusage ru1{};
+    getrusage(RUSAGE_SELF, &ru1);
+
+    model->eval();
+    std::vector<double> infer_times;
+    {
+        NoGradGuard no_grad;
+        infer_times = time_steps(s, [&] { (*model)(images); });
+    }
+
+    double train_total = 0, infer_total = 0;
+    for (double t : train_times) train_total += t;
+    for (double t : infer_times) infer_total += t;
+    const double train_ips = s.batch * train_times.size() / train_total;
+    const double infer_ips = s.batch * infer_times.size() / infer_total;
+    const double user = ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + 1e-6 * (ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec);
+    const double sys = ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec + 1e-6 * (ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec);
+    return {{"model", arch},
+            {"res", res},
+            {"batch", s.batch},
+            {"threads", s.threads},
+            {"classes", config.classes},
+            {"fwd_macs_per_img", macs},
+            {"train_img_s", train_ips},
+            {"infer_img_s", infer_ips},
+            {"train_gflop_s", train_ips * macs * 6 / 1e9},
+            {"infer_gflop_s", infer_ips * macs * 2 / 1e9},
+            {"train_step_median_s", median(train_times)},
+            {"timed_steps", train_times.size()},
+            {"train_sys_frac", sys / std::max(user + sys, 1e-9)},
+            {"train_minflt_per_step", double(ru1.ru_minflt - ru0.ru_minflt) / train_times.size()},
+            {"first_loss", losses.front()},
+            {"last_loss", losses.back()},
+            {"pool_peak_mb", pool_stats().peak_in_use_bytes / 1048576.0},
+            {"peak_rss_mb", peak_rss_mb()}};
+}
+
+// Forward and backward time of single ops at the shapes of MobileNetV1 at
+// 224x224, batch `s.batch`.
+json bench_ops(const Settings& s) {
+    set_compute_threads(s.threads);
+    Rng rng(s.seed);
+    const int64_t n = s.batch;
+    struct OpCase {
+        std::string name;
+        Shape input;
+        std::vector<Shape> params;  // parameter shapes (differentiated)
+        int64_t macs;               // forward MACs per batch (0: not counted)
+        std::function<Variable(const Variable&, const std::vector<Variable>&)> op;
+    };
+    Tensor running_mean = Tensor::zeros({64}), running_var = Tensor::full({64}, 1);
+    const std::vector<OpCase> cases = {
+        {"conv 3x3 s2 3->32 (stem)", {n, 224, 224, 3}, {{32, 3, 3, 3}}, n * 112 * 112 * 32 * 27,
+         [](const Variable& x, const std::vector<Variable>& p) { return conv2d(x, p[0], {}, {.stride = 2, .padding = 1}); }},
+        {"depthwise 3x3 s1 112x112x64", {n, 112, 112, 64}, {{64, 1, 3, 3}}, n * 112 * 112 * 64 * 9,
+         [](const Variable& x, const std::vector<Variable>& p) {
+             return conv2d(x, p[0], {}, {.stride = 1, .padding = 1, .groups = 64});
+         }},
+        {"depthwise 3x3 s2 112x112x64", {n, 112, 112, 64}, {{64, 1, 3, 3}}, n * 56 * 56 * 64 * 9,
+         [](const Variable& x, const std::vector<Variable>& p) {
+             return conv2d(x, p[0], {}, {.stride = 2, .padding = 1, .groups = 64});
+         }},
+        {"pointwise 56x56 128->128", {n, 56, 56, 128}, {{128, 128, 1, 1}}, n * 56 * 56 * 128 * 128,
+         [](const Variable& x, const std::vector<Variable>& p) { return conv2d(x, p[0], {}, {}); }},
+        {"pointwise 7x7 1024->1024", {n, 7, 7, 1024}, {{1024, 1024, 1, 1}}, n * 7 * 7 * 1024 * 1024,
+         [](const Variable& x, const std::vector<Variable>& p) { return conv2d(x, p[0], {}, {}); }},
+        {"batch norm (train) 112x112x64", {n, 112, 112, 64}, {{64}, {64}}, 0,
+         [&](const Variable& x, const std::vector<Variable>& p) {
+             return batch_norm(x, p[0], p[1], running_mean, running_var, true);
+         }},
+        {"relu6 112x112x64", {n, 112, 112, 64}, {}, 0,
+         [](const Variable& x, const std::vector<Variable>&) { return relu6(x); }},
+        {"add 56x56x24", {n, 56, 56, 24}, {}, 0, [](const Variable& x, const std::vector<Variable>&) { return add(x, x); }},
+        {"global avg pool 7x7x1024", {n, 7, 7, 1024}, {}, 0,
+         [](const Variable& x, const std::vector<Variable>&) { return global_avg_pool(x); }},
+        {"linear 1024->1000", {n, 1024}, {{1000, 1024}, {1000}}, n * 1024 * 1000,
+         [](const Variable& x, const std::vector<Variable>& p) { return linear(x, p[0], p[1]); }},
+    };
+    json rows = json::array();
+    for (const OpCase& c : cases) {
+        Variable x(random_batch(c.input, rng), true);
+        std::vector<Variable> params;
+        for (const Shape& p : c.params) params.emplace_back(random_batch(p, rng), true);
+        Tensor seed;
+        std::vector<double> fwd, bwd;
+        Settings quick = s;
+        quick.min_time = 1.0;
+        time_steps(quick, [&] {
+            auto t0 = Clock::now();
+            Variable y = c.op(x, params);
+            fwd.push_back(seconds_since(t0));
+            if (!seed.defined()) seed = random_batch(y.shape(), rng);
+            t0 = Clock::now();
+            y.backward(seed);
+            bwd.push_back(seconds_since(t0));
+            x.zero_grad();
+            for (Variable& p : params) p.zero_grad();
+        });
+        const double f = median(fwd), b = median(bwd);
+        json row = {{"op", c.name}, {"forward_ms", f * 1e3}, {"backward_ms", b * 1e3}};
+        if (c.macs) {
+            row["forward_gflop_s"] = 2.0 * c.macs / f / 1e9;
+            row["backward_gflop_s"] = 4.0 * c.macs / b / 1e9;
+        }
+        rows.push_back(row);
+    }
+    return rows;
+}
+
+// Runs `work` in a forked child so that its peak RSS is its own; the child
+// sends back one JSON document through a pipe. The parent never touches
+// oneDNN or OpenMP (forking after OpenMP started is not safe).
+json in_child(const std::function<json()>& work) {
+    int fds[2];
+    HFQ_CHECK(pipe(fds) == 0, "hfq_bench: pipe failed");
+    const pid_t pid = fork();
+    HFQ_CHECK(pid >= 0, "hfq_bench: fork failed");
+    if (pid == 0) {
+        close(fds[0]);
+        std::string out;
+        int code = 0;
+        try {
+            out = work().dump();
+        } catch (const std::exception& e) {
+            out = json{{"error", e.what()}}.dump();
+            code = 1;
+        }
+        for (size_t done = 0; done < out.size();) {
+            const ssize_t w = write(fds[1], out.data() + done, out.size() - done);
+            if (w <= 0) break;
+            done += w;
+        }
+        close(fds[1]);
+        _exit(code);
+    }
+    close(fds[1]);
+    std::string text;
+    char buf[4096];
+    for (ssize_t r; (r = read(fds[0], buf, sizeof buf)) > 0;) text.append(buf, r);
+    close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    HFQ_CHECK(!text.empty(), "hfq_bench: a benchmark process died (status ", status, ")");
+    json result = json::parse(text);
+    HFQ_CHECK(!result.contains("error"), "hfq_bench: ", result.value("error", std::string()));
+    return result;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    CLI::App app{"hfq_bench: training-step throughput of MobileNets and their ops"};
+    Settings s;
+    std::vector<std::string> models = {"v1", "v2"};
+    std::vector<int> resolutions = {224, 32};
+    bool ops = false;
+    std::string json_path;
+    app.add_option("--models", models, "Models: v1, v2")->check(CLI::IsMember({"v1", "v2"}));
+    app.add_option("--res", resolutions, "Input resolutions (1000 classes, 10 at <= 32)");
+    app.add_option("--batch", s.batch, "Batch size")->check(CLI::PositiveNumber);
+    app.add_option("--threads", s.threads, "Compute (OpenMP) threads")->check(CLI::PositiveNumber);
+    app.add_option("--warmup", s.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber);
+    app.add_option("--steps", s.steps, "Timed steps, at least")->check(CLI::PositiveNumber);
+    app.add_option("--min-time", s.min_time, "Timed seconds, at least")->check(CLI::NonNegativeNumber);
+    app.add_flag("--ops", ops, "Also time single ops at MobileNetV1-224 shapes");
+    app.add_option("--json", json_path, "Write all results to this JSON file");
+    CLI11_PARSE(app, argc, argv);
+
+    try {
+        json results = {{"settings", {{"batch", s.batch}, {"threads", s.threads}}}, {"models", json::array()}};
+        std::printf("%-4s %5s %12s %12s %10s %12s %10s\n", "model", "res", "train img/s", "infer img/s",
+                    "GFLOP/s", "step ms", "peak MB");
+        for (const std::string& m : models)
+            for (int res : resolutions) {
+                json r = in_child([&] { return bench_model(m, res, s); });
+                std::printf("%-4s %5d %12.1f %12.1f %10.1f %12.1f %10.0f\n", m.c_str(), res,
+                            r["train_img_s"].get<double>(), r["infer_img_s"].get<double>(),
+                            r["train_gflop_s"].get<double>(), 1e3 * r["train_step_median_s"].get<double>(),
+                            r["peak_rss_mb"].get<double>());
+                std::fflush(stdout);
+                results["models"].push_back(r);
+            }
+        if (ops) {
+            json rows = in_child([&] { return bench_ops(s); });
+            std::printf("\n%-32s %12s %12s %12s %12s\n", "op (batch 32)", "fwd ms", "bwd ms", "fwd GFLOP/s",
+                        "bwd GFLOP/s");
+            for (const json& r : rows)
+                std::printf("%-32s %12.2f %12.2f %12s %12s\n", r["op"].get<std::string>().c_str(),
+                            r["forward_ms"].get<double>(), r["backward_ms"].get<double>(),
+                            r.contains("forward_gflop_s") ? std::to_string((int)r["forward_gflop_s"].get<double>()).c_str() : "-",
+                            r.contains("backward_gflop_s") ? std::to_string((int)r["backward_gflop_s"].get<double>()).c_str() : "-");
+            results["ops"] = rows;
+        }
+        if (!json_path.empty()) {
+            std::ofstream(json_path) << results.dump(1) << "\n";
+            std::printf("wrote %s\n", json_path.c_str());
+        }
+        return 0;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "hfq_bench: %s\n", e.what());
+        return 1;
+    }
+}
