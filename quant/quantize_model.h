@@ -11,6 +11,22 @@
 // Names: wrapped layers keep their float names (a float checkpoint loads into
 // the wrapped model with a partial load that skips only quantizer state), and
 // add their quantizer's parameters and buffers under "<layer>.weight_quantizer.*".
+// A folded conv + batch norm pair (quant/folded_conv_bn.h) keeps both layers'
+// names and adds the freeze flag "<parent>.bn_frozen_<conv child>".
+// Activation quantizers (policy.activation_bits) sit at the activation's
+// place: "<activation>.activation_quantizer.*" (quant/activation_quantizer.h).
+//
+// Which layers: every Conv2d and Linear, in model order. The first Conv2d is
+// the "first layer", the last Linear (the classifier) the "last layer". With
+// fold_batch_norm, a Conv2d without bias directly followed by a BatchNorm2d
+// in the same parent is folded with it; other convolutions are wrapped alone
+// (their batch norm stays a float layer).
+//
+// Checkpoints: the quantizers' state is in the model's parameters and
+// buffers, so save_checkpoint / load_checkpoint (layers/checkpoint.h) carry
+// it; store policy.to_json() under kQuantPolicyKey, and to resume, build the
+// model, quantize_model with the stored policy, load the checkpoint, then
+// reset_diagnostics(model) (diagnostics history is not state).
 #pragma once
 #include <string>
 #include <vector>
@@ -19,6 +35,12 @@
 #include "quant/quantizer.h"
 
 namespace hfq::quant {
+
+class QuantizedModule;
+class ActivationQuantizer;
+
+// Checkpoint / export metadata key of the policy JSON.
+inline constexpr const char* kQuantPolicyKey = "hfq.quant_policy";
 
 struct QuantPolicy {
     std::string method = "msqe-po2";  // any of quantizer_methods()
@@ -36,6 +58,11 @@ struct QuantPolicy {
     // learnable-po2), for W4A8-style simulation. 0 = off.
     int activation_bits = 0;
 
+    // Throws hfq::Error naming the bad field (method, bits, ...).
+    void validate() const;
+    // {"method": "msqe-po2", "bits": 4, "signed": true, "per_channel": false,
+    //  ... every QuantizerOptions field ..., "first_layer_bits": 8, "last_layer_bits": 8,
+    //  "fold_batch_norm": true, "freeze_bn_after_steps": -1, "activation_bits": 0}
     std::string to_json() const;                    // stored in checkpoint metadata
     static QuantPolicy from_json(const std::string& json);  // strict, errors name the key
 };
@@ -43,20 +70,35 @@ struct QuantPolicy {
 // A wrapped layer, as the trainer and the diagnostics see it.
 struct QuantizedLayer {
     std::string name;       // the layer's name in the model ("features.3.0")
-    std::string kind;       // "conv", "conv+bn (folded)", "linear", "activation"
+    std::string kind;       // "conv", "conv+bn (folded)", "linear"
     Quantizer* quantizer;   // owned by the wrapper module
+    QuantizedModule* module = nullptr;  // the wrapper (quant/quantized_layers.h, folded_conv_bn.h)
+};
+
+// An activation quantizer (policy.activation_bits > 0), as the diagnostics see it.
+struct QuantizedActivationSite {
+    std::string name;       // the activation's name ("features.3.2")
+    ActivationQuantizer* quantizer;  // owned by the model
 };
 
 // Wraps the model's layers in place by the policy. Throws if the model is
 // already quantized or the policy is invalid.
 void quantize_model(Model& model, const QuantPolicy& policy);
-// The quantized layers in model order (empty for a float model).
+// The quantized layers in model order (empty for a float model). Activation
+// quantizers are not Quantizers (their input changes shape with the batch):
+// they are listed by quantized_activations().
 std::vector<QuantizedLayer> quantized_layers(Model& model);
+std::vector<QuantizedActivationSite> quantized_activations(Model& model);
+// Whether quantize_model has wrapped anything in this model.
+bool is_quantized(Model& model);
 
 // Batch-norm freezing of the folded layers (spec section 6), by hand.
 void freeze_batch_norm(Model& model, bool frozen = true);
 // The stable-exponent schedule of msqe-po2 quantizers that keep one.
 void set_stable_updating(Model& model, bool on);
 void set_stable_switched(Model& model, bool on);
+// Forgets every quantizer's diagnostics history (flips, previous codes), e.g.
+// after loading a checkpoint into the model.
+void reset_diagnostics(Model& model);
 
 }  // namespace hfq::quant

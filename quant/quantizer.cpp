@@ -171,6 +171,27 @@ Variable Quantizer::fake_quantize(const Variable& weight, bool training) {
     return make_result(y, "fake_quantize " + method_, inputs, backward);
 }
 
+Quantizer::IntegerForm Quantizer::integer_form(const Tensor& weight) {
+    HFQ_CHECK(weight.defined() && weight.dtype() == DType::f32 && weight.shape() == shape_, who(),
+              ": integer_form needs f32 weights of shape ", shape_str(shape_));
+    const Tensor x = grid_.is_signed ? weight : relu_copy(weight);
+    for (int64_t i = 0, n = x.numel(); i < n; ++i)
+        HFQ_CHECK(std::isfinite(x.f32()[i]), who(), ": integer_form: the weights contain NaN or infinity");
+    ScaleChoice choice = choose_scales(x, /*training=*/false);
+    if (choice.code_scale.empty()) choice.code_scale = choice.scale;
+    IntegerForm out;
+    out.codes.resize(x.numel());
+    std::vector<float> y(groups_.size);
+    for (int64_t gi = 0; gi < groups_.count; ++gi) {  // the same pass as fake_quantize's
+        const int64_t off = gi * groups_.size;
+        quantize_group(x.f32() + off, y.data(), out.codes.data() + off, false, groups_.size, choice.code_scale[gi],
+                       choice.scale[gi], grid_, code_rounding());
+    }
+    out.scale = std::move(choice.scale);
+    out.exponent = std::move(choice.exponent);
+    return out;
+}
+
 void Quantizer::track(const ScaleChoice& choice, const std::vector<PassStats>& stats) {
     if (flips_.empty()) flips_.assign(groups_.count, 0);
     if (!last_exponents_.empty())

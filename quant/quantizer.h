@@ -134,6 +134,17 @@ public:
     // changes since the previous report() and are reset by it.
     QuantizerDiagnostics report();
 
+    // What fake_quantize(weight, false) computes, in the form hardware stores
+    // it: y[i] = scale[g] * codes[i] for the elements i of scale group g, with
+    // scale[g] = 2^exponent[g] for the power-of-two methods (exponent is empty
+    // for lsq). Changes nothing. For export and audit (quant/export.h).
+    struct IntegerForm {
+        std::vector<int16_t> codes;  // weight shape, row-major, in [-qn, qp]
+        std::vector<float> scale;    // per group
+        std::vector<int> exponent;   // per group (power-of-two methods)
+    };
+    IntegerForm integer_form(const Tensor& weight);
+
 protected:
     Quantizer(std::string method, const QuantizerOptions& options, const Shape& weight_shape);
 

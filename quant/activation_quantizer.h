@@ -1,0 +1,94 @@
+// Activation quantization (optional, for W4A8-style simulation): the output
+// of a ReLU / ReLU6 fake-quantized on an unsigned grid (0 .. 2^b - 1) with a
+// learnable power-of-two scale, as learnable-po2 (spec 4.1) does for weights:
+//
+//   e        trained continuous log2-scale ("log2_scale", ParamGroup::quantizer),
+//            initialised at the first training step to log2(max(3 std(x) / qp, min_init_scale))
+//   k        the integer exponent: ceil(e), rint(e) or msqe-round (floor(e) if
+//            E(2^floor e) < E(2^ceil e) with w = 1[|x| <= 2^e (qp + 0.5)], else ceil(e))
+//   y        = 2^k clip(rint(x / 2^k), 0, qp)
+//   dL/dx    = g * m(x; 2^k)                       (straight-through, clipped)
+//   dL/de    = sum g 2^k ln2 t,  t = rint(u) - u in range, qp above (u = x / 2^k)
+//
+// Why not a Quantizer: a Quantizer is built for one weight shape and keeps
+// per-element state (second moments); an activation changes shape with the
+// batch and has no per-element state. The scale is one per tensor, chosen on
+// the whole batch; sums are taken over fixed chunks combined in order (the
+// same result at any thread count).
+//
+// Evaluation uses the exponent the last training step chose (a buffer), so a
+// trained network's activation scale is fixed, as hardware needs it; before
+// any training it computes what the first training step would use.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "layers/module.h"
+#include "quant/diagnostics.h"
+#include "quant/grid.h"
+#include "quant/quantizer.h"
+
+namespace hfq::quant {
+
+class ActivationQuantizer : public Module {
+public:
+    // bits 2..8; rounding and min_init_scale as learnable-po2's options.
+    ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale = 1e-5f);
+
+    Variable forward(const Variable& x) override;
+
+    const Grid& grid() const { return grid_; }
+    ExponentRounding rounding() const { return rounding_; }
+    Variable& log2_scale() { return e_; }
+    // The exponent evaluation uses (the last training step's choice).
+    int exponent() const { return exponent_.data<int32_t>()[0]; }
+    bool initialized() const { return initialized_.data<int32_t>()[0] != 0; }
+    int64_t step() const { return step_.data<int64_t>()[0]; }
+
+    // As Quantizer::report(): exponent, continuous e, error per element and
+    // clipped fraction of the last training step, flips since the last report.
+    // codes_changed_fraction is NaN (activations change with every input).
+    QuantizerDiagnostics report();
+    void reset_diagnostics();
+
+    std::string type_name() const override { return "ActivationQuantizer"; }
+    std::string describe() const override;
+
+private:
+    int choose_exponent(const float* x, int64_t n, float e);
+
+    Grid grid_;
+    ExponentRounding rounding_;
+    float min_init_scale_;
+    Variable e_;                                            // {1}
+    Tensor exponent_ = Tensor::zeros({1}, DType::s32);      // the last training step's k
+    Tensor step_ = Tensor::zeros({1}, DType::s64);
+    Tensor initialized_ = Tensor::zeros({1}, DType::s32);
+    std::vector<float> mask_;  // reused: the msqe-round weights
+
+    // Diagnostics history (not state).
+    bool have_pass_ = false;
+    int last_exponent_ = 0;
+    int64_t flips_ = 0;
+    double last_error_ = 0, last_clipped_ = 0;
+};
+
+// An activation layer followed by its quantizer: forward = Q(act(x)). The
+// activation is registered inline (it has no tensors), the quantizer as the
+// child "activation_quantizer".
+class QuantizedActivation : public Module {
+public:
+    QuantizedActivation(std::shared_ptr<Module> activation, std::shared_ptr<ActivationQuantizer> quantizer);
+    Variable forward(const Variable& x) override { return (*quantizer_)((*activation_)(x)); }
+    ActivationQuantizer& quantizer() { return *quantizer_; }
+    Module& activation() { return *activation_; }
+    std::string type_name() const override { return "Quantized<" + activation_->type_name() + ">"; }
+    std::string describe() const override { return activation_->describe() + " @ " + quantizer_->describe(); }
+    bool summary_row() const override { return true; }
+
+private:
+    std::shared_ptr<Module> activation_;
+    std::shared_ptr<ActivationQuantizer> quantizer_;
+};
+
+}  // namespace hfq::quant

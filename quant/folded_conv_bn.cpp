@@ -1,0 +1,266 @@
+#include "quant/folded_conv_bn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/check.h"
+#include "engine/ops.h"
+
+namespace hfq::quant {
+namespace {
+
+void check_channel_vector(const char* op, const char* name, const Tensor& t, int64_t channels) {
+    HFQ_CHECK(t.defined() && t.dtype() == DType::f32 && t.shape() == Shape{channels}, op, ": ", name,
+              " must be an f32 tensor of shape [", channels, "], got ",
+              t.defined() ? shape_str(t.shape()) : std::string("an undefined tensor"));
+}
+
+// 1 / sqrt(var + eps) per channel, in double.
+std::vector<double> inverse_sigma(const Tensor& var, float eps) {
+    std::vector<double> out(var.numel());
+    for (int64_t c = 0; c < var.numel(); ++c) out[c] = 1.0 / std::sqrt(double(var.f32()[c]) + double(eps));
+    return out;
+}
+
+// Per-channel sums of u and u*v over the R rows of R x C tensors, in double:
+// fixed row blocks (a number that depends on the shape alone) summed in
+// parallel, then combined in block order, so the result does not depend on
+// the thread count.
+struct ChannelSums {
+    std::vector<double> u, uv;
+};
+ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t channels) {
+    constexpr int64_t kMinBlockElements = 65536, kMaxBlocks = 64;
+    const int64_t blocks = std::max<int64_t>(1, std::min({rows * channels / kMinBlockElements, rows, kMaxBlocks}));
+    std::vector<double> partial(blocks * 2 * channels, 0.0);  // per block: [sum u | sum u*v]
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        double* su = &partial[b * 2 * channels];
+        double* suv = su + channels;
+        for (int64_t r = rows * b / blocks; r < rows * (b + 1) / blocks; ++r)
+            for (int64_t c = 0; c < channels; ++c) {
+                su[c] += u[r * channels + c];
+                suv[c] += double(u[r * channels + c]) * v[r * channels + c];
+            }
+    }
+    ChannelSums s{std::vector<double>(channels, 0.0), std::vector<double>(channels, 0.0)};
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t c = 0; c < channels; ++c) {
+            s.u[c] += partial[b * 2 * channels + c];
+            s.uv[c] += partial[b * 2 * channels + channels + c];
+        }
+    return s;
+}
+
+}  // namespace
+
+Variable fold_weight(const Variable& weight, const Variable& gamma, const Tensor& running_var, float eps) {
+    const Tensor& w = weight.value();
+    HFQ_CHECK(w.dtype() == DType::f32 && w.rank() >= 2, "fold_weight: weight must be f32 {O, ...}, got ",
+              shape_str(w.shape()));
+    const int64_t channels = w.dim(0), per = w.numel() / channels;
+    check_channel_vector("fold_weight", "gamma", gamma.value(), channels);
+    check_channel_vector("fold_weight", "running_var", running_var, channels);
+    const std::vector<double> inv_sigma = inverse_sigma(running_var, eps);
+    // factor {O} = gamma / sigma_ema, rounded to float once: W_fold = W * factor.
+    Tensor factor = Tensor::empty({channels});
+    for (int64_t c = 0; c < channels; ++c) factor.f32()[c] = float(gamma.value().f32()[c] * inv_sigma[c]);
+    Tensor out = Tensor::empty(w.shape());
+    for (int64_t c = 0; c < channels; ++c)
+        for (int64_t i = c * per; i < (c + 1) * per; ++i) out.f32()[i] = w.f32()[i] * factor.f32()[c];
+    return make_result(out, "fold_weight", {weight, gamma}, [weight, gamma, factor, inv_sigma, channels, per](const Tensor& dy) {
+        // dW = dy * factor;  dgamma[c] = sum_i dy_i W_i / sigma_ema[c]
+        if (weight.requires_grad()) {
+            Tensor dw = Tensor::empty(dy.shape());
+            for (int64_t c = 0; c < channels; ++c)
+                for (int64_t i = c * per; i < (c + 1) * per; ++i) dw.f32()[i] = dy.f32()[i] * factor.f32()[c];
+            weight.accumulate_grad(dw);
+        }
+        if (gamma.requires_grad()) {
+            Tensor dg = Tensor::empty({channels});
+            const float* w = weight.value().f32();
+            for (int64_t c = 0; c < channels; ++c) {
+                double s = 0;
+                for (int64_t i = c * per; i < (c + 1) * per; ++i) s += double(dy.f32()[i]) * w[i];
+                dg.f32()[c] = float(s * inv_sigma[c]);
+            }
+            gamma.accumulate_grad(dg);
+        }
+    });
+}
+
+Variable fold_bias(const Variable& gamma, const Variable& beta, const Tensor& running_mean, const Tensor& running_var,
+                   float eps) {
+    const int64_t channels = gamma.value().numel();
+    check_channel_vector("fold_bias", "gamma", gamma.value(), channels);
+    check_channel_vector("fold_bias", "beta", beta.value(), channels);
+    check_channel_vector("fold_bias", "running_mean", running_mean, channels);
+    check_channel_vector("fold_bias", "running_var", running_var, channels);
+    const std::vector<double> inv_sigma = inverse_sigma(running_var, eps);
+    // d b / d gamma = -mu_ema / sigma_ema
+    std::vector<double> dgamma_db(channels);
+    Tensor out = Tensor::empty({channels});
+    for (int64_t c = 0; c < channels; ++c) {
+        dgamma_db[c] = -double(running_mean.f32()[c]) * inv_sigma[c];
+        out.f32()[c] = float(beta.value().f32()[c] + gamma.value().f32()[c] * dgamma_db[c]);
+    }
+    return make_result(out, "fold_bias", {gamma, beta}, [gamma, beta, dgamma_db, channels](const Tensor& db) {
+        beta.accumulate_grad(db);
+        if (gamma.requires_grad()) {
+            Tensor dg = Tensor::empty({channels});
+            for (int64_t c = 0; c < channels; ++c) dg.f32()[c] = float(db.f32()[c] * dgamma_db[c]);
+            gamma.accumulate_grad(dg);
+        }
+    });
+}
+
+Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const Variable& gamma, const Variable& beta,
+                               Tensor& running_mean, Tensor& running_var, float momentum, float eps) {
+    const char* op = "batch_stat_correction";
+    const Tensor& q = y_q.value();
+    const Tensor& f = y_f.value();
+    HFQ_CHECK(q.rank() == 4 && q.dtype() == DType::f32 && f.shape() == q.shape() && f.dtype() == DType::f32, op,
+              ": y_q and y_f must be f32 {N,H,W,C} tensors of one shape, got ", shape_str(q.shape()), " and ",
+              shape_str(f.shape()));
+    const int64_t channels = q.dim(3), rows = q.numel() / channels;
+    HFQ_CHECK(rows > 1, op, ": batch statistics need more than one value per channel, got ", shape_str(q.shape()));
+    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"gamma", &gamma.value()}, {"beta", &beta.value()},
+                           {"running_mean", &running_mean},
+                           {"running_var", &running_var}})
+        check_channel_vector(op, name, *t, channels);
+
+    // Batch statistics of the float convolution, and the per-channel affine
+    //   y = y_q * ratio + offset,  ratio = sigma_ema / sigma_B,  offset = beta - gamma mu_B / sigma_B.
+    const ChannelSums s = channel_sums(f.f32(), f.f32(), rows, channels);
+    const std::vector<double> inv_sigma_ema = inverse_sigma(running_var, eps);  // before the update
+    std::vector<double> mean(channels), var(channels);
+    Tensor ratio = Tensor::empty({channels}), offset = Tensor::empty({channels});
+    for (int64_t c = 0; c < channels; ++c) {
+        mean[c] = s.u[c] / rows;
+        var[c] = std::max(0.0, s.uv[c] / rows - mean[c] * mean[c]);  // biased: normalisation
+        const double inv_sigma_b = 1.0 / std::sqrt(var[c] + eps);
+        ratio.f32()[c] = float(inv_sigma_b / inv_sigma_ema[c]);
+        offset.f32()[c] = float(beta.value().f32()[c] - gamma.value().f32()[c] * mean[c] * inv_sigma_b);
+        // PyTorch's running update: unbiased variance.
+        float& rm = running_mean.f32()[c];
+        float& rv = running_var.f32()[c];
+        rm = float((1.0 - momentum) * rm + momentum * mean[c]);
+        rv = float((1.0 - momentum) * rv + momentum * var[c] * rows / (rows - 1));
+    }
+    Tensor out = Tensor::empty(q.shape());
+    {
+        const float* pq = q.f32();
+        const float* pr = ratio.f32();
+        const float* po = offset.f32();
+        float* py = out.f32();
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < channels; ++c) py[r * channels + c] = pq[r * channels + c] * pr[c] + po[c];
+    }
+
+    auto backward = [y_q, y_f, gamma, beta, ratio, mean, var, inv_sigma_ema, eps, rows,
+                     channels](const Tensor& dy) {
+        // G = sum dy, H = sum dy * y_q (per channel). With sigma_B = sqrt(var_B + eps):
+        //   d y_q   = dy * ratio
+        //   d beta  = G
+        //   d gamma = -mu_B / sigma_B * G
+        //   d mu_B  = -gamma / sigma_B * G
+        //   d var_B = -1/2 (var_B + eps)^(-3/2) (sigma_ema H - gamma mu_B G)
+        //   d y_f   = d mu_B / R + 2 d var_B (y_f - mu_B) / R    (mean and biased variance of R rows)
+        const ChannelSums gs = channel_sums(dy.f32(), y_q.value().f32(), rows, channels);
+        Tensor dgamma = Tensor::empty({channels}), dbeta = Tensor::empty({channels});
+        std::vector<float> a(channels), d(channels), m(channels);
+        for (int64_t c = 0; c < channels; ++c) {
+            const double G = gs.u[c], H = gs.uv[c], g = gamma.value().f32()[c];
+            const double inv_sigma_b = 1.0 / std::sqrt(var[c] + eps);
+            dbeta.f32()[c] = float(G);
+            dgamma.f32()[c] = float(-mean[c] * inv_sigma_b * G);
+            const double dmean = -g * inv_sigma_b * G;
+            const double dvar = -0.5 * inv_sigma_b * inv_sigma_b * inv_sigma_b * (H / inv_sigma_ema[c] - g * mean[c] * G);
+            a[c] = float(2.0 * dvar / rows);
+            d[c] = float(dmean / rows);
+            m[c] = float(mean[c]);
+        }
+        if (y_q.requires_grad()) {
+            Tensor dq = Tensor::empty(dy.shape());
+            const float* pdy = dy.f32();
+            const float* pr = ratio.f32();
+            float* p = dq.f32();
+#pragma omp parallel for schedule(static)
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < channels; ++c) p[r * channels + c] = pdy[r * channels + c] * pr[c];
+            y_q.accumulate_grad(dq);
+        }
+        if (y_f.requires_grad()) {
+            Tensor df = Tensor::empty(dy.shape());
+            const float* pf = y_f.value().f32();
+            float* p = df.f32();
+#pragma omp parallel for schedule(static)
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < channels; ++c) p[r * channels + c] = a[c] * (pf[r * channels + c] - m[c]) + d[c];
+            y_f.accumulate_grad(df);
+        }
+        gamma.accumulate_grad(dgamma);
+        beta.accumulate_grad(dbeta);
+    };
+    return make_result(out, op, {y_q, y_f, gamma, beta}, backward);
+}
+
+FoldedConvBn::FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, std::shared_ptr<BatchNorm2d> bn,
+                           std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_after_steps)
+    : bn_(std::move(bn)), conv_name_(std::move(conv_name)), bn_name_(std::move(bn_name)),
+      freeze_after_steps_(freeze_after_steps) {
+    HFQ_CHECK(conv != nullptr && bn_ != nullptr, "FoldedConvBn: null convolution or batch norm");
+    HFQ_CHECK(!conv->bias().defined(), "FoldedConvBn: convolution '", conv_name_,
+              "' has a bias; only a convolution without bias is folded with its batch norm");
+    HFQ_CHECK(conv->config().out_channels == bn_->channels(), "FoldedConvBn: convolution '", conv_name_, "' has ",
+              conv->config().out_channels, " output channels but batch norm '", bn_name_, "' has ", bn_->channels());
+    HFQ_CHECK(freeze_after_steps >= -1, "FoldedConvBn: freeze_after_steps must be >= -1, got ", freeze_after_steps);
+    const bool training = conv->is_training();
+    quantized_conv_ = std::make_shared<QuantizedConv2d>(std::move(conv), std::move(quantizer));
+    register_module(conv_name_, quantized_conv_);
+    register_module(bn_name_, bn_);
+    register_buffer("bn_frozen_" + conv_name_, &frozen_);
+    for (auto& [name, slot] : bn_->named_buffers())
+        if (name == "num_batches_tracked") num_batches_tracked_ = slot;
+    HFQ_CHECK(num_batches_tracked_ != nullptr, "FoldedConvBn: batch norm without num_batches_tracked");
+    train(training);
+}
+
+bool FoldedConvBn::uses_batch_statistics() const {
+    if (!is_training() || frozen_by_hand()) return false;
+    return freeze_after_steps_ < 0 || quantized_conv_->quantizer().step() < freeze_after_steps_;
+}
+
+void FoldedConvBn::freeze(bool frozen) { frozen_.data<int32_t>()[0] = frozen ? 1 : 0; }
+
+Variable FoldedConvBn::folded_weight() { return fold_weight(conv().weight(), bn_->weight(), bn_->running_var(), bn_->eps()); }
+
+Variable FoldedConvBn::folded_bias() {
+    return fold_bias(bn_->weight(), bn_->bias(), bn_->running_mean(), bn_->running_var(), bn_->eps());
+}
+
+Variable FoldedConvBn::forward(const Variable& x) {
+    const bool batch_stats = uses_batch_statistics();  // before the quantizer counts this step
+    // W_fold and the correction use the moving variance as it is before this step's update.
+    const Variable w_q = weight_quantizer().quantize(folded_weight());
+    if (!batch_stats) return conv2d(x, w_q, folded_bias(), conv().config().params);
+    const Variable y_q = conv().apply(x, w_q);             // conv(x, Q(W_fold))
+    const Variable y_f = conv().apply(x, conv().weight());  // conv(x, W): the batch statistics
+    Variable y = batch_stat_correction(y_q, y_f, bn_->weight(), bn_->bias(), bn_->running_mean(),
+                                       bn_->running_var(), bn_->momentum(), bn_->eps());
+    num_batches_tracked_->data<int64_t>()[0] += 1;
+    return y;
+}
+
+std::string FoldedConvBn::describe() const {
+    return quantized_conv_->layer_ptr()->describe() + " + " + bn_->describe() + " folded @ " +
+           const_cast<FoldedConvBn*>(this)->weight_quantizer().describe();
+}
+
+int64_t FoldedConvBn::macs(const Shape& input, const Shape& output) const {
+    return quantized_conv_->layer_ptr()->macs(input, output);
+}
+
+}  // namespace hfq::quant

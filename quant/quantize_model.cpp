@@ -1,0 +1,252 @@
+#include "quant/quantize_model.h"
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "engine/check.h"
+#include "layers/activation.h"
+#include "layers/batch_norm.h"
+#include "layers/conv2d.h"
+#include "layers/linear.h"
+#include "quant/activation_quantizer.h"
+#include "quant/folded_conv_bn.h"
+#include "quant/quantized_layers.h"
+
+namespace hfq::quant {
+namespace {
+
+void check_bits(const char* field, int bits, bool zero_allowed) {
+    HFQ_CHECK((zero_allowed && bits == 0) || (bits >= 2 && bits <= 8), "quant policy: ", field, " must be ",
+              zero_allowed ? "0 (off / same) or " : "", "in 2..8, got ", bits);
+}
+
+// A Conv2d or Linear that quantize_model wraps: its parent and its name there.
+struct Site {
+    Module* parent;
+    std::string name;
+    std::shared_ptr<Module> layer;
+    std::string bn_name;  // the following BatchNorm2d to fold with ("" = none)
+};
+
+// Depth-first, in model order (the order of named_modules / state_dict).
+void collect_sites(Module& m, bool fold, std::vector<Site>& sites, std::vector<Site>& activations) {
+    const auto& children = m.children();
+    for (size_t i = 0; i < children.size(); ++i) {
+        const Module::Child& c = children[i];
+        Module* child = c.module.get();
+        if (auto* conv = dynamic_cast<Conv2d*>(child)) {
+            Site s{&m, c.name, c.module, ""};
+            if (fold && !conv->bias().defined() && i + 1 < children.size() &&
+                dynamic_cast<BatchNorm2d*>(children[i + 1].module.get()))
+                s.bn_name = children[i + 1].name;
+            sites.push_back(s);
+        } else if (dynamic_cast<Linear*>(child)) {
+            sites.push_back({&m, c.name, c.module, ""});
+        } else if (dynamic_cast<ReLU*>(child) || dynamic_cast<ReLU6*>(child)) {
+            activations.push_back({&m, c.name, c.module, ""});
+        } else {
+            collect_sites(*child, fold, sites, activations);
+        }
+    }
+}
+
+template <class T>
+std::vector<std::pair<std::string, T*>> modules_of(Model& model) {
+    std::vector<std::pair<std::string, T*>> out;
+    for (auto& [name, m] : model.named_modules())
+        if (auto* t = dynamic_cast<T*>(m)) out.emplace_back(name, t);
+    return out;
+}
+
+}  // namespace
+
+void QuantPolicy::validate() const {
+    check_bits("bits", options.bits, false);
+    check_bits("first_layer_bits", first_layer_bits, true);
+    check_bits("last_layer_bits", last_layer_bits, true);
+    check_bits("activation_bits", activation_bits, true);
+    HFQ_CHECK(freeze_bn_after_steps >= -1, "quant policy: freeze_bn_after_steps must be >= -1 (-1: never), got ",
+              freeze_bn_after_steps);
+    make_quantizer(method, options, {1});  // the method name and the quantizer's own option checks
+}
+
+std::string QuantPolicy::to_json() const {
+    const QuantizerOptions& o = options;
+    nlohmann::ordered_json j;
+    j["method"] = method;
+    j["bits"] = o.bits;
+    j["signed"] = o.is_signed;
+    j["per_channel"] = o.per_channel;
+    j["baseline_iters"] = o.baseline_iters;
+    j["lls_iters"] = o.lls_iters;
+    j["line_search"] = o.line_search;
+    j["line_search_range"] = o.line_search_range;
+    j["second_moments"] = o.second_moments;
+    j["second_moments_decay"] = o.second_moments_decay;
+    j["sqrt_second_moments"] = o.sqrt_second_moments;
+    j["outlier_mask"] = o.outlier_mask;
+    j["outlier_sigma"] = o.outlier_sigma;
+    j["stable_scale"] = o.stable_scale;
+    j["stable_decay"] = o.stable_decay;
+    j["rounding"] = exponent_rounding_name(o.rounding);
+    j["min_init_scale"] = o.min_init_scale;
+    j["first_layer_bits"] = first_layer_bits;
+    j["last_layer_bits"] = last_layer_bits;
+    j["fold_batch_norm"] = fold_batch_norm;
+    j["freeze_bn_after_steps"] = freeze_bn_after_steps;
+    j["activation_bits"] = activation_bits;
+    return j.dump();
+}
+
+QuantPolicy QuantPolicy::from_json(const std::string& text) {
+    const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    HFQ_CHECK(j.is_object(), "quant policy: not a JSON object: ", text.substr(0, 200));
+    QuantPolicy p;
+    QuantizerOptions& o = p.options;
+    for (const auto& [key, v] : j.items()) {
+        auto need = [&, &key = key, &v = v](bool ok, const char* what) {
+            HFQ_CHECK(ok, "quant policy: '", key, "' must be ", what, ", got ", v.dump());
+        };
+        auto integer = [&](auto& field) {
+            need(v.is_number_integer(), "an integer");
+            field = v.get<std::remove_reference_t<decltype(field)>>();
+        };
+        auto boolean = [&](bool& field) {
+            need(v.is_boolean(), "true or false");
+            field = v.get<bool>();
+        };
+        auto number = [&](float& field) {
+            need(v.is_number(), "a number");
+            field = v.get<float>();
+        };
+        if (key == "method") {
+            need(v.is_string(), "a string");
+            p.method = v.get<std::string>();
+        } else if (key == "rounding") {
+            need(v.is_string(), "a string");
+            o.rounding = parse_exponent_rounding(v.get<std::string>());
+        } else if (key == "bits") integer(o.bits);
+        else if (key == "signed") boolean(o.is_signed);
+        else if (key == "per_channel") boolean(o.per_channel);
+        else if (key == "baseline_iters") integer(o.baseline_iters);
+        else if (key == "lls_iters") integer(o.lls_iters);
+        else if (key == "line_search") boolean(o.line_search);
+        else if (key == "line_search_range") integer(o.line_search_range);
+        else if (key == "second_moments") boolean(o.second_moments);
+        else if (key == "second_moments_decay") number(o.second_moments_decay);
+        else if (key == "sqrt_second_moments") boolean(o.sqrt_second_moments);
+        else if (key == "outlier_mask") boolean(o.outlier_mask);
+        else if (key == "outlier_sigma") number(o.outlier_sigma);
+        else if (key == "stable_scale") boolean(o.stable_scale);
+        else if (key == "stable_decay") number(o.stable_decay);
+        else if (key == "min_init_scale") number(o.min_init_scale);
+        else if (key == "first_layer_bits") integer(p.first_layer_bits);
+        else if (key == "last_layer_bits") integer(p.last_layer_bits);
+        else if (key == "fold_batch_norm") boolean(p.fold_batch_norm);
+        else if (key == "freeze_bn_after_steps") integer(p.freeze_bn_after_steps);
+        else if (key == "activation_bits") integer(p.activation_bits);
+        else throw Error(cat("quant policy: unknown key '", key, "'"));
+    }
+    p.validate();
+    return p;
+}
+
+bool is_quantized(Model& model) {
+    return !modules_of<QuantizedModule>(model).empty() || !modules_of<QuantizedActivation>(model).empty();
+}
+
+void quantize_model(Model& model, const QuantPolicy& policy) {
+    policy.validate();
+    HFQ_CHECK(!is_quantized(model), "quantize_model: the model is already quantized");
+    std::vector<Site> sites, activations;
+    collect_sites(model, policy.fold_batch_norm, sites, activations);
+    HFQ_CHECK(!sites.empty(), "quantize_model: the model has no Conv2d or Linear layer to quantize");
+
+    // First conv and last linear (the classifier) may get their own bits.
+    const Site* first = nullptr;
+    const Site* last = nullptr;
+    for (const Site& s : sites) {
+        if (!first && dynamic_cast<Conv2d*>(s.layer.get())) first = &s;
+        if (dynamic_cast<Linear*>(s.layer.get())) last = &s;
+    }
+    // Every quantizer is made (and so checked) before the model is changed.
+    std::vector<std::unique_ptr<Quantizer>> quantizers;
+    for (const Site& s : sites) {
+        QuantizerOptions o = policy.options;
+        if (&s == first && policy.first_layer_bits) o.bits = policy.first_layer_bits;
+        if (&s == last && policy.last_layer_bits) o.bits = policy.last_layer_bits;
+        const Shape shape = dynamic_cast<Conv2d*>(s.layer.get()) ? std::static_pointer_cast<Conv2d>(s.layer)->weight().shape()
+                                                                  : std::static_pointer_cast<Linear>(s.layer)->weight().shape();
+        quantizers.push_back(make_quantizer(policy.method, o, shape));
+    }
+    for (size_t k = 0; k < sites.size(); ++k) {
+        const Site& s = sites[k];
+        if (auto conv = std::dynamic_pointer_cast<Conv2d>(s.layer)) {
+            if (!s.bn_name.empty()) {
+                auto bn = std::dynamic_pointer_cast<BatchNorm2d>(s.parent->child(s.bn_name));
+                s.parent->replace_children({s.name, s.bn_name},
+                                           std::make_shared<FoldedConvBn>(conv, s.name, bn, s.bn_name, std::move(quantizers[k]),
+                                                                          policy.freeze_bn_after_steps));
+            } else {
+                s.parent->replace_child(s.name, std::make_shared<QuantizedConv2d>(conv, std::move(quantizers[k])));
+            }
+        } else {
+            s.parent->replace_child(s.name, std::make_shared<QuantizedLinear>(std::static_pointer_cast<Linear>(s.layer),
+                                                                              std::move(quantizers[k])));
+        }
+    }
+    if (policy.activation_bits > 0)
+        for (const Site& s : activations)
+            s.parent->replace_child(s.name, std::make_shared<QuantizedActivation>(
+                                                s.layer, std::make_shared<ActivationQuantizer>(
+                                                             policy.activation_bits, policy.options.rounding,
+                                                             policy.options.min_init_scale)));
+}
+
+std::vector<QuantizedLayer> quantized_layers(Model& model) {
+    std::vector<QuantizedLayer> out;
+    std::set<Quantizer*> seen;  // a folded pair's inner Quantized<Conv2d> is the pair's layer
+    for (auto& [name, m] : modules_of<QuantizedModule>(model)) {
+        Quantizer* q = &m->quantizer();
+        if (!seen.insert(q).second) continue;
+        out.push_back({join_name(name, m->layer_name()), m->kind(), q, m});
+    }
+    return out;
+}
+
+std::vector<QuantizedActivationSite> quantized_activations(Model& model) {
+    std::vector<QuantizedActivationSite> out;
+    for (auto& [name, m] : modules_of<QuantizedActivation>(model)) out.push_back({name, &m->quantizer()});
+    return out;
+}
+
+void freeze_batch_norm(Model& model, bool frozen) {
+    for (auto& [name, m] : modules_of<FoldedConvBn>(model)) m->freeze(frozen);
+}
+
+namespace {
+void set_stable(Model& model, bool on, bool switched) {
+    int count = 0;
+    for (const QuantizedLayer& l : quantized_layers(model)) {
+        if (!l.quantizer->has_stable_scale()) continue;
+        if (switched)
+            l.quantizer->set_stable_switched(on);
+        else
+            l.quantizer->set_stable_updating(on);
+        ++count;
+    }
+    HFQ_CHECK(count > 0, "set_stable_", switched ? "switched" : "updating",
+              ": no quantizer of the model keeps a stable exponent (msqe-po2 with the stable_scale option)");
+}
+}  // namespace
+
+void set_stable_updating(Model& model, bool on) { set_stable(model, on, false); }
+void set_stable_switched(Model& model, bool on) { set_stable(model, on, true); }
+
+void reset_diagnostics(Model& model) {
+    for (const QuantizedLayer& l : quantized_layers(model)) l.quantizer->reset_diagnostics();
+    for (const QuantizedActivationSite& a : quantized_activations(model)) a.quantizer->reset_diagnostics();
+}
+
+}  // namespace hfq::quant
