@@ -73,12 +73,15 @@ CropRect scale_crop(const CropRect& crop, int d, int scaled_width, int scaled_he
 }
 
 void resize_image(const cv::Mat& src, int out_width, int out_height, cv::Mat& dst) {
-    if (src.cols == out_width && src.rows == out_height) {
-        src.copyTo(dst);
-        return;
+    thread_local cv::Mat halved[2];  // reused from call to call
+    cv::Mat current = src;
+    for (int k = 0; current.cols > 2 * out_width || current.rows > 2 * out_height; k ^= 1) {
+        const int fx = current.cols > 2 * out_width ? 2 : 1, fy = current.rows > 2 * out_height ? 2 : 1;
+        cv::resize(current, halved[k], cv::Size(current.cols / fx, current.rows / fy), 0, 0, cv::INTER_LINEAR);
+        current = halved[k];
     }
-    const bool strong_shrink = src.cols > 2 * out_width || src.rows > 2 * out_height;
-    cv::resize(src, dst, cv::Size(out_width, out_height), 0, 0, strong_shrink ? cv::INTER_AREA : cv::INTER_LINEAR);
+    if (current.cols == out_width && current.rows == out_height) current.copyTo(dst);
+    else cv::resize(current, dst, cv::Size(out_width, out_height), 0, 0, cv::INTER_LINEAR);
 }
 
 Normalization imagenet_normalization() { return {{0.485f, 0.456f, 0.406f}, {0.229f, 0.224f, 0.225f}}; }
