@@ -5,7 +5,7 @@
 //   auto q = make_quantizer("msqe-po2", opt, weight.shape());
 //   Variable wq = q->fake_quantize(weight, /*training=*/true);   // use wq in the conv
 //   ... loss.backward();                  // dL/dweight (straight-through), M updated
-//   for (auto& [name, p] : q->named_parameters()) optimizer.add(p);  // learnable-po2 / lsq
+//   for (auto& [name, p] : q->named_parameters()) optimizer.add(*p);  // learnable-po2 / lsq
 //
 // Methods (spec sections 3 and 4):
 //   "msqe-baseline"  po2 scale recomputed from scratch each step (3.1)
