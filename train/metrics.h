@@ -1,0 +1,78 @@
+// What a run reports while it trains: metrics as JSON lines (one object per
+// line, appended and flushed as they happen, so a crashed run keeps its log),
+// the quantizers' diagnostics per layer, and the progress display on the
+// terminal.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "layers/model.h"
+
+namespace hfq {
+
+using Json = nlohmann::ordered_json;
+
+// Appends JSON lines to a file. Floating-point NaN and infinities are written
+// as null (JSON has no such numbers).
+class MetricsLog {
+public:
+    MetricsLog() = default;  // writes nothing
+    explicit MetricsLog(const std::string& path);
+    ~MetricsLog();
+    MetricsLog(const MetricsLog&) = delete;
+    MetricsLog& operator=(const MetricsLog&) = delete;
+    void write(const Json& record);
+
+private:
+    std::string path_;
+    std::FILE* file_ = nullptr;
+};
+
+// Every quantized layer's (and activation quantizer's) diagnostics since the
+// last call (spec section 5): exponents, flips, error per element, clipped
+// fraction, changed codes, learnable exponents. Reading them resets the
+// flip counts. An empty array for a float model.
+Json quantizer_diagnostics(Model& model);
+// The exponents per layer, for the final table: [{"layer", "kind", "bits", "exponents"}].
+Json quantizer_exponents(Model& model);
+
+enum class ProgressMode { bar, lines, none };
+// "auto": a bar when standard output is a terminal, lines otherwise.
+ProgressMode parse_progress_mode(const std::string& option);
+
+// The progress display: a one-line bar redrawn in place (at most 5 times a
+// second) on a terminal, or a plain line per logged step.
+class Progress {
+public:
+    struct State {
+        std::string stage;         // "float", "qat"
+        int64_t epoch = 0, epochs = 0;        // 1-based epoch of the stage
+        int64_t step = 0, steps = 0;          // steps done in the stage, of
+        double loss = 0;           // running mean since the last log
+        double lr = 0;
+        double images_per_second = 0;
+        double eta_seconds = 0;    // of the whole run
+    };
+    explicit Progress(ProgressMode mode) : mode_(mode) {}
+    ~Progress() { clear(); }
+    ProgressMode mode() const { return mode_; }
+    // `logged`: this step wrote a metrics line (lines mode prints then).
+    void update(const State& s, bool logged);
+    // A message on its own line (the bar is redrawn below it by the next update).
+    void message(const std::string& text);
+
+private:
+    void clear();
+    ProgressMode mode_;
+    bool bar_shown_ = false;
+    std::chrono::steady_clock::time_point last_draw_{};
+};
+
+// "1:02:03" or "4:05".
+std::string format_duration(double seconds);
+
+}  // namespace hfq
