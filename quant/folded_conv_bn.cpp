@@ -10,6 +10,10 @@
 namespace hfq::quant {
 namespace {
 
+// Element-wise passes go parallel from this many elements on (below, starting
+// threads costs more than the work).
+constexpr int64_t kParallelElements = 1 << 15;
+
 void check_channel_vector(const char* op, const char* name, const Tensor& t, int64_t channels) {
     HFQ_CHECK(t.defined() && t.dtype() == DType::f32 && t.shape() == Shape{channels}, op, ": ", name,
               " must be an f32 tensor of shape [", channels, "], got ",
@@ -34,7 +38,7 @@ ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t c
     constexpr int64_t kMinBlockElements = 65536, kMaxBlocks = 64;
     const int64_t blocks = std::max<int64_t>(1, std::min({rows * channels / kMinBlockElements, rows, kMaxBlocks}));
     std::vector<double> partial(blocks * 2 * channels, 0.0);  // per block: [sum u | sum u*v]
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
         double* su = &partial[b * 2 * channels];
         double* suv = su + channels;
@@ -154,7 +158,7 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
         const float* pr = ratio.f32();
         const float* po = offset.f32();
         float* py = out.f32();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * channels >= kParallelElements)
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < channels; ++c) py[r * channels + c] = pq[r * channels + c] * pr[c] + po[c];
     }
@@ -187,7 +191,7 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
             const float* pdy = dy.f32();
             const float* pr = ratio.f32();
             float* p = dq.f32();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * channels >= kParallelElements)
             for (int64_t r = 0; r < rows; ++r)
                 for (int64_t c = 0; c < channels; ++c) p[r * channels + c] = pdy[r * channels + c] * pr[c];
             y_q.accumulate_grad(dq);
@@ -196,7 +200,7 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
             Tensor df = Tensor::empty(dy.shape());
             const float* pf = y_f.value().f32();
             float* p = df.f32();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * channels >= kParallelElements)
             for (int64_t r = 0; r < rows; ++r)
                 for (int64_t c = 0; c < channels; ++c) p[r * channels + c] = a[c] * (pf[r * channels + c] - m[c]) + d[c];
             y_f.accumulate_grad(df);
