@@ -132,7 +132,7 @@ private:
     void end_epoch(const Stage& stage, int64_t epoch, const Tally& epoch_tally);
     void log_step(const Stage& stage, const TrainStep& step, const StepStats& s, const Tally& window, int64_t epoch);
     void save(const NamedOptimizers& optimizers);
-    [[noreturn]] void diverged(const std::string& what);
+    [[noreturn]] void diverged(int64_t step, const std::string& what);
     Json finish();
     void say(const std::string& text) { progress_.message(text); }
     bool stopping() const { return stop_ != RunStatus::finished || g_signal.load() != 0; }
@@ -257,15 +257,15 @@ void Trainer::record_time() {
 }
 
 void Trainer::save(const NamedOptimizers& optimizers) {
-    if (!all_parameters_finite(*model_)) diverged("a parameter is not finite");
+    if (!all_parameters_finite(*model_)) diverged(state_.global_step, "a parameter is not finite");
     record_time();
     save_training_checkpoint(path("checkpoint.safetensors"), *model_, optimizers, state_, cfg_, data_.preprocessing);
     last_saved_step_ = state_.global_step;
 }
 
-void Trainer::diverged(const std::string& what) {
-    if (log_) log_->write({{"type", "diverged"}, {"stage", state_.stage}, {"step", state_.global_step + 1}, {"reason", what}});
-    throw Error(cat("training diverged at step ", state_.global_step + 1, " (", state_.stage, " stage): ", what,
+void Trainer::diverged(int64_t step, const std::string& what) {
+    if (log_) log_->write({{"type", "diverged"}, {"stage", state_.stage}, {"step", step}, {"reason", what}});
+    throw Error(cat("training diverged at step ", step, " (", state_.stage, " stage): ", what,
                     ". Nothing was saved after ",
                     last_saved_step_ >= 0 ? cat("the last good checkpoint, ", path("checkpoint.safetensors"),
                                                 " at step ", last_saved_step_)
@@ -405,7 +405,8 @@ void Trainer::run_stage(const Stage& stage) {
             const bool log_now = (state_.stage_step + 1) % cfg_.log_every == 0;
             const StepStats s = step.run(batch->images, batch->labels, log_now);
             if (!s.applied)
-                diverged(std::isfinite(s.loss) ? cat("the gradient norm is ", s.grad_norm) : cat("the loss is ", s.loss));
+                diverged(state_.global_step + 1, std::isfinite(s.loss) ? cat("the gradient norm is ", s.grad_norm)
+                                                                       : cat("the loss is ", s.loss));
             ++state_.stage_step;
             ++state_.global_step;
             ++steps_this_run_;

@@ -1,0 +1,369 @@
+// The trainer's pieces: Adam against PyTorch, the learning-rate schedules,
+// the configuration (command line, config file, resume rules), the training
+// step (optimizer groups, clipping, non-finite loss), evaluation counts and
+// dataset subsets.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+
+#include "engine/check.h"
+#include "engine/ops.h"
+#include "engine/safetensors.h"
+#include "layers/model.h"
+#include "quant/quantize_model.h"
+#include "tests/test_data_util.h"
+#include "train/adam.h"
+#include "train/config.h"
+#include "train/datasets.h"
+#include "train/evaluate.h"
+#include "train/lr_schedule.h"
+#include "train/train_step.h"
+
+using namespace hfq;
+
+namespace {
+
+bool same_bits(const Tensor& a, const Tensor& b) {
+    return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+void check_close(const Tensor& got, const Tensor& want, double rel, const std::string& what) {
+    INFO(what);
+    REQUIRE(got.shape() == want.shape());
+    for (int64_t i = 0; i < got.numel(); ++i)
+        CHECK(got.f32()[i] == doctest::Approx(want.f32()[i]).epsilon(rel));
+}
+
+ParsedArgs parse(std::vector<const char*> args) {
+    args.insert(args.begin(), "train_mobilenet");
+    return parse_args(static_cast<int>(args.size()), args.data());
+}
+
+}  // namespace
+
+TEST_CASE("Adam: PyTorch's torch.optim.Adam, step by step, with a skipped gradient") {
+    const SafetensorsFile f = read_safetensors(HFQ_TEST_DATA_DIR "/train_adam.safetensors");
+    Variable w(f.get("init.w").clone(), true), e(f.get("init.e").clone(), true);
+    Adam adam_w({{"w", w, ParamGroup::weight}}, {.lr = 0.01f, .weight_decay = 0.01f});
+    Adam adam_e({{"e", e, ParamGroup::quantizer}}, {.lr = 0.05f, .beta1 = 0.8f, .beta2 = 0.99f});
+    for (int k = 0; k < 6; ++k) {
+        for (auto [v, name] : {std::pair{&w, "w"}, std::pair{&e, "e"}}) {
+            v->zero_grad();
+            const std::string g = cat("grad.", name, ".", k);
+            if (f.has(g)) v->accumulate_grad(f.get(g));
+        }
+        adam_w.step();
+        adam_e.step();
+        check_close(w.value(), f.get(cat("after.w.", k)), 1e-5, cat("w after step ", k));
+        check_close(e.value(), f.get(cat("after.e.", k)), 1e-5, cat("e after step ", k));
+    }
+    for (auto [opt, name] : {std::pair{&adam_w, "w"}, std::pair{&adam_e, "e"}}) {
+        const auto state = opt->state();
+        REQUIRE(state.size() == 3);
+        check_close(state[0].second, f.get(cat("exp_avg.", name)), 1e-5, "exp_avg");
+        check_close(state[1].second, f.get(cat("exp_avg_sq.", name)), 1e-5, "exp_avg_sq");
+        CHECK(same_bits(state[2].second, f.get(cat("step.", name))));  // e skipped a step: 5, w: 6
+    }
+}
+
+TEST_CASE("Adam: state round trip continues bit for bit; bad state is rejected without change") {
+    auto make = [] { return Variable(Tensor::from_vector({3}, {0.5f, -1.0f, 2.0f}), true); };
+    auto grad = [](int k) { return Tensor::from_vector({3}, {0.1f * k, -0.3f, 1.0f / (k + 1)}); };
+    Variable a = make(), b = make();
+    Adam straight({{"p", a, ParamGroup::quantizer}}, {.lr = 0.1f});
+    Adam first({{"p", b, ParamGroup::quantizer}}, {.lr = 0.1f});
+    for (int k = 0; k < 3; ++k) {
+        for (auto [v, o] : {std::pair{&a, &straight}, std::pair{&b, &first}}) {
+            v->zero_grad();
+            v->accumulate_grad(grad(k));
+            o->step();
+        }
+    }
+    // A fresh optimizer restored from first's state continues like the uninterrupted one.
+    Adam resumed({{"p", b, ParamGroup::quantizer}}, {.lr = 0.1f});
+    std::vector<std::pair<std::string, Tensor>> saved;
+    for (auto& [n, t] : first.state()) saved.emplace_back(n, t.clone());
+    resumed.load_state(saved);
+    for (int k = 3; k < 6; ++k) {
+        for (auto [v, o] : {std::pair{&a, &straight}, std::pair{&b, &resumed}}) {
+            v->zero_grad();
+            v->accumulate_grad(grad(k));
+            o->step();
+        }
+    }
+    CHECK(same_bits(a.value(), b.value()));
+    CHECK(same_bits(straight.state()[0].second, resumed.state()[0].second));
+
+    CHECK_THROWS_WITH_AS(resumed.load_state({{"q.exp_avg", Tensor::zeros({3})}}),
+                         doctest::Contains("unknown state tensor 'q.exp_avg'"), Error);
+    CHECK_THROWS_WITH_AS(resumed.load_state({{"p.exp_avg", Tensor::zeros({3})}}),
+                         doctest::Contains("incomplete state for 'p'"), Error);
+    CHECK_THROWS_WITH_AS(resumed.load_state({{"p.exp_avg", Tensor::zeros({3})},
+                                             {"p.exp_avg_sq", Tensor::zeros({3})},
+                                             {"p.step", Tensor::zeros({1})}}),
+                         doctest::Contains("'p.step' is f32 [1], expected s64 [1]"), Error);
+    CHECK(same_bits(resumed.state()[0].second, straight.state()[0].second));  // unchanged by the failures
+    CHECK_THROWS_WITH_AS(Adam({{"p", a, ParamGroup::quantizer}}, {.beta1 = 1.0f}), doctest::Contains("betas"), Error);
+}
+
+TEST_CASE("Learning-rate schedules: warm-up, cosine, step, constant, floor") {
+    LrSchedule s;
+    s.total_steps = 110;
+    s.warmup_steps = 10;
+    CHECK(s.factor(0) == doctest::Approx(0.1));
+    CHECK(s.factor(4) == doctest::Approx(0.5));
+    CHECK(s.factor(9) == doctest::Approx(1.0));
+    CHECK(s.factor(10) == doctest::Approx(1.0));  // cosine from its peak
+    CHECK(s.factor(60) == doctest::Approx(0.5));  // half way
+    CHECK(s.factor(85) == doctest::Approx(0.5 * (1 + std::cos(M_PI * 0.75))));
+    CHECK(s.factor(109) == doctest::Approx(0.5 * (1 + std::cos(M_PI * 0.99))));
+    s.min_factor = 0.2;
+    CHECK(s.factor(109) == doctest::Approx(0.2));
+    CHECK(s.factor(0) == doctest::Approx(0.2));  // the floor applies to the warm-up too
+
+    LrSchedule step{.kind = ScheduleKind::step, .total_steps = 100, .warmup_steps = 0, .step_size = 30, .gamma = 0.5};
+    CHECK(step.factor(0) == 1.0);
+    CHECK(step.factor(29) == 1.0);
+    CHECK(step.factor(30) == 0.5);
+    CHECK(step.factor(99) == 0.125);
+    LrSchedule constant{.kind = ScheduleKind::constant, .total_steps = 10, .warmup_steps = 2};
+    CHECK(constant.factor(0) == 0.5);
+    CHECK(constant.factor(9) == 1.0);
+
+    CHECK(parse_schedule("step") == ScheduleKind::step);
+    CHECK_THROWS_WITH_AS(parse_schedule("linear"), doctest::Contains("known: cosine, step, constant"), Error);
+    CHECK_THROWS_WITH_AS((LrSchedule{.total_steps = 5, .warmup_steps = 6}.validate()),
+                         doctest::Contains("warm-up steps must be in 0..5"), Error);
+}
+
+TEST_CASE("Config: defaults, command line, config file layering, errors") {
+    const ParsedArgs d = parse({});
+    REQUIRE(d.run);
+    CHECK(d.config.data == "/usr/share/datasets/fashion-mnist");
+    CHECK(d.config.quantizer == "msqe-po2");
+    CHECK(d.config.bits == 4);
+
+    const ParsedArgs a = parse({"--lr", "0.05", "--no-augment", "--per-channel", "--quantizer", "lsq"});
+    REQUIRE(a.run);
+    CHECK(a.config.lr == 0.05);
+    CHECK(!a.config.augment);
+    CHECK(a.config.per_channel);
+    CHECK(a.config.quantizer == "lsq");
+
+    test::TempDir dir;
+    const std::string file = dir / "run.json";
+    test::write_bytes(file, {});
+    {
+        std::ofstream(file) << R"({"lr": 0.3, "epochs": 3, "nesterov": true, "quantizer": "none"})";
+    }
+    const ParsedArgs f = parse({"--config", file.c_str(), "--epochs", "5"});
+    REQUIRE(f.run);
+    CHECK(f.config.lr == 0.3);       // from the file
+    CHECK(f.config.epochs == 5);     // the command line wins
+    CHECK(f.config.nesterov);
+    CHECK(!f.config.qat());
+    CHECK(f.config.batch_size == TrainConfig{}.batch_size);  // neither: the default
+
+    // The resolved config round-trips through its JSON.
+    TrainConfig back;
+    back.apply_json(f.config.to_json(), "test");
+    CHECK(back.to_json() == f.config.to_json());
+    CHECK(TrainConfig::training_differences(back, f.config).empty());
+
+    const ParsedArgs help = parse({"--help"});
+    CHECK(!help.run);
+    CHECK(help.exit_code == 0);
+    CHECK(help.message.find("--lr FLOAT=0.2") != std::string::npos);
+    CHECK(help.message.find("--fold-bn, --no-fold-bn") != std::string::npos);
+    CHECK(help.message.find("(default: on)") != std::string::npos);
+
+    auto fails = [&](std::vector<const char*> args, const char* message) {
+        const ParsedArgs r = parse(args);
+        CHECK(!r.run);
+        CHECK(r.exit_code != 0);
+        INFO(r.message);
+        CHECK(r.message.find(message) != std::string::npos);
+    };
+    fails({"--bogus"}, "--bogus");
+    fails({"--lr", "fast"}, "--lr");
+    fails({"--lr", "-1"}, "--lr must be positive, got -1");
+    fails({"--batch-size", "1"}, "--batch-size must be in 2..65536");
+    fails({"--quantizer", "magic"}, "--quantizer magic");
+    fails({"--bits", "9"}, "bits");
+    fails({"--schedule", "linear"}, "unknown learning-rate schedule 'linear'");
+    fails({"--stable-switch-step", "10"}, "--stable-switch-step (10) needs --stable-start-step");
+    fails({"--quantizer", "lsq", "--stable-start-step", "3"}, "only msqe-po2 keeps a stable exponent");
+    fails({"--progress", "loud"}, "--progress must be");
+    fails({"--config", (dir / "missing.json").c_str()}, "cannot open");
+    {
+        std::ofstream(file) << R"({"lr": 0.3, "speed": 11})";
+    }
+    fails({"--config", file.c_str()}, "unknown option 'speed'");
+    {
+        std::ofstream(file) << R"({"epochs": "many"})";
+    }
+    fails({"--config", file.c_str()}, "option 'epochs' must be an integer, got \"many\"");
+    {
+        std::ofstream(file) << R"([1, 2])";
+    }
+    fails({"--config", file.c_str()}, "must hold a JSON object");
+    {
+        std::ofstream(file) << R"({"lr": )";
+    }
+    fails({"--config", file.c_str()}, "not valid JSON");
+}
+
+TEST_CASE("Config: --resume takes the run's config; only run-control options may change") {
+    test::TempDir dir;
+    TrainConfig saved;
+    saved.lr = 0.123;
+    saved.epochs = 7;
+    {
+        std::ofstream(dir / "config.json") << saved.to_json();
+    }
+    const std::string run = dir.path.string();
+    const ParsedArgs r = parse({"--resume", run.c_str(), "--threads", "1", "--log-every", "3"});
+    REQUIRE(r.run);
+    CHECK(r.config.lr == 0.123);
+    CHECK(r.config.epochs == 7);
+    CHECK(r.config.threads == 1);
+    CHECK(r.config.log_every == 3);
+    CHECK(r.config.out == run);
+
+    const ParsedArgs same = parse({"--resume", run.c_str(), "--lr", "0.123"});
+    CHECK(same.run);  // repeating a saved value is fine
+    const ParsedArgs changed = parse({"--resume", run.c_str(), "--lr", "0.5", "--epochs", "9"});
+    CHECK(!changed.run);
+    CHECK(changed.message.find("--epochs, --lr would change what the run computes") != std::string::npos);
+    const ParsedArgs with_config = parse({"--resume", run.c_str(), "--config", "x.json"});
+    CHECK(with_config.message.find("--config cannot be combined with --resume") != std::string::npos);
+    const std::string elsewhere = (dir / "nothing");
+    const ParsedArgs missing = parse({"--resume", elsewhere.c_str()});
+    CHECK(!missing.run);
+    CHECK(missing.message.find("cannot open") != std::string::npos);
+}
+
+TEST_CASE("TrainStep: optimizer groups, gradient clipping, label smoothing, non-finite loss") {
+    ModelConfig mc{.arch = Arch::mobilenet_v1, .width = 0.25, .classes = 4, .input_channels = 1, .small_input = true};
+    Rng rng(3);
+    Tensor images = Tensor::empty({4, 16, 16, 1});
+    for (int64_t i = 0; i < images.numel(); ++i) images.f32()[i] = rng.normal();
+    const std::vector<int32_t> labels = {0, 1, 2, 3};
+
+    // Clipping: the update equals plain SGD (no momentum) on gradients scaled to the clip norm.
+    auto model = build_model(mc, 1);
+    auto reference = build_model(mc, 1);
+    TrainStepOptions o;
+    o.sgd.lr = 0.1f;
+    o.label_smoothing = 0.1f;
+    o.clip_grad_norm = 0.5f;
+    TrainStep step(*model, o);
+    REQUIRE(step.optimizers().size() == 1);
+    const StepStats s = step.run(images, labels);
+    REQUIRE(s.applied);
+    CHECK(s.grad_norm > 0.5);  // the clip was active
+
+    reference->train();
+    Variable loss = cross_entropy((*reference)(Variable(images)), labels, 0.1f);
+    CHECK(loss.value().item() == s.loss);
+    loss.backward();
+    const auto params = reference->named_parameters();
+    double sq = 0;
+    for (const NamedParameter& p : params)
+        for (float g : p.var.grad().to_vector()) sq += double(g) * g;
+    CHECK(std::sqrt(sq) == doctest::Approx(s.grad_norm).epsilon(1e-9));
+    CHECK(global_grad_norm(params) == doctest::Approx(s.grad_norm).epsilon(1e-12));
+    const float factor = static_cast<float>(0.5 / (s.grad_norm + 1e-6));
+    const auto stepped = model->named_parameters();
+    int64_t off = 0, total = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+        const std::vector<float> p0 = params[i].var.value().to_vector(), g = params[i].var.grad().to_vector(),
+                                 p1 = stepped[i].var.value().to_vector();
+        for (size_t k = 0; k < p0.size(); ++k, ++total)
+            off += std::fabs(p1[k] - (p0[k] - 0.1f * (g[k] * factor))) > 1e-6 * (1 + std::fabs(p0[k]));
+    }
+    CHECK(total > 10000);
+    CHECK(off == 0);
+
+    // A non-finite loss or gradient changes nothing. (A NaN pixel: relu6 clamps
+    // it in the forward pass, so here the gradient is what turns non-finite.)
+    Tensor bad = images.clone();
+    bad.f32()[0] = std::nanf("");
+    std::vector<Tensor> before;
+    for (const NamedParameter& p : model->named_parameters()) before.push_back(p.var.value().clone());
+    const StepStats nan_step = step.run(bad, labels);
+    CHECK(!nan_step.applied);
+    CHECK((!std::isfinite(nan_step.loss) || !std::isfinite(nan_step.grad_norm)));
+    const auto after = model->named_parameters();
+    for (size_t i = 0; i < after.size(); ++i) CHECK(same_bits(after[i].var.value(), before[i]));
+
+    // Quantizer parameters get their own optimizer (Adam) with their own rate.
+    auto qmodel = build_model(mc, 1);
+    quant::QuantPolicy policy;
+    policy.method = "learnable-po2";
+    quant::quantize_model(*qmodel, policy);
+    TrainStepOptions qo;
+    qo.sgd.lr = 0.1f;
+    qo.quantizer_lr = 0.01f;
+    TrainStep qstep(*qmodel, qo);
+    const auto optimizers = qstep.optimizers();
+    REQUIRE(optimizers.size() == 2);
+    CHECK(optimizers[1].first == "quantizer");
+    CHECK(dynamic_cast<Adam*>(optimizers[1].second) != nullptr);
+    for (const NamedParameter& p : optimizers[1].second->params()) CHECK(p.group == ParamGroup::quantizer);
+    for (const NamedParameter& p : optimizers[0].second->params()) CHECK(p.group != ParamGroup::quantizer);
+    CHECK(optimizers[0].second->params().size() + optimizers[1].second->params().size() ==
+          qmodel->named_parameters().size());
+    qstep.set_lr_factor(0.5);
+    CHECK(qstep.lr() == 0.05f);
+    CHECK(qstep.quantizer_lr() == 0.005f);
+    const Tensor e0 = optimizers[1].second->params()[0].var.value().clone();
+    CHECK(qstep.run(images, labels).applied);
+    CHECK(!same_bits(optimizers[1].second->params()[0].var.value(), e0));  // the exponent trained
+}
+
+TEST_CASE("Evaluation counts: loss, top-1, top-5, ties") {
+    // 3 rows, 6 classes.
+    const Tensor logits = Tensor::from_vector({3, 6}, {5, 1, 1, 1, 1, 1,     // label 0: rank 0
+                                                       6, 5, 4, 3, 2, 1,     // label 5: rank 5
+                                                       1, 1, 1, 1, 1, 1});   // label 2: ties -> rank 2
+    EvalResult r;
+    accumulate_eval(logits, {0, 5, 2}, r);
+    CHECK(r.samples == 3);
+    CHECK(r.top1 == 1);
+    CHECK(r.top5 == 2);
+    const double l0 = std::log(std::exp(5.0) + 5 * std::exp(1.0)) - 5;
+    const double l1 = std::log(std::exp(6.0) + std::exp(5.0) + std::exp(4.0) + std::exp(3.0) + std::exp(2.0) +
+                               std::exp(1.0)) - 1;
+    const double l2 = std::log(6.0);
+    CHECK(r.loss == doctest::Approx(l0 + l1 + l2));
+    CHECK(count_correct(logits, {0, 5, 2}) == 1);
+    CHECK_THROWS_WITH_AS(accumulate_eval(logits, {0, 6, 1}, r), doctest::Contains("label 6 outside the 6 classes"),
+                         Error);
+}
+
+namespace {
+
+struct Numbers : Dataset {
+    int64_t size() const override { return 10; }
+    int num_classes() const override { return 10; }
+    Shape sample_shape() const override { return {1, 1, 1}; }
+    int32_t label(int64_t i) const override { return static_cast<int32_t>(i); }
+    std::string name(int64_t i) const override { return cat("n", i); }
+    void load(int64_t i, Rng&, float* out) const override { out[0] = float(i); }
+};
+
+}  // namespace
+
+TEST_CASE("SubsetDataset: evenly spaced samples") {
+    SubsetDataset s(std::make_shared<Numbers>(), 4);
+    REQUIRE(s.size() == 4);
+    std::vector<int32_t> labels;
+    for (int64_t i = 0; i < 4; ++i) labels.push_back(s.label(i));
+    CHECK(labels == std::vector<int32_t>{0, 2, 5, 7});
+    CHECK(s.name(3) == "n7");
+    CHECK_THROWS_WITH_AS(SubsetDataset(std::make_shared<Numbers>(), 11), doctest::Contains("11 samples asked of a set of 10"),
+                         Error);
+}

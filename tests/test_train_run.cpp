@@ -1,0 +1,289 @@
+// Whole runs of the trainer, a few steps each: on a generated image folder
+// and on a subset of Fashion-MNIST (loss falls, files written, metrics lines
+// parse, the saved models reproduce the reported accuracy); SIGINT; a
+// diverging run; bad input (missing data, unreadable checkpoints, an
+// occupied output folder: clear errors, nothing written or overwritten).
+#include <doctest/doctest.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "engine/check.h"
+#include "layers/checkpoint.h"
+#include "quant/quantize_model.h"
+#include "tests/test_train_util.h"
+#include "train/datasets.h"
+#include "train/evaluate.h"
+#include "train/trainer.h"
+#include "train/training_checkpoint.h"
+
+using namespace hfq;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::vector<nlohmann::json> read_metrics(const std::string& path) {
+    std::ifstream in(path);
+    std::vector<nlohmann::json> lines;
+    for (std::string line; std::getline(in, line);) {
+        INFO(line);
+        const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+        REQUIRE(!j.is_discarded());
+        lines.push_back(j);
+    }
+    return lines;
+}
+
+std::vector<nlohmann::json> of_type(const std::vector<nlohmann::json>& lines, const std::string& type) {
+    std::vector<nlohmann::json> out;
+    for (const auto& j : lines)
+        if (j.at("type") == type) out.push_back(j);
+    return out;
+}
+
+// Rebuilds a saved model (float, or quantized by its metadata's policy) and
+// evaluates it on the run's test set.
+EvalResult evaluate_saved(const std::string& file, const TrainConfig& config) {
+    const SafetensorsFile f = read_safetensors(file);
+    auto model = build_model(*checkpoint_model_config(f));
+    if (f.metadata.count(quant::kQuantPolicyKey))
+        quant::quantize_model(*model, quant::QuantPolicy::from_json(f.metadata.at(quant::kQuantPolicyKey)));
+    load_state_dict(*model, f);  // strict: every tensor, quantizer state included
+    return evaluate(*model, open_datasets(config).test, {config.batch_size, 1});
+}
+
+// Checks what every finished run leaves behind; returns its metrics lines.
+std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunResult& r, int64_t steps) {
+    CHECK(r.status == RunStatus::finished);
+    CHECK(r.global_step == steps);
+    CHECK(test::list_files(c.out) == std::vector<std::string>{"checkpoint.safetensors", "config.json",
+                                                              "final.safetensors", "float.safetensors",
+                                                              "metrics.jsonl", "summary.json"});
+    const auto lines = read_metrics(c.out + "/metrics.jsonl");
+    REQUIRE(lines.size() > 3);
+    CHECK(lines.front().at("type") == "start");
+    CHECK(lines.back().at("type") == "final");
+    const auto steps_logged = of_type(lines, "step");
+    CHECK(static_cast<int64_t>(steps_logged.size()) == steps / c.log_every);
+    for (const auto& s : steps_logged) {
+        CHECK(s.at("loss").get<double>() > 0);
+        CHECK(s.at("lr").get<double>() > 0);
+        CHECK(s.at("images_per_second").get<double>() > 0);
+        CHECK(s.at("grad_norm").get<double>() > 0);
+        if (s.at("stage") == "qat") {
+            const auto& q = s.at("quantizers");
+            REQUIRE(q.size() == 28);  // MobileNetV1: 27 convolutions and the classifier
+            CHECK(q[0].at("bits") == 8);
+            CHECK(q[1].at("bits") == c.bits);
+            CHECK(q[1].at("exponents").size() == 1);
+            CHECK(q[1].at("error_per_element").get<double>() >= 0);
+        }
+    }
+    const auto epochs = of_type(lines, "epoch");
+    CHECK(static_cast<int>(epochs.size()) == c.epochs + c.qat_epochs);
+    for (const auto& e : epochs) {
+        CHECK(e.at("test").at("top1").get<double>() >= 0);
+        CHECK(e.at("test").at("top5").get<double>() >= e.at("test").at("top1").get<double>());
+    }
+
+    // The saved models reproduce the reported accuracies exactly.
+    const nlohmann::json summary = nlohmann::json::parse(test::read_bytes(c.out + "/summary.json"));
+    CHECK(summary.at("steps") == steps);
+    const EvalResult float_model = evaluate_saved(c.out + "/float.safetensors", c);
+    CHECK(float_model.top1 == summary.at("float").at("top1").get<double>());
+    CHECK(float_model.loss == doctest::Approx(summary.at("float").at("loss").get<double>()).epsilon(1e-12));
+    const EvalResult final_model = evaluate_saved(c.out + "/final.safetensors", c);
+    CHECK(final_model.top1 == summary.at("fake_quant").at("top1").get<double>());
+    CHECK(summary.at("exponents").size() == 28);
+
+    const TrainingCheckpoint last = read_training_checkpoint(c.out + "/checkpoint.safetensors");
+    CHECK(last.state.stage == "done");
+    CHECK(last.state.global_step == steps);
+    return lines;
+}
+
+}  // namespace
+
+TEST_CASE("A run end to end on a generated image folder: loss falls, files, metrics, saved models") {
+    test::TempDir dir;
+    test::make_image_folder(dir / "images");
+    TrainConfig c = test::tiny_config(dir / "images", dir / "run");
+    c.epochs = 3;
+    const RunResult r = run_training(c);
+    const auto lines = check_finished_run(c, r, 4 * 6);  // 48 images, batch 8: 6 steps per epoch
+    const auto epochs = of_type(lines, "epoch");
+    CHECK(epochs[0].at("train_loss").get<double>() > epochs[2].at("train_loss").get<double>());  // float learns
+    // Three easy classes: well above chance (1/3) on the training batches. (The
+    // test accuracy needs batch norm's running statistics to settle, which
+    // takes more than 18 steps; the Fashion-MNIST run checks it.)
+    CHECK(epochs[2].at("train_top1").get<double>() > 0.5);
+}
+
+TEST_CASE("A run end to end on a subset of Fashion-MNIST") {
+    TrainConfig c;
+    if (!fs::exists(c.data + "/train-images-idx3-ubyte.gz") && !fs::exists(c.data + "/train-images-idx3-ubyte")) {
+        MESSAGE("Fashion-MNIST is not installed in ", c.data, "; skipped");
+        return;
+    }
+    test::TempDir dir;
+    c = test::tiny_config(c.data, dir / "run");
+    c.train_limit = 512;
+    c.test_limit = 300;
+    c.batch_size = 16;
+    c.log_every = 8;
+    const RunResult r = run_training(c);
+    const auto lines = check_finished_run(c, r, 3 * 32);
+    const auto steps = of_type(lines, "step");
+    CHECK(steps.front().at("loss").get<double>() > of_type(lines, "epoch")[1].at("train_loss").get<double>());
+    CHECK(r.summary.at("float").at("top1").get<double>() > 0.3);  // 10 classes: chance is 0.1
+    CHECK(r.summary.at("test_samples") == 300);
+}
+
+TEST_CASE("SIGINT: the step finishes, a checkpoint is saved, the run stops and resumes to the end") {
+    test::TempDir dir;
+    test::make_image_folder(dir / "images");
+    TrainConfig c = test::tiny_config(dir / "images", dir / "run");
+    struct sigaction before {};
+    sigaction(SIGINT, nullptr, &before);
+    RunHooks hooks;
+    int64_t calls = 0;
+    hooks.after_step = [&](int64_t step) {
+        ++calls;
+        if (step == 4) std::raise(SIGINT);
+    };
+    const RunResult r = run_training(c, hooks);
+    CHECK(r.status == RunStatus::interrupted);
+    CHECK(r.signal == SIGINT);
+    CHECK(r.global_step == 4);
+    CHECK(calls == 4);  // the step in progress finished, no further one started
+    const TrainingCheckpoint saved = read_training_checkpoint(c.out + "/checkpoint.safetensors");
+    CHECK(saved.state.stage == "float");
+    CHECK(saved.state.global_step == 4);
+    CHECK(saved.state.next_batch.epoch == 0);
+    CHECK(saved.state.next_batch.batch == 4);
+    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "stop").size() == 1);
+    // The handler from before the run is back.
+    struct sigaction now {};
+    sigaction(SIGINT, nullptr, &now);
+    CHECK((now.sa_handler == before.sa_handler));
+
+    TrainConfig resume = c;
+    resume.resume = c.out;
+    const RunResult rest = run_training(resume);
+    CHECK(rest.status == RunStatus::finished);
+    CHECK(rest.global_step == 3 * 6);
+    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "resume").size() == 1);
+}
+
+TEST_CASE("A diverging run stops with a clear message; the last good checkpoint stays") {
+    test::TempDir dir;
+    test::make_image_folder(dir / "images");
+    TrainConfig c = test::tiny_config(dir / "images", dir / "run");
+    c.lr = 1e30;
+    c.momentum = 0;
+    c.checkpoint_every = 1;
+    std::vector<uint8_t> last_saved;
+    int64_t last_step = 0;
+    RunHooks hooks;
+    hooks.after_step = [&](int64_t step) {
+        last_saved = test::file_bytes(c.out + "/checkpoint.safetensors");
+        last_step = step;
+    };
+    try {
+        run_training(c, hooks);
+        FAIL("the run should have diverged");
+    } catch (const Error& e) {
+        const std::string message = e.what();
+        INFO(message);
+        CHECK(message.find(cat("training diverged at step ", last_step + 1)) != std::string::npos);
+        CHECK(message.find(cat("the last good checkpoint, ", c.out, "/checkpoint.safetensors at step ", last_step)) !=
+              std::string::npos);
+    }
+    REQUIRE(last_step >= 1);
+    CHECK(test::file_bytes(c.out + "/checkpoint.safetensors") == last_saved);
+    CHECK(read_training_checkpoint(c.out + "/checkpoint.safetensors").state.global_step == last_step);
+    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "diverged").size() == 1);
+}
+
+TEST_CASE("Bad input: clear errors, and nothing written or overwritten") {
+    test::TempDir dir;
+    test::make_image_folder(dir / "images", 4, 2);
+    auto fails = [](const TrainConfig& c, const std::string& message) {
+        try {
+            run_training(c);
+            FAIL("expected an error containing: ", message);
+        } catch (const Error& e) {
+            INFO(e.what());
+            CHECK(std::string(e.what()).find(message) != std::string::npos);
+        }
+    };
+
+    // Missing or unrecognisable data: no output folder appears.
+    TrainConfig c = test::tiny_config(dir / "nowhere", dir / "out1");
+    fails(c, cat("--data ", dir / "nowhere", ": no such folder"));
+    fs::create_directories(dir / "empty");
+    c.data = dir / "empty";
+    fails(c, "neither Fashion-MNIST");
+    c.data = dir / "images";
+    c.batch_size = 64;
+    fails(c, "--batch-size 64 is larger than the 12 training samples");
+    CHECK(!fs::exists(dir / "out1"));
+
+    // An unreadable --init-from.
+    c = test::tiny_config(dir / "images", dir / "out2");
+    test::write_bytes(dir / "garbage.safetensors", {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12});
+    c.init_from = dir / "garbage.safetensors";
+    fails(c, "garbage.safetensors");
+    c.init_from = dir / "missing.safetensors";
+    fails(c, "missing.safetensors");
+    CHECK(!fs::exists(dir / "out2"));
+
+    // A finished run to damage.
+    c = test::tiny_config(dir / "images", dir / "run");
+    c.epochs = 1;
+    c.qat_epochs = 0;
+    run_training(c);
+    const std::vector<std::string> files = test::list_files(c.out);
+    auto snapshot = [&] {
+        std::vector<std::vector<uint8_t>> out;
+        for (const std::string& f : test::list_files(c.out)) out.push_back(test::file_bytes(c.out + "/" + f));
+        return out;
+    };
+
+    // Starting again in the same folder is refused.
+    auto before = snapshot();
+    fails(c, "already holds a run");
+    CHECK(snapshot() == before);
+
+    // Resuming from a corrupt, a truncated or a foreign checkpoint fails and changes nothing.
+    TrainConfig resume = c;
+    resume.resume = c.out;
+    std::vector<uint8_t> good = test::file_bytes(c.out + "/checkpoint.safetensors");
+    std::vector<uint8_t> truncated(good.begin(), good.begin() + good.size() / 2);
+    test::write_bytes(c.out + "/checkpoint.safetensors", truncated);
+    before = snapshot();
+    fails(resume, "checkpoint.safetensors");
+    CHECK(snapshot() == before);
+    std::vector<uint8_t> corrupt = good;
+    corrupt[20] = '#';  // inside the JSON header
+    test::write_bytes(c.out + "/checkpoint.safetensors", corrupt);
+    before = snapshot();
+    fails(resume, "checkpoint.safetensors");
+    CHECK(snapshot() == before);
+    fs::copy_file(c.out + "/final.safetensors", c.out + "/checkpoint.safetensors",
+                  fs::copy_options::overwrite_existing);
+    before = snapshot();
+    fails(resume, "not a training checkpoint (no 'hfq.train_config' metadata)");
+    CHECK(snapshot() == before);
+    CHECK(test::list_files(c.out) == files);
+
+    // A checkpoint of another run configuration.
+    test::write_bytes(c.out + "/checkpoint.safetensors", good);
+    resume.lr = 0.5;
+    fails(resume, "--resume: option --lr differs from the checkpoint's run");
+    fs::remove(c.out + "/checkpoint.safetensors");
+    resume.lr = c.lr;
+    fails(resume, "no checkpoint there");
+}
