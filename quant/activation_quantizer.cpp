@@ -88,9 +88,15 @@ Variable ActivationQuantizer::forward(const Variable& input) {
     const int64_t n = v.numel();
     // The unsigned grid sees ReLU(x) (a no-op after ReLU / ReLU6).
     Tensor x = Tensor::empty(v.shape());
-    for (int64_t i = 0; i < n; ++i) {
-        HFQ_CHECK(std::isfinite(v.f32()[i]), "activation quantizer: the input contains NaN or infinity");
-        x.f32()[i] = std::max(v.f32()[i], 0.0f);
+    {
+        const float* pv = v.f32();
+        float* px = x.f32();
+        bool finite = true;
+        for (int64_t i = 0; i < n; ++i) {
+            finite = finite && std::isfinite(pv[i]);
+            px[i] = std::max(pv[i], 0.0f);
+        }
+        HFQ_CHECK(finite, "activation quantizer: the input contains NaN or infinity");
     }
     const bool training = is_training();
     int k;

@@ -68,25 +68,31 @@ Variable fold_weight(const Variable& weight, const Variable& gamma, const Tensor
     check_channel_vector("fold_weight", "running_var", running_var, channels);
     const std::vector<double> inv_sigma = inverse_sigma(running_var, eps);
     // factor {O} = gamma / sigma_ema, rounded to float once: W_fold = W * factor.
-    Tensor factor = Tensor::empty({channels});
-    for (int64_t c = 0; c < channels; ++c) factor.f32()[c] = float(gamma.value().f32()[c] * inv_sigma[c]);
+    std::vector<float> factor(channels);
+    for (int64_t c = 0; c < channels; ++c) factor[c] = float(gamma.value().f32()[c] * inv_sigma[c]);
     Tensor out = Tensor::empty(w.shape());
-    for (int64_t c = 0; c < channels; ++c)
-        for (int64_t i = c * per; i < (c + 1) * per; ++i) out.f32()[i] = w.f32()[i] * factor.f32()[c];
+    {
+        const float* pw = w.f32();
+        float* po = out.f32();
+        for (int64_t c = 0; c < channels; ++c)
+            for (int64_t i = c * per; i < (c + 1) * per; ++i) po[i] = pw[i] * factor[c];
+    }
     return make_result(out, "fold_weight", {weight, gamma}, [weight, gamma, factor, inv_sigma, channels, per](const Tensor& dy) {
         // dW = dy * factor;  dgamma[c] = sum_i dy_i W_i / sigma_ema[c]
+        const float* pdy = dy.f32();
         if (weight.requires_grad()) {
             Tensor dw = Tensor::empty(dy.shape());
+            float* p = dw.f32();
             for (int64_t c = 0; c < channels; ++c)
-                for (int64_t i = c * per; i < (c + 1) * per; ++i) dw.f32()[i] = dy.f32()[i] * factor.f32()[c];
+                for (int64_t i = c * per; i < (c + 1) * per; ++i) p[i] = pdy[i] * factor[c];
             weight.accumulate_grad(dw);
         }
         if (gamma.requires_grad()) {
             Tensor dg = Tensor::empty({channels});
-            const float* w = weight.value().f32();
+            const float* pw = weight.value().f32();
             for (int64_t c = 0; c < channels; ++c) {
                 double s = 0;
-                for (int64_t i = c * per; i < (c + 1) * per; ++i) s += double(dy.f32()[i]) * w[i];
+                for (int64_t i = c * per; i < (c + 1) * per; ++i) s += double(pdy[i]) * pw[i];
                 dg.f32()[c] = float(s * inv_sigma[c]);
             }
             gamma.accumulate_grad(dg);
