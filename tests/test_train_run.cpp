@@ -12,6 +12,7 @@
 
 #include "engine/check.h"
 #include "layers/checkpoint.h"
+#include "quant/export.h"
 #include "quant/quantize_model.h"
 #include "tests/test_train_util.h"
 #include "train/datasets.h"
@@ -59,8 +60,9 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     CHECK(r.status == RunStatus::finished);
     CHECK(r.global_step == steps);
     CHECK(test::list_files(c.out) == std::vector<std::string>{"checkpoint.safetensors", "config.json",
-                                                              "final.safetensors", "float.safetensors",
-                                                              "metrics.jsonl", "summary.json"});
+                                                              "export.safetensors", "final.safetensors",
+                                                              "float.safetensors", "metrics.jsonl",
+                                                              "summary.json"});
     const auto lines = read_metrics(c.out + "/metrics.jsonl");
     REQUIRE(lines.size() > 3);
     CHECK(lines.front().at("type") == "start");
@@ -86,6 +88,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     for (const auto& e : epochs) {
         CHECK(e.at("test").at("top1").get<double>() >= 0);
         CHECK(e.at("test").at("top5").get<double>() >= e.at("test").at("top1").get<double>());
+        CHECK(e.contains("test_integer") == (e.at("stage") == "qat"));  // the export is evaluated each QAT epoch
     }
 
     // The saved models reproduce the reported accuracies exactly.
@@ -96,7 +99,13 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     CHECK(float_model.loss == doctest::Approx(summary.at("float").at("loss").get<double>()).epsilon(1e-12));
     const EvalResult final_model = evaluate_saved(c.out + "/final.safetensors", c);
     CHECK(final_model.top1 == summary.at("fake_quant").at("top1").get<double>());
-    CHECK(summary.at("exponents").size() == 28);
+    const EvalResult integer = evaluate(*quant::build_model_from_export(c.out + "/export.safetensors"),
+                                        open_datasets(c).test, {c.batch_size, 1});
+    CHECK(integer.top1 == summary.at("integer_export").at("top1").get<double>());
+    CHECK(summary.at("audit").at("passed") == true);
+    CHECK(summary.at("audit").at("weight_mismatches") == 0);
+    REQUIRE(summary.at("layers").size() == 28);
+    CHECK(summary.at("layers")[1].at("exponents").size() == 1);
 
     const TrainingCheckpoint last = read_training_checkpoint(c.out + "/checkpoint.safetensors");
     CHECK(last.state.stage == "done");

@@ -6,8 +6,7 @@
 #include <cmath>
 
 #include "engine/check.h"
-#include "quant/activation_quantizer.h"
-#include "quant/quantize_model.h"
+#include "quant/diagnostics_table.h"
 
 namespace hfq {
 
@@ -26,56 +25,7 @@ void MetricsLog::write(const Json& record) {
               ": cannot write the metrics line");
 }
 
-namespace {
-
-// NaN (not available yet) becomes null.
-Json number(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr); }
-
-Json diagnostics_json(const quant::QuantizerDiagnostics& d) {
-    Json j;
-    j["step"] = d.step;
-    if (!d.exponents.empty()) j["exponents"] = d.exponents;
-    else j["scales"] = d.scales;
-    if (!d.continuous_exponents.empty()) j["continuous_exponents"] = d.continuous_exponents;
-    j["flips"] = d.flips;
-    j["error_per_element"] = number(d.error_per_element);
-    j["clipped_fraction"] = number(d.clipped_fraction);
-    j["codes_changed_fraction"] = number(d.codes_changed_fraction);
-    return j;
-}
-
-}  // namespace
-
-Json quantizer_diagnostics(Model& model) {
-    Json layers = Json::array();
-    for (const quant::QuantizedLayer& l : quant::quantized_layers(model)) {
-        Json j = {{"layer", l.name}, {"kind", l.kind}, {"bits", l.quantizer->grid().bits}};
-        j.update(diagnostics_json(l.quantizer->report()));
-        layers.push_back(std::move(j));
-    }
-    for (const quant::QuantizedActivationSite& a : quant::quantized_activations(model)) {
-        Json j = {{"layer", a.name}, {"kind", "activation"}, {"bits", a.quantizer->grid().bits}};
-        j.update(diagnostics_json(a.quantizer->report()));
-        layers.push_back(std::move(j));
-    }
-    return layers;
-}
-
-Json quantizer_exponents(Model& model) {
-    Json layers = Json::array();
-    for (const quant::QuantizedLayer& l : quant::quantized_layers(model)) {
-        // The exponents evaluation uses: what integer_form reports, without changing any state.
-        Json j = {{"layer", l.name}, {"kind", l.kind}, {"bits", l.quantizer->grid().bits}};
-        const quant::QuantizerDiagnostics d = l.quantizer->report();
-        if (!d.exponents.empty()) j["exponents"] = d.exponents;
-        else j["scales"] = d.scales;
-        layers.push_back(std::move(j));
-    }
-    for (const quant::QuantizedActivationSite& a : quant::quantized_activations(model))
-        layers.push_back({{"layer", a.name}, {"kind", "activation"}, {"bits", a.quantizer->grid().bits},
-                          {"exponents", {a.quantizer->exponent()}}});
-    return layers;
-}
+Json quantizer_diagnostics(Model& model) { return Json(quant::diagnostics_json(quant::collect_diagnostics(model))); }
 
 ProgressMode parse_progress_mode(const std::string& option) {
     if (option == "bar") return ProgressMode::bar;

@@ -32,13 +32,11 @@ private:
     std::FILE* file_ = nullptr;
 };
 
-// Every quantized layer's (and activation quantizer's) diagnostics since the
-// last call (spec section 5): exponents, flips, error per element, clipped
-// fraction, changed codes, learnable exponents. Reading them resets the
-// flip counts. An empty array for a float model.
+// The quantizers' diagnostics per layer (quant/diagnostics_table.h: exponents,
+// flips, error per element, clipped and changed fractions, learnable
+// exponents) since the last call, as JSON. Reading them resets the flip
+// counts. An empty array for a float model.
 Json quantizer_diagnostics(Model& model);
-// The exponents per layer, for the final table: [{"layer", "kind", "bits", "exponents"}].
-Json quantizer_exponents(Model& model);
 
 enum class ProgressMode { bar, lines, none };
 // "auto": a bar when standard output is a terminal, lines otherwise.

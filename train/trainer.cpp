@@ -14,6 +14,9 @@
 #include "engine/dnnl_context.h"
 #include "layers/checkpoint.h"
 #include "layers/summary.h"
+#include "quant/audit.h"
+#include "quant/diagnostics_table.h"
+#include "quant/export.h"
 #include "quant/quantize_model.h"
 #include "train/datasets.h"
 #include "train/evaluate.h"
@@ -110,6 +113,12 @@ std::string timestamp() {
     return buf;
 }
 
+std::string fixed(double v, int digits) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+    return buf;
+}
+
 std::string percent(const Json& r, const char* key) {
     if (!r.is_object() || !r.contains(key)) return "-";
     char buf[32];
@@ -134,6 +143,8 @@ private:
     void save(const NamedOptimizers& optimizers);
     [[noreturn]] void diverged(int64_t step, const std::string& what);
     Json finish();
+    EvalOptions eval_options() const { return {cfg_.batch_size, cfg_.loader_threads}; }
+    Json evaluate_export();
     void say(const std::string& text) { progress_.message(text); }
     bool stopping() const { return stop_ != RunStatus::finished || g_signal.load() != 0; }
     void record_time();
@@ -277,7 +288,7 @@ void Trainer::enter_qat() {
     if (!quant::is_quantized(*model_)) {
         if (!state_.results.contains("float")) {
             // QAT straight from --init-from: measure the float model first, for the table.
-            state_.results["float"] = eval_json(evaluate(*model_, data_.test, {cfg_.batch_size, cfg_.loader_threads}));
+            state_.results["float"] = eval_json(evaluate(*model_, data_.test, eval_options()));
         }
         save_checkpoint(path("float.safetensors"), *model_, data_.preprocessing);
         quant::quantize_model(*model_, cfg_.quant_policy());
@@ -320,18 +331,34 @@ void Trainer::end_epoch(const Stage& stage, int64_t epoch, const Tally& epoch_ta
               {"train_top1", epoch_tally.accuracy()},
               {"images_per_second", epoch_tally.images_per_second()},
               {"data_wait_fraction", epoch_tally.wait / epoch_tally.busy()}};
-    std::string line = cat(stage.name, " epoch ", epoch, "/", stage.epochs, ": train loss ", epoch_tally.mean_loss(),
-                           ", train top-1 ", percent(Json{{"a", epoch_tally.accuracy()}}, "a"));
+    std::string line = cat(stage.name, " epoch ", epoch, "/", stage.epochs, ": train loss ",
+                           fixed(epoch_tally.mean_loss(), 4), ", top-1 ", fixed(100 * epoch_tally.accuracy(), 2),
+                           " %");
     if (epoch % cfg_.eval_every == 0 || last) {
-        const EvalResult r = evaluate(*model_, data_.test, {cfg_.batch_size, cfg_.loader_threads});
-        j["test"] = eval_json(r);
-        line += cat(", test loss ", r.loss, ", top-1 ", percent(j["test"], "top1"), ", top-5 ",
-                    percent(j["test"], "top5"));
+        j["test"] = eval_json(evaluate(*model_, data_.test, eval_options()));
+        line += cat(" | test loss ", fixed(j["test"]["loss"].get<double>(), 4), ", top-1 ", percent(j["test"], "top1"),
+                    ", top-5 ", percent(j["test"], "top5"));
         if (last) state_.results[stage.name] = j["test"];
+        if (stage.name == "qat") {
+            j["test_integer"] = evaluate_export();
+            line += cat(" | integer top-1 ", percent(j["test_integer"], "top1"));
+            if (last) state_.results["integer"] = j["test_integer"];
+        }
     }
     if (stage.name == "qat") j["quantizers"] = quantizer_diagnostics(*model_);
     log_->write(j);
     say(cat(line, " (", static_cast<int64_t>(epoch_tally.images_per_second()), " img/s)"));
+}
+
+// Exports the quantized model (export.safetensors: integer codes, exponents,
+// folded biases) and evaluates the network rebuilt from that file alone.
+Json Trainer::evaluate_export() {
+    const auto t0 = Clock::now();
+    quant::export_quantized_model(path("export.safetensors"), *model_, cfg_.quant_policy(), data_.preprocessing);
+    const std::shared_ptr<Model> integer = quant::build_model_from_export(path("export.safetensors"));
+    Json r = eval_json(evaluate(*integer, data_.test, eval_options()));
+    r["seconds"] = seconds_since(t0);
+    return r;
 }
 
 void Trainer::run_stage(const Stage& stage) {
@@ -450,12 +477,14 @@ void Trainer::run_stage(const Stage& stage) {
 }
 
 Json Trainer::finish() {
-    const EvalOptions eo{cfg_.batch_size, cfg_.loader_threads};
     Json& results = state_.results;
     if (cfg_.epochs == 0 && !cfg_.qat() && !results.contains("float"))
-        results["float"] = eval_json(evaluate(*model_, data_.test, eo));  // evaluation of --init-from alone
-    if (cfg_.qat() && !results.contains("qat"))
-        results["qat"] = eval_json(evaluate(*model_, data_.test, eo));  // --qat-epochs 0: post-training quantization
+        results["float"] = eval_json(evaluate(*model_, data_.test, eval_options()));  // --init-from evaluated alone
+    if (cfg_.qat() && !results.contains("qat")) {
+        // --qat-epochs 0: post-training quantization, evaluated as it stands.
+        results["qat"] = eval_json(evaluate(*model_, data_.test, eval_options()));
+        results["integer"] = evaluate_export();
+    }
     state_.stage = "done";
 
     std::map<std::string, std::string> metadata;
@@ -465,40 +494,51 @@ Json Trainer::finish() {
 
     Json summary = {{"data", data_.kind}, {"test_samples", data_.test->size()}, {"steps", state_.global_step}};
     if (results.contains("float")) summary["float"] = results["float"];
+    std::vector<quant::LayerDiagnostics> layers;
+    quant::AuditReport audit;
     if (cfg_.qat()) {
         summary["quantizer"] = Json::parse(cfg_.quant_policy().to_json());
         summary["fake_quant"] = results["qat"];
-        // TODO(export): the integer-export accuracy, once quant/export.h exists.
-        summary["exponents"] = quantizer_exponents(*model_);
+        summary["integer_export"] = results["integer"];
+        // The export on disk is the final model's (written by its last
+        // evaluation); the audit proves it computes what was trained.
+        LoaderOptions lo;
+        lo.batch_size = std::min<int64_t>(16, data_.test->size());
+        lo.shuffle = false;
+        const Tensor sample = Loader(data_.test, lo).next()->images;
+        audit = quant::audit_export(*model_, path("export.safetensors"), sample);
+        summary["audit"] = {{"passed", audit.passed()},
+                            {"weight_mismatches", audit.weight_mismatches()},
+                            {"max_layer_rel_diff", audit.max_rel_diff()},
+                            {"logits_rel_diff", audit.logits_rel_diff},
+                            {"top1_agreement", audit.top1_agreement}};
+        layers = quant::collect_diagnostics(*model_);
+        summary["layers"] = Json(quant::diagnostics_json(layers));
     }
     if (results.contains("seconds")) summary["seconds"] = results["seconds"];
     write_file_atomically(path("summary.json"), summary.dump(2) + "\n");
     log_->write({{"type", "final"}, {"summary", summary}});
 
-    if (progress_.mode() == ProgressMode::none) return summary;
     std::string table = cat("\nResults on the ", data_.kind, " test set (", data_.test->size(), " images):\n");
     char row[160];
-    std::snprintf(row, sizeof row, "  %-34s %10s %10s %10s\n", "model", "loss", "top-1", "top-5");
+    std::snprintf(row, sizeof row, "  %-40s %8s %9s %9s\n", "model", "loss", "top-1", "top-5");
     table += row;
     auto add_row = [&](const std::string& name, const Json& r) {
-        std::snprintf(row, sizeof row, "  %-34s %10.4f %10s %10s\n", name.c_str(), r["loss"].get<double>(),
+        std::snprintf(row, sizeof row, "  %-40s %8.4f %9s %9s\n", name.c_str(), r["loss"].get<double>(),
                       percent(r, "top1").c_str(), percent(r, "top5").c_str());
         table += row;
     };
     if (summary.contains("float")) add_row("float", summary["float"]);
     if (cfg_.qat()) {
-        add_row(cat("fake-quant (", cfg_.quantizer, ", ", cfg_.bits, " bits)"), summary["fake_quant"]);
-        table += "  integer export                     (not available yet)\n";
-        table += "\nExponents per layer (scale = 2^exponent):\n";
-        for (const Json& l : summary["exponents"]) {
-            std::string values;
-            const Json& v = l.contains("exponents") ? l["exponents"] : l["scales"];
-            for (size_t i = 0; i < v.size() && i < 16; ++i) values += cat(i ? " " : "", v[i].dump());
-            if (v.size() > 16) values += cat(" ... (", v.size(), " channels)");
-            std::snprintf(row, sizeof row, "  %-28s %-18s %2d bits  ", l["layer"].get<std::string>().c_str(),
-                          l["kind"].get<std::string>().c_str(), l["bits"].get<int>());
-            table += cat(row, values, "\n");
-        }
+        const std::string q = cat(cfg_.quantizer, ", ", cfg_.bits, " bits", cfg_.per_channel ? " per channel" : "");
+        add_row(cat("fake-quant (", q, ")"), summary["fake_quant"]);
+        add_row("integer export (export.safetensors)", summary["integer_export"]);
+        table += cat("\nExport audit: ", audit.passed() ? "passed" : "FAILED", " (weights ",
+                     audit.weight_mismatches() == 0 ? "bit-exact" : cat(audit.weight_mismatches(), " mismatches"),
+                     ", largest layer-output difference ", audit.max_rel_diff(), " relative, logits ",
+                     audit.logits_rel_diff, ")\n");
+        table += "\nQuantized layers (scale = 2^exponent; flips and changes since the last report):\n";
+        table += quant::diagnostics_table(layers);
     }
     if (summary.contains("seconds")) {
         std::string times;
@@ -507,8 +547,9 @@ Json Trainer::finish() {
             times += cat(times.empty() ? "" : ", ", stage, " ", format_duration(s.get<double>()));
             total += s.get<double>();
         }
-        table += cat("\nTraining time: ", times, " (total ", format_duration(total), ")\n");
+        table += cat("\nTraining time: ", times, " (total ", format_duration(total), ", evaluation included)\n");
     }
+    table += cat("Run folder: ", out_.string(), "\n");
     say(table);
     return summary;
 }
