@@ -44,26 +44,33 @@ std::string format_duration(double seconds) {
     return buf;
 }
 
-void Progress::update(const State& s, bool logged) {
+bool Progress::due(bool logged) const {
+    switch (mode_) {
+        case ProgressMode::none: return false;
+        case ProgressMode::lines: return logged;
+        case ProgressMode::bar:
+            return !bar_shown_ || std::chrono::steady_clock::now() - last_draw_ >= std::chrono::milliseconds(200);
+    }
+    return false;
+}
+
+void Progress::update(const State& s) {
     if (mode_ == ProgressMode::none) return;
     const std::string counters = cat(s.stage, " epoch ", s.epoch, "/", s.epochs, " step ", s.step, "/", s.steps);
     char numbers[160];
     std::snprintf(numbers, sizeof numbers, "loss %.4f  lr %.3g  %.0f img/s  ETA %s", s.loss, s.lr,
                   s.images_per_second, format_duration(s.eta_seconds).c_str());
     if (mode_ == ProgressMode::lines) {
-        if (logged) std::printf("%s  %s\n", counters.c_str(), numbers);
-        std::fflush(stdout);
-        return;
+        std::printf("%s  %s\n", counters.c_str(), numbers);
+    } else {
+        constexpr int kWidth = 24;
+        const int filled = s.steps ? static_cast<int>(kWidth * s.step / s.steps) : kWidth;
+        const std::string bar = std::string(filled, '#') + std::string(kWidth - filled, '.');
+        std::printf("\r\033[K%s [%s] %s", counters.c_str(), bar.c_str(), numbers);
+        last_draw_ = std::chrono::steady_clock::now();
+        bar_shown_ = true;
     }
-    const auto now = std::chrono::steady_clock::now();
-    if (bar_shown_ && s.step < s.steps && now - last_draw_ < std::chrono::milliseconds(200)) return;
-    last_draw_ = now;
-    constexpr int kWidth = 24;
-    const int filled = s.steps ? static_cast<int>(kWidth * s.step / s.steps) : kWidth;
-    const std::string bar = std::string(filled, '#') + std::string(kWidth - filled, '.');
-    std::printf("\r\033[K%s [%s] %s", counters.c_str(), bar.c_str(), numbers);
     std::fflush(stdout);
-    bar_shown_ = true;
 }
 
 void Progress::message(const std::string& text) {

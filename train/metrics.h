@@ -58,8 +58,10 @@ public:
     explicit Progress(ProgressMode mode) : mode_(mode) {}
     ~Progress() { clear(); }
     ProgressMode mode() const { return mode_; }
-    // `logged`: this step wrote a metrics line (lines mode prints then).
-    void update(const State& s, bool logged);
+    // Whether update() is due after a step (`logged`: the step wrote a metrics
+    // line, when lines mode prints), so the caller prepares State only then.
+    bool due(bool logged) const;
+    void update(const State& s);
     // A message on its own line (the bar is redrawn below it by the next update).
     void message(const std::string& text);
 

@@ -185,6 +185,10 @@ void Trainer::prepare() {
     mc.classes = data_.train->num_classes();
     mc.input_channels = data_.channels;
     mc.small_input = cfg_.small_input == "auto" ? data_.input_size <= 64 : cfg_.small_input == "true";
+    // The resolved config says what "automatic" turned into.
+    cfg_.input_size = data_.input_size;
+    cfg_.input_channels = data_.channels;
+    cfg_.small_input = mc.small_input ? "true" : "false";
     mc.activation = parse_activation(cfg_.activation);
     if (cfg_.dropout >= 0) mc.dropout = cfg_.dropout;
     mc.validate();
@@ -443,19 +447,21 @@ void Trainer::run_stage(const Stage& stage) {
             state_.next_batch = {stage.first_epoch + state_.stage_step / bpe, state_.stage_step % bpe};
             const int64_t epoch = (state_.stage_step - 1) / bpe + 1;  // 1-based, of the stage
 
-            Progress::State ps;
-            ps.stage = stage.name;
-            ps.epoch = epoch;
-            ps.epochs = stage.epochs;
-            ps.step = state_.stage_step;
-            ps.steps = total;
-            ps.loss = window.mean_loss();
-            ps.lr = step.lr();
-            ps.images_per_second = window.images_per_second();
-            ps.eta_seconds = seconds_since(stage_step_clock_) / stage_steps_this_run_ *
-                             double(total - state_.stage_step + later_steps);
             if (log_now) log_step(stage, step, s, window, epoch);
-            progress_.update(ps, log_now);
+            if (progress_.due(log_now)) {
+                Progress::State ps;
+                ps.stage = stage.name;
+                ps.epoch = epoch;
+                ps.epochs = stage.epochs;
+                ps.step = state_.stage_step;
+                ps.steps = total;
+                ps.loss = window.mean_loss();
+                ps.lr = step.lr();
+                ps.images_per_second = window.images_per_second();
+                ps.eta_seconds = seconds_since(stage_step_clock_) / stage_steps_this_run_ *
+                                 double(total - state_.stage_step + later_steps);
+                progress_.update(ps);
+            }
             if (log_now) window = Tally();
 
             const auto pause0 = Clock::now();
