@@ -64,18 +64,16 @@ Variable Module::operator()(const Variable& x) {
     return y;
 }
 
-// Depth-first walk in state_dict order: visit(prefix, module) for this
-// module, then its children (an inline child keeps the parent's prefix).
-template <class Visit>
-void Module::visit(const std::string& prefix, Visit&& f) const {
-    f(prefix, *this);
-    for (const Child& c : children_) c.module->visit(c.is_inline ? prefix : join_name(prefix, c.name), f);
+template <class Self, class Visit>
+void Module::visit(Self& self, const std::string& prefix, Visit&& f) {
+    f(prefix, self);
+    for (const Child& c : self.children_) visit(*c.module, c.is_inline ? prefix : join_name(prefix, c.name), f);
 }
 
 std::vector<NamedParameter> Module::named_parameters() const {
     std::vector<NamedParameter> out;
     UniqueNames names;
-    visit("", [&](const std::string& prefix, const Module& m) {
+    visit(*this, "", [&](const std::string& prefix, const Module& m) {
         for (const Param& p : m.params_) {
             out.push_back({join_name(prefix, p.name), *p.slot, p.group});
             names.add(out.back().name);
@@ -93,7 +91,7 @@ std::vector<Variable> Module::parameters() const {
 std::vector<std::pair<std::string, Tensor*>> Module::named_buffers() {
     std::vector<std::pair<std::string, Tensor*>> out;
     UniqueNames names;
-    visit("", [&](const std::string& prefix, const Module& m) {
+    visit(*this, "", [&](const std::string& prefix, const Module& m) {
         for (const Buffer& b : m.buffers_) {
             out.emplace_back(join_name(prefix, b.name), b.slot);
             names.add(out.back().first);
@@ -105,7 +103,7 @@ std::vector<std::pair<std::string, Tensor*>> Module::named_buffers() {
 std::vector<std::pair<std::string, Tensor>> Module::state_dict() const {
     std::vector<std::pair<std::string, Tensor>> out;
     UniqueNames names;
-    visit("", [&](const std::string& prefix, const Module& m) {
+    visit(*this, "", [&](const std::string& prefix, const Module& m) {
         for (const Param& p : m.params_) out.emplace_back(join_name(prefix, p.name), p.slot->value());
         for (const Buffer& b : m.buffers_) out.emplace_back(join_name(prefix, b.name), *b.slot);
     });
@@ -115,9 +113,7 @@ std::vector<std::pair<std::string, Tensor>> Module::state_dict() const {
 
 std::vector<std::pair<std::string, Module*>> Module::named_modules() {
     std::vector<std::pair<std::string, Module*>> out;
-    // visit() hands out const references; the modules themselves are ours to
-    // give out mutable (named_modules is non-const).
-    visit("", [&](const std::string& prefix, const Module& m) { out.emplace_back(prefix, const_cast<Module*>(&m)); });
+    visit(*this, "", [&](const std::string& prefix, Module& m) { out.emplace_back(prefix, &m); });
     return out;
 }
 
@@ -164,15 +160,43 @@ void Module::register_inline(std::shared_ptr<Module> child) {
     children_.push_back({"<inline " + std::to_string(children_.size()) + ">", std::move(child), true});
 }
 
+template <class Self>
+auto Module::find_child(Self& self, const std::string& name) -> decltype(&self.children_[0]) {
+    for (auto& c : self.children_)
+        if (!c.is_inline && c.name == name) return &c;
+    for (auto& c : self.children_)
+        if (c.is_inline)
+            if (auto found = find_child(*c.module, name)) return found;
+    return nullptr;
+}
+
+namespace {
+
+// "0, 1, 2" - the names child() knows, for error messages.
+std::string child_names(const std::vector<Module::Child>& children) {
+    std::string out;
+    for (const Module::Child& c : children) {
+        const std::string name = c.is_inline ? child_names(c.module->children()) : c.name;
+        if (!name.empty()) out += (out.empty() ? "" : ", ") + name;
+    }
+    return out;
+}
+
+}  // namespace
+
 size_t Module::child_index(const std::string& name) const {
     for (size_t i = 0; i < children_.size(); ++i)
         if (children_[i].name == name) return i;
-    std::string known;
-    for (const Child& c : children_) known += (known.empty() ? "" : ", ") + c.name;
-    throw Error(cat(type_name(), ": no child named '", name, "' (children: ", known, ")"));
+    std::string direct;
+    for (const Child& c : children_) direct += (direct.empty() ? "" : ", ") + c.name;
+    throw Error(cat(type_name(), ": no direct child named '", name, "' (direct children: ", direct, ")"));
 }
 
-std::shared_ptr<Module> Module::child(const std::string& name) const { return children_[child_index(name)].module; }
+std::shared_ptr<Module> Module::child(const std::string& name) const {
+    const Child* c = find_child(*this, name);
+    HFQ_CHECK(c, type_name(), ": no child named '", name, "' (children: ", child_names(children_), ")");
+    return c->module;
+}
 
 Module& Module::find(const std::string& path) {
     Module* m = this;
@@ -188,8 +212,10 @@ Module& Module::find(const std::string& path) {
 
 void Module::replace_child(const std::string& name, std::shared_ptr<Module> replacement) {
     HFQ_CHECK(replacement != nullptr, type_name(), ": replacement for child '", name, "' is null");
+    Child* c = find_child(*this, name);
+    HFQ_CHECK(c, type_name(), ": no child named '", name, "' (children: ", child_names(children_), ")");
     replacement->train(training_);
-    children_[child_index(name)].module = std::move(replacement);
+    c->module = std::move(replacement);
 }
 
 void Module::replace_children(const std::vector<std::string>& names, std::shared_ptr<Module> replacement) {

@@ -102,12 +102,14 @@ public:
         bool is_inline = false;  // its names appear directly under ours
     };
     const std::vector<Child>& children() const { return children_; }
-    // The direct child with this name (throws naming it if absent).
+    // The child with this name: a direct child, or one registered by an
+    // inline child (whose names count as ours). Throws naming it if absent.
     std::shared_ptr<Module> child(const std::string& name) const;
     // A module by dotted path relative to this one ("features.3.conv.0");
     // "" is this module. Throws naming the first missing component.
     Module& find(const std::string& path);
-    // Replaces a direct child, keeping its name and position.
+    // Replaces the child `name` (as child() finds it), keeping its name and
+    // position.
     void replace_child(const std::string& name, std::shared_ptr<Module> replacement);
     // Replaces the consecutive direct children `names` (in order) by one
     // inline module at the position of the first.
@@ -161,9 +163,15 @@ private:
         Tensor* slot;
     };
     void check_new_name(const std::string& name) const;
-    size_t child_index(const std::string& name) const;
-    template <class Visit>
-    void visit(const std::string& prefix, Visit&& visit) const;
+    size_t child_index(const std::string& name) const;  // direct children only
+    // The list entry holding child `name` (in self or in an inline child), or
+    // null. Self is Module or const Module.
+    template <class Self>
+    static auto find_child(Self& self, const std::string& name) -> decltype(&self.children_[0]);
+    // Depth-first walk in state_dict order: f(prefix, module) for self, then
+    // its children (an inline child keeps the parent's prefix).
+    template <class Self, class Visit>
+    static void visit(Self& self, const std::string& prefix, Visit&& f);
 
     std::vector<Param> params_;
     std::vector<Buffer> buffers_;

@@ -217,8 +217,15 @@ TEST_CASE("finding, replacing and wrapping children") {
         CHECK(seq->children().size() == 2);
         CHECK(names_of(seq->state_dict()) == names_before);
         CHECK(same_values((*seq)(Variable(x)).value(), before));
+        // The names inside the inline module are found and replaced as before.
+        CHECK(seq->find("0").type_name() == "Conv2d");
+        auto bn = std::make_shared<BatchNorm2d>(4);
+        seq->replace_child("1", bn);
+        CHECK(seq->child("1") == bn);
+        CHECK(names_of(seq->state_dict()) == names_before);
+        CHECK_THROWS_WITH_AS(seq->child("3"), doctest::Contains("no child named '3' (children: 0, 1, 2)"), Error);
         CHECK_THROWS_WITH_AS(seq->replace_children({"2", "0"}, std::make_shared<ReLU>()),
-                             doctest::Contains("no child named '0'"), Error);
+                             doctest::Contains("no direct child named '0'"), Error);
     }
     SUBCASE("name collisions are refused") {
         auto s = std::make_shared<Sequential>();
