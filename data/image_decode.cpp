@@ -111,7 +111,7 @@ cv::Mat ImageDecoder::decode_other(std::span<const uint8_t> bytes, const CropPla
     try {
         const cv::Mat encoded(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
         // Like TurboJPEG (and torchvision), ignore any EXIF orientation.
-        cv::imdecode(encoded, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION, &other_);
+        other_ = cv::imdecode(encoded, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);  // on failure imdecode into a buffer keeps the old image
     } catch (const cv::Exception& e) {
         throw UnreadableSample(cat("not a decodable image (OpenCV: ", e.err, ")"));
     }
