@@ -527,10 +527,10 @@ Json Trainer::finish() {
 
     std::string table = cat("\nResults on the ", data_.kind, " test set (", data_.test->size(), " images):\n");
     char row[160];
-    std::snprintf(row, sizeof row, "  %-40s %8s %9s %9s\n", "model", "loss", "top-1", "top-5");
+    std::snprintf(row, sizeof row, "  %-46s %8s %9s %9s\n", "model", "loss", "top-1", "top-5");
     table += row;
     auto add_row = [&](const std::string& name, const Json& r) {
-        std::snprintf(row, sizeof row, "  %-40s %8.4f %9s %9s\n", name.c_str(), r["loss"].get<double>(),
+        std::snprintf(row, sizeof row, "  %-46s %8.4f %9s %9s\n", name.c_str(), r["loss"].get<double>(),
                       percent(r, "top1").c_str(), percent(r, "top5").c_str());
         table += row;
     };
