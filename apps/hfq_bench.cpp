@@ -2,16 +2,24 @@
 // are made of, measured the way ../shared/bench/torch_baseline.py measures
 // PyTorch, so the two can be compared side by side:
 //
-//   train img/s = images / seconds over the timed steps; a step is
-//                 zero_grad + forward + cross-entropy + backward + SGD update
-//                 (momentum 0.9, weight decay 4e-5) on a fixed random batch;
+//   train img/s = images / seconds over the timed steps; a step is the
+//                 trainer's TrainStep: zero_grad + forward + cross-entropy +
+//                 backward + SGD update (momentum 0.9, weight decay 4e-5) on
+//                 a fixed random batch;
 //   GFLOP/s     = img/s * forward MACs per image * 2 FLOP/MAC * 3
 //                 (forward, input gradient, weight gradient);
 //   peak memory = peak RSS of a fresh process that ran only that
-//                 configuration (each configuration runs in a forked child).
+//                 configuration (each configuration runs in a forked child);
+//   quantized   = like the baseline, every Conv2d and Linear (first conv,
+//                 depthwise convs and classifier included) has a 4-bit
+//                 per-tensor weight quantizer, batch norm not folded. The
+//                 baseline's "msqe" (8 power-of-two candidates) is compared
+//                 with hfq's msqe-po2, which does more (least squares, line
+//                 search, second moments, outlier mask); "lsq" with lsq.
 //
 //   hfq_bench                                   # V1 and V2 at 224 and 32, batch 32
 //   hfq_bench --models v1 --res 224 --steps 5
+//   hfq_bench --quants none,msqe,lsq            # float and 4-bit QAT on every layer
 //   hfq_bench --ops                             # per-op forward/backward times
 //   hfq_bench --json results.json
 #include <sys/resource.h>
@@ -33,8 +41,9 @@
 #include "engine/memory_pool.h"
 #include "engine/ops.h"
 #include "layers/model.h"
-#include "layers/optimizer.h"
 #include "layers/summary.h"
+#include "quant/quantize_model.h"
+#include "train/train_step.h"
 
 using namespace hfq;
 using json = nlohmann::json;
@@ -45,6 +54,7 @@ namespace {
 struct Settings {
     int batch = 32;
     int threads = 2;
+    int bits = 4;           // weight bits of the quantized configurations
     int warmup = 3;
     int steps = 5;          // at least this many timed steps ...
     double min_time = 10;   // ... and at least this many seconds of them
@@ -85,36 +95,47 @@ double median(std::vector<double> v) {
     return v[v.size() / 2];
 }
 
+// The hfq method for a baseline quantizer name ("msqe", "lsq"), or the name
+// itself when it is already one of hfq's methods.
+std::string hfq_method(const std::string& quant) { return quant == "msqe" ? "msqe-po2" : quant; }
+
 // One model configuration: MobileNet `arch` at resolution `res` (1000 classes,
-// or 10 at 32x32, exactly as the PyTorch baseline).
-json bench_model(const std::string& arch, int res, const Settings& s) {
+// or 10 at 32x32, exactly as the PyTorch baseline), float ("none") or with
+// `quant` weight quantizers on every layer.
+json bench_model(const std::string& arch, int res, const std::string& quant, const Settings& s) {
     set_compute_threads(s.threads);
     ModelConfig config;
     config.arch = parse_arch(arch);
     config.classes = res <= 32 ? 10 : 1000;
     auto model = build_model(config, s.seed);
     const int64_t macs = summarize(*model, {1, res, res, 3}).total_macs;
+    if (quant != "none") {
+        quant::QuantPolicy policy;
+        policy.method = hfq_method(quant);
+        policy.options.bits = s.bits;
+        policy.first_layer_bits = policy.last_layer_bits = 0;  // every layer at `bits`
+        policy.fold_batch_norm = false;
+        quant::quantize_model(*model, policy);
+    }
 
-    SgdOptions sgd_options;
-    sgd_options.lr = 0.01f;
-    sgd_options.momentum = 0.9f;
-    sgd_options.weight_decay = 4e-5f;
-    SGD sgd(model->named_parameters(), sgd_options);
+    // The trainer's own step (train/train_step.h). Quantizer scales (lsq) get
+    // a tiny rate: random labels would otherwise drive them negative, and the
+    // benchmark is about time, not learning.
+    TrainStepOptions step_options;
+    step_options.sgd.lr = 0.01f;
+    step_options.sgd.momentum = 0.9f;
+    step_options.sgd.weight_decay = 4e-5f;
+    step_options.quantizer_lr = 1e-6f;
+    TrainStep step(*model, step_options);
 
     Rng rng(s.seed);
-    Variable images(random_batch({s.batch, res, res, 3}, rng));  // NHWC
+    const Tensor images = random_batch({s.batch, res, res, 3}, rng);  // NHWC
     std::vector<int32_t> labels(s.batch);
     for (auto& l : labels) l = static_cast<int32_t>(rng.below(config.classes));
 
     model->train();
     std::vector<double> losses;
-    auto train_step = [&] {
-        sgd.zero_grad();
-        Variable loss = cross_entropy((*model)(images), labels);
-        loss.backward();
-        sgd.step();
-        losses.push_back(loss.value().item());
-    };
+    auto train_step = [&] { losses.push_back(step.run(images, labels).loss); };
     pool_reset_peak();
     rusage ru0{};
     getrusage(RUSAGE_SELF, &ru0);
@@ -126,7 +147,7 @@ json bench_model(const std::string& arch, int res, const Settings& s) {
     std::vector<double> infer_times;
     {
         NoGradGuard no_grad;
-        infer_times = time_steps(s, [&] { (*model)(images); });
+        infer_times = time_steps(s, [&] { (*model)(Variable(images)); });
     }
 
     double train_total = 0, infer_total = 0;
@@ -138,6 +159,8 @@ json bench_model(const std::string& arch, int res, const Settings& s) {
     const double sys = ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec + 1e-6 * (ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec);
     return {{"model", arch},
             {"res", res},
+            {"quant", quant},
+            {"bits", s.bits},
             {"batch", s.batch},
             {"threads", s.threads},
             {"classes", config.classes},
@@ -274,10 +297,17 @@ int main(int argc, char** argv) {
     Settings s;
     std::vector<std::string> models = {"v1", "v2"};
     std::vector<int> resolutions = {224, 32};
+    std::vector<std::string> quants = {"none"};
     bool ops = false;
     std::string json_path;
-    app.add_option("--models", models, "Models: v1, v2")->check(CLI::IsMember({"v1", "v2"}));
-    app.add_option("--res", resolutions, "Input resolutions (1000 classes, 10 at <= 32)");
+    app.add_option("--models", models, "Models: v1, v2")->delimiter(',')->check(CLI::IsMember({"v1", "v2"}));
+    app.add_option("--res", resolutions, "Input resolutions (1000 classes, 10 at <= 32)")->delimiter(',');
+    std::vector<std::string> quant_names = {"none", "msqe", "lsq"};
+    for (const std::string& m : quant::quantizer_methods()) quant_names.push_back(m);
+    app.add_option("--quants", quants, "none (float), msqe (= msqe-po2), lsq, or any hfq method")
+        ->delimiter(',')
+        ->check(CLI::IsMember(quant_names));
+    app.add_option("--bits", s.bits, "Weight bits of the quantized configurations")->check(CLI::Range(2, 8));
     app.add_option("--batch", s.batch, "Batch size")->check(CLI::PositiveNumber);
     app.add_option("--threads", s.threads, "Compute (OpenMP) threads")->check(CLI::PositiveNumber);
     app.add_option("--warmup", s.warmup, "Untimed steps first")->check(CLI::NonNegativeNumber);
@@ -289,18 +319,19 @@ int main(int argc, char** argv) {
 
     try {
         json results = {{"settings", {{"batch", s.batch}, {"threads", s.threads}}}, {"models", json::array()}};
-        std::printf("%-4s %5s %12s %12s %10s %12s %10s\n", "model", "res", "train img/s", "infer img/s",
-                    "GFLOP/s", "step ms", "peak MB");
+        std::printf("%-5s %5s %-14s %12s %12s %10s %10s %10s\n", "model", "res", "quant", "train img/s",
+                    "infer img/s", "GFLOP/s", "step ms", "peak MB");
         for (const std::string& m : models)
-            for (int res : resolutions) {
-                json r = in_child([&] { return bench_model(m, res, s); });
-                std::printf("%-4s %5d %12.1f %12.1f %10.1f %12.1f %10.0f\n", m.c_str(), res,
-                            r["train_img_s"].get<double>(), r["infer_img_s"].get<double>(),
-                            r["train_gflop_s"].get<double>(), 1e3 * r["train_step_median_s"].get<double>(),
-                            r["peak_rss_mb"].get<double>());
-                std::fflush(stdout);
-                results["models"].push_back(r);
-            }
+            for (int res : resolutions)
+                for (const std::string& q : quants) {
+                    json r = in_child([&] { return bench_model(m, res, q, s); });
+                    std::printf("%-5s %5d %-14s %12.1f %12.1f %10.1f %10.1f %10.0f\n", m.c_str(), res, q.c_str(),
+                                r["train_img_s"].get<double>(), r["infer_img_s"].get<double>(),
+                                r["train_gflop_s"].get<double>(), 1e3 * r["train_step_median_s"].get<double>(),
+                                r["peak_rss_mb"].get<double>());
+                    std::fflush(stdout);
+                    results["models"].push_back(r);
+                }
         if (ops) {
             json rows = in_child([&] { return bench_ops(s); });
             std::printf("\n%-32s %12s %12s %12s %12s\n", "op (batch 32)", "fwd ms", "bwd ms", "fwd GFLOP/s",
