@@ -76,9 +76,13 @@ Tensor random_batch(const Shape& shape, Rng& rng) {
     return t;
 }
 
-// Runs `step` until enough() holds; returns the time of each timed step.
-std::vector<double> time_steps(const Settings& s, const std::function<void()>& step) {
+// Runs `step` s.warmup times untimed, then until enough steps and seconds
+// are timed; returns the time of each timed step. `after_warmup` runs between
+// the two (to start counters at the timed part).
+std::vector<double> time_steps(const Settings& s, const std::function<void()>& step,
+                               const std::function<void()>& after_warmup = [] {}) {
     for (int i = 0; i < s.warmup; ++i) step();
+    after_warmup();
     std::vector<double> times;
     double total = 0;
     while (!((int)times.size() >= s.steps && (total >= s.min_time || (int)times.size() >= s.max_steps))) {
@@ -137,9 +141,8 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     std::vector<double> losses;
     auto train_step = [&] { losses.push_back(step.run(images, labels).loss); };
     pool_reset_peak();
-    rusage ru0{};
-    getrusage(RUSAGE_SELF, &ru0);
-    const std::vector<double> train_times = time_steps(s, train_step);
+    rusage ru0{};  // page faults and system time of the timed steps only (the first steps fault memory in)
+    const std::vector<double> train_times = time_steps(s, train_step, [&] { getrusage(RUSAGE_SELF, &ru0); });
     rusage ru1{};
     getrusage(RUSAGE_SELF, &ru1);
 
