@@ -1,0 +1,148 @@
+#include "study/grid.h"
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include <unistd.h>
+
+#include "engine/check.h"
+#include "layers/checkpoint.h"
+
+namespace hfq::study {
+namespace {
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+    return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+std::string joined(const std::vector<std::string>& v) {
+    std::string out;
+    for (const std::string& s : v) out += (out.empty() ? "" : ", ") + s;
+    return out;
+}
+
+void check_list(const std::vector<std::string>& given, const std::vector<std::string>& known, const char* option) {
+    HFQ_CHECK(!given.empty(), "qat_study: --", option, " needs at least one value (valid: ", joined(known), ")");
+    std::set<std::string> seen;
+    for (const std::string& s : given) {
+        HFQ_CHECK(contains(known, s), "qat_study: --", option, ": unknown value '", s, "' (valid: ", joined(known),
+                  ")");
+        HFQ_CHECK(seen.insert(s).second, "qat_study: --", option, ": '", s, "' is given twice");
+    }
+}
+
+}  // namespace
+
+TrainConfig StudyOptions::default_train_config() {
+    TrainConfig c;
+    c.qat_epochs = 1;
+    c.per_channel = false;  // the paper's comparison: one scale per tensor (--per-channel for the other)
+    return c;
+}
+
+void StudyOptions::validate() const {
+    HFQ_CHECK(!out.empty(), "qat_study: --out: a report folder is needed");
+    check_list(archs, {"v1", "v2"}, "archs");
+    check_list(methods, grid_methods(), "methods");
+    check_list(fixes, grid_fixes(), "fixes");
+    HFQ_CHECK(train.qat_epochs >= 1, "qat_study: --qat-epochs must be >= 1, got ", train.qat_epochs);
+    HFQ_CHECK(stable_start >= 0 && stable_start <= stable_switch && stable_switch < 1,
+              "qat_study: --stable-start and --stable-switch must satisfy 0 <= start <= switch < 1, got ",
+              stable_start, " and ", stable_switch);
+    HFQ_CHECK(late_fraction > 0 && late_fraction <= 1, "qat_study: --late-fraction must be in (0, 1], got ",
+              late_fraction);
+    HFQ_CHECK(plot_layers >= 1 && plot_layers <= 10, "qat_study: --plot-layers must be in 1..10, got ", plot_layers);
+    HFQ_CHECK(!make_grid(*this).empty(), "qat_study: no cell to run: none of the --fixes (", joined(fixes),
+              ") applies to any of the --methods (", joined(methods), ")");
+    // The trainer's own checks, on a configuration like a cell's.
+    TrainConfig c = train;
+    c.quantizer = "msqe-po2";
+    try {
+        c.validate();
+    } catch (const Error& e) {
+        throw Error(cat("qat_study: ", e.what()));
+    }
+}
+
+std::string CellSpec::id() const { return arch + "-" + method + (fix == "default" ? "" : "." + fix); }
+
+std::string CellSpec::label() const {
+    if (fix == "default") return method;
+    if (fix == "none") return method + ", no fixes";
+    return method + " + " + fix;
+}
+
+const std::vector<std::string>& grid_methods() {
+    static const std::vector<std::string> m{"msqe-baseline", "msqe-po2", "learnable-po2-ceil",
+                                            "learnable-po2-msqe-round", "lsq"};
+    return m;
+}
+
+const std::vector<std::string>& grid_fixes() {
+    static const std::vector<std::string> f{"default",        "none",        "outlier-mask",
+                                            "second-moments", "line-search", "stable-exponent"};
+    return f;
+}
+
+bool fix_applies(const std::string& fix, const std::string& method) {
+    if (fix == "default") return true;
+    if (method == "msqe-po2") return true;
+    // Round-to-Lower-MSQE weighs its error by the mask and the second moments;
+    // ceil rounding, the baseline and lsq have nothing a fix could change.
+    if (method == "learnable-po2-msqe-round") return fix == "none" || fix == "outlier-mask" || fix == "second-moments";
+    return false;
+}
+
+std::vector<CellSpec> make_grid(const StudyOptions& options) {
+    std::vector<CellSpec> cells;
+    for (const std::string& arch : options.archs)
+        for (const std::string& method : options.methods)
+            for (const std::string& fix : options.fixes)
+                if (fix_applies(fix, method)) cells.push_back({arch, method, fix});
+    return cells;
+}
+
+TrainConfig cell_train_config(const StudyOptions& options, const CellSpec& cell, const std::string& float_checkpoint,
+                              const std::string& run_dir, int64_t qat_steps) {
+    TrainConfig c = options.train;
+    const SafetensorsFile file = read_safetensors(float_checkpoint);
+    const std::optional<ModelConfig> model = checkpoint_model_config(file);
+    HFQ_CHECK(model.has_value(), "qat_study: ", float_checkpoint, " has no model configuration (metadata '",
+              kModelConfigKey, "'): not an hfq checkpoint?");
+    c.arch = cell.arch;
+    HFQ_CHECK(model->arch == parse_arch(cell.arch), "qat_study: ", float_checkpoint, " holds a ",
+              arch_name(model->arch), ", not the cell's ", cell.arch);
+    c.width = model->width;
+    c.small_input = model->small_input ? "true" : "false";
+    c.activation = activation_name(model->activation);
+    c.dropout = model->effective_dropout();
+    c.input_channels = model->input_channels;
+
+    c.epochs = 0;
+    c.init_from = float_checkpoint;
+    c.out = run_dir;
+    c.resume.clear();
+    c.log_every = 1;  // every step's exponents: flips are counted from them
+    c.eval_every = 1;
+    // With a line every step, the trainer's "lines" progress would print one
+    // per step: a bar on a terminal, else the study's own lines only.
+    if (c.progress != "none") c.progress = isatty(STDOUT_FILENO) ? "bar" : "none";
+
+    const bool learnable = cell.method.rfind("learnable-po2", 0) == 0;
+    c.quantizer = learnable ? "learnable-po2" : cell.method;
+    if (learnable) c.rounding = cell.method == "learnable-po2-ceil" ? "ceil" : "msqe-round";
+    c.stable_start_step = c.stable_switch_step = -1;
+    if (cell.fix != "default") {
+        c.outlier_mask = cell.fix == "outlier-mask";
+        c.second_moments = cell.fix == "second-moments";
+        c.line_search = cell.fix == "line-search";
+        if (cell.fix == "stable-exponent") {
+            c.stable_start_step = std::llround(options.stable_start * double(qat_steps));
+            c.stable_switch_step = std::llround(options.stable_switch * double(qat_steps));
+        }
+    }
+    return c;
+}
+
+}  // namespace hfq::study

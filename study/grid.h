@@ -1,0 +1,82 @@
+// What the study runs: the grid of cells (architecture x method x fix), and
+// the trainer configuration of each cell.
+//
+// Methods, the paper's two quantizer classes in their traditional and
+// improved forms, plus LSQ for reference:
+//   msqe-baseline              po2 scale recomputed from scratch each step (spec 3.1)
+//   msqe-po2                   the paper's MSQE quantizer (3.2)
+//   learnable-po2-ceil         TQT: learned log2-scale rounded up (4.1, rounding ceil)
+//   learnable-po2-msqe-round   the paper's fix, Round-to-Lower-MSQE (4.1)
+//   lsq                        learned real scale (4.2)
+// Fixes, for the ablations, each switched on alone on top of the method
+// with every fix off:
+//   default          the method as the spec defines it (msqe-po2: outlier mask,
+//                    second moments and line search on, stable exponent off)
+//   none             every fix off
+//   outlier-mask     msqe-po2, learnable-po2-msqe-round
+//   second-moments   msqe-po2, learnable-po2-msqe-round
+//   line-search      msqe-po2
+//   stable-exponent  msqe-po2 (averaging from stable_start of the QAT steps,
+//                    switched at stable_switch)
+// A fix that does not apply to a method makes no cell for it.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "train/config.h"
+
+namespace hfq::study {
+
+struct StudyOptions {
+    std::string out = "qat-study";       // the report folder
+    std::vector<std::string> archs = {"v1", "v2"};
+    std::vector<std::string> methods = {"msqe-baseline", "msqe-po2", "learnable-po2-ceil",
+                                        "learnable-po2-msqe-round", "lsq"};
+    std::vector<std::string> fixes = {"default"};
+    // Float models to start from, one per architecture (their metadata says
+    // which); an architecture without one is trained first.
+    std::vector<std::string> float_checkpoints;
+    // Everything else of the runs: data, model width, float and QAT schedule,
+    // bits, per channel, seed, threads. arch, quantizer, rounding and the fix
+    // options are set per cell.
+    TrainConfig train = default_train_config();
+    double stable_start = 0.5;   // stable-exponent fix: start averaging at this fraction of the QAT steps
+    double stable_switch = 0.8;  // ... and switch to the average here
+    double late_fraction = 0.2;  // "late" flips: in this last fraction of the QAT steps
+    int plot_layers = 3;         // layers per method in the exponent figure
+    std::string histogram_layer; // depthwise layer of the histogram ("": the most outlier-heavy)
+
+    // The trainer's defaults with the study's: one QAT epoch, per tensor.
+    static TrainConfig default_train_config();
+    // Throws hfq::Error naming the bad option.
+    void validate() const;
+};
+
+struct CellSpec {
+    std::string arch;     // "v1", "v2"
+    std::string method;   // one of the grid's method names
+    std::string fix;      // "default", "none", or one fix
+    // "v1-msqe-po2", "v1-msqe-po2.line-search": the cell's folder name.
+    std::string id() const;
+    // "msqe-po2", "msqe-po2 + line-search", "msqe-po2, no fixes"
+    std::string label() const;
+};
+
+const std::vector<std::string>& grid_methods();
+const std::vector<std::string>& grid_fixes();
+bool fix_applies(const std::string& fix, const std::string& method);
+
+// Every cell of the options, architectures outermost, then methods, then
+// fixes, in the order given; combinations where the fix does not apply are
+// left out.
+std::vector<CellSpec> make_grid(const StudyOptions& options);
+
+// The trainer configuration of a cell: QAT only (epochs 0) from the float
+// checkpoint, whose model configuration (arch, width, ...) it takes; the
+// quantizer and fix options of the cell; a metrics line every step (the
+// exponent record the flips are counted from). `qat_steps`: the cell's number
+// of QAT steps (for the stable-exponent schedule).
+TrainConfig cell_train_config(const StudyOptions& options, const CellSpec& cell, const std::string& float_checkpoint,
+                              const std::string& run_dir, int64_t qat_steps);
+
+}  // namespace hfq::study
