@@ -67,6 +67,10 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     REQUIRE(lines.size() > 3);
     CHECK(lines.front().at("type") == "start");
     CHECK(lines.back().at("type") == "final");
+    // Layer 1 (the first depthwise convolution) has one exponent per output
+    // channel (the default) or one for the tensor.
+    const size_t groups_1 =
+        c.per_channel ? read_safetensors(c.out + "/float.safetensors").get("features.1.0.weight").shape()[0] : 1;
     const auto steps_logged = of_type(lines, "step");
     CHECK(static_cast<int64_t>(steps_logged.size()) == steps / c.log_every);
     for (const auto& s : steps_logged) {
@@ -79,7 +83,8 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
             REQUIRE(q.size() == 28);  // MobileNetV1: 27 convolutions and the classifier
             CHECK(q[0].at("bits") == 8);
             CHECK(q[1].at("bits") == c.bits);
-            CHECK(q[1].at("exponents").size() == 1);
+            CHECK(q[1].at("per_channel") == c.per_channel);
+            CHECK(q[1].at("exponents").size() == groups_1);
             CHECK(q[1].at("error_per_element").get<double>() >= 0);
         }
     }
@@ -105,7 +110,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     CHECK(summary.at("audit").at("passed") == true);
     CHECK(summary.at("audit").at("weight_mismatches") == 0);
     REQUIRE(summary.at("layers").size() == 28);
-    CHECK(summary.at("layers")[1].at("exponents").size() == 1);
+    CHECK(summary.at("layers")[1].at("exponents").size() == groups_1);
 
     const TrainingCheckpoint last = read_training_checkpoint(c.out + "/checkpoint.safetensors");
     CHECK(last.state.stage == "done");
