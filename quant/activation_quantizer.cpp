@@ -8,47 +8,6 @@
 #include "engine/check.h"
 
 namespace hfq::quant {
-namespace {
-
-// An activation is cut into fixed chunks (their size depends on nothing but
-// this constant); chunk results are combined in chunk order.
-constexpr int64_t kChunk = 1 << 16;
-
-template <class F>
-std::vector<double> chunk_sums(int64_t n, F&& f) {
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    std::vector<double> partial(chunks);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) partial[c] = f(c * kChunk, std::min(n, (c + 1) * kChunk));
-    return partial;
-}
-
-double total(const std::vector<double>& parts) {
-    double s = 0;
-    for (double p : parts) s += p;
-    return s;
-}
-
-// Population standard deviation, two passes, chunked.
-double chunked_std(const float* x, int64_t n) {
-    const double mean = total(chunk_sums(n, [&](int64_t b, int64_t e) {
-                            double s = 0;
-                            for (int64_t i = b; i < e; ++i) s += x[i];
-                            return s;
-                        })) / double(n);
-    const double var = total(chunk_sums(n, [&](int64_t b, int64_t e) {
-                           double s = 0;
-                           for (int64_t i = b; i < e; ++i) s += (x[i] - mean) * (x[i] - mean);
-                           return s;
-                       })) / double(n);
-    return std::sqrt(var);
-}
-
-double chunked_error(const float* x, const float* w, int64_t n, float s, const Grid& g) {
-    return total(chunk_sums(n, [&](int64_t b, int64_t e) { return weighted_error(x + b, w ? w + b : nullptr, e - b, s, g); }));
-}
-
-}  // namespace
 
 ActivationQuantizer::ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale)
     : grid_(make_grid(bits, /*is_signed=*/false, "activation quantizer")), rounding_(rounding),
@@ -75,9 +34,9 @@ int ActivationQuantizer::choose_exponent(const float* x, int64_t n, float e) {
     // an activation has no per-element state).
     const double limit = std::exp2(double(e)) * (grid_.qp + 0.5);
     mask_.resize(n);
-    for (int64_t i = 0; i < n; ++i) mask_[i] = std::fabs(double(x[i])) <= limit ? 1.0f : 0.0f;
-    const bool lower = chunked_error(x, mask_.data(), n, exp2_scale(lo), grid_) <
-                       chunked_error(x, mask_.data(), n, exp2_scale(hi), grid_);
+    group_element_weights(x, nullptr, false, limit, n, mask_.data());
+    const bool lower = weighted_error(x, mask_.data(), n, exp2_scale(lo), grid_) <
+                       weighted_error(x, mask_.data(), n, exp2_scale(hi), grid_);
     return lower ? lo : hi;  // ties go to ceil
 }
 
@@ -87,23 +46,19 @@ Variable ActivationQuantizer::forward(const Variable& input) {
               shape_str(v.shape()));
     const int64_t n = v.numel();
     // The unsigned grid sees ReLU(x) (a no-op after ReLU / ReLU6).
+    const float* pv = v.f32();
+    HFQ_CHECK(count_non_finite(pv, n) == 0, "activation quantizer: the input contains NaN or infinity");
     Tensor x = Tensor::empty(v.shape());
-    {
-        const float* pv = v.f32();
-        float* px = x.f32();
-        bool finite = true;
-        for (int64_t i = 0; i < n; ++i) {
-            finite = finite && std::isfinite(pv[i]);
-            px[i] = std::max(pv[i], 0.0f);
-        }
-        HFQ_CHECK(finite, "activation quantizer: the input contains NaN or infinity");
-    }
+    float* px = x.f32();
+    for_each_chunk(n, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) px[i] = std::max(pv[i], 0.0f);
+    });
     const bool training = is_training();
     int k;
     if (training || !initialized()) {
         float e = e_.value().f32()[0];
         if (!initialized()) {
-            e = float(std::log2(std::max(3.0 * chunked_std(x.f32(), n) / grid_.qp, double(min_init_scale_))));
+            e = float(std::log2(std::max(3.0 * population_std(x.f32(), n) / grid_.qp, double(min_init_scale_))));
             if (training) e_.value().f32()[0] = e;
         }
         k = choose_exponent(x.f32(), n, e);
@@ -113,22 +68,12 @@ Variable ActivationQuantizer::forward(const Variable& input) {
     const float s = exp2_scale(k);
 
     Tensor y = Tensor::empty(v.shape());
-    std::vector<PassStats> stats((n + kChunk - 1) / kChunk);
-    chunk_sums(n, [&](int64_t b, int64_t e) {
-        stats[b / kChunk] = quantize_group(x.f32() + b, y.f32() + b, nullptr, false, e - b, s, s, grid_,
-                                           Rounding::half_even);
-        return 0.0;
-    });
+    const PassStats stats = quantize_group(x.f32(), y.f32(), nullptr, false, n, s, s, grid_, Rounding::half_even);
     if (training) {
-        PassStats sum;
-        for (const PassStats& p : stats) {
-            sum.error += p.error;
-            sum.clipped += p.clipped;
-        }
         flips_ += have_pass_ && k != last_exponent_;
         last_exponent_ = k;
-        last_error_ = sum.error / double(n);
-        last_clipped_ = double(sum.clipped) / double(n);
+        last_error_ = stats.error / double(n);
+        last_clipped_ = double(stats.clipped) / double(n);
         have_pass_ = true;
         exponent_.data<int32_t>()[0] = k;
         step_.data<int64_t>()[0] += 1;
@@ -138,17 +83,15 @@ Variable ActivationQuantizer::forward(const Variable& input) {
     const Variable e_param = e_;
     return make_result(y, "activation_quantize", {input, e_param}, [input, e_param, x, s, n, g = grid_](const Tensor& dy) {
         Tensor dx = input.requires_grad() ? Tensor::empty(dy.shape()) : Tensor();
-        const std::vector<double> sums = chunk_sums(n, [&](int64_t b, int64_t e) {
-            BackwardGroup bg;
-            bg.x = x.f32() + b;
-            bg.grad = dy.f32() + b;
-            bg.dx = dx.defined() ? dx.f32() + b : nullptr;
-            bg.want_scale_sum = e_param.requires_grad();
-            return backward_group(bg, e - b, s, g);
-        });
+        BackwardGroup bg;
+        bg.x = x.f32();
+        bg.grad = dy.f32();
+        bg.dx = dx.defined() ? dx.f32() : nullptr;
+        bg.want_scale_sum = e_param.requires_grad();
+        const double sum = backward_group(bg, n, s, g);
         if (dx.defined()) input.accumulate_grad(dx);
         if (e_param.requires_grad())
-            e_param.accumulate_grad(Tensor::full({1}, float(double(s) * std::log(2.0) * total(sums))));  // ds/de = s ln 2
+            e_param.accumulate_grad(Tensor::full({1}, float(double(s) * std::log(2.0) * sum)));  // ds/de = s ln 2
     });
 }
 

@@ -1,6 +1,10 @@
 #include "quant/grid.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <bit>
+#include <limits>
 
 #include "engine/check.h"
 
@@ -28,93 +32,279 @@ ScaleGroups scale_groups(const Shape& shape, bool per_channel, const char* who) 
 
 int po2_exponent(double v) { return static_cast<int>(std::nearbyint(std::log2(v + 1e-7))); }
 
-GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g, Rounding rounding) {
-    // Eight interleaved partial sums (element i goes to lane i % 8) added in a
-    // fixed order at the end: the compiler can vectorise the loop, and the
-    // result depends on the data alone, never on the number of threads.
-    constexpr int L = 8;
-    double err[L] = {}, wqx[L] = {}, wqq[L] = {};
-    auto add = [&](int lane, int64_t i) {
-        const double q = clip_to_grid(round_as(x[i] / s, rounding), g);
-        const double wi = w ? w[i] : 1.0;
-        const double d = double(x[i]) - double(s) * q;
-        err[lane] += wi * d * d;
-        wqx[lane] += wi * q * x[i];
-        wqq[lane] += wi * q * q;
-    };
-    int64_t i = 0;
-    for (; i + L <= n; i += L)
-        for (int lane = 0; lane < L; ++lane) add(lane, i + lane);
-    for (int lane = 0; i < n; ++i, ++lane) add(lane, i);
-    GroupSums sums;
-    for (int lane = 0; lane < L; ++lane) {
-        sums.error += err[lane];
-        sums.wqx += wqx[lane];
-        sums.wqq += wqq[lane];
-    }
-    return sums;
-}
-
 int least_squares_exponent(double sum_wqx, double sum_wqq, int64_t n) {
     const double mean_wqx = sum_wqx / double(n);
     const double mean_wqq = sum_wqq / double(n);
     return po2_exponent(mean_wqx / (mean_wqq + 1e-7));
 }
 
+namespace {
+
+// The element loops below are written so that the compiler vectorises them
+// (AVX2): no calls, no branches that depend on the element beyond selects,
+// and the partial sums of a chunk on eight lanes (grid.h, summation order).
+constexpr int kLanes = 8;
+
+// add(lane, i) for i in [0, n): element i on lane i % 8; the tail after the
+// last full eight continues from lane 0.
+template <class Add>
+inline void over_lanes(int64_t n, Add&& add) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int lane = 0; lane < kLanes; ++lane) add(lane, i + lane);
+    for (int lane = 0; i < n; ++i, ++lane) add(lane, i);
+}
+
+// lane 0 + lane 1 + ... + lane 7, in that order.
+inline double add_lanes(const double (&lanes)[kLanes]) {
+    double s = lanes[0];
+    for (int lane = 1; lane < kLanes; ++lane) s += lanes[lane];
+    return s;
+}
+
+// `pick ? a : b`, through bit masks: the same numbers, in a form the
+// compiler vectorises next to double arithmetic (where it gives up on a
+// plain select).
+inline float select(bool pick, float a, float b) {
+    const uint32_t mask = pick ? ~0u : 0u;
+    return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & mask) | (std::bit_cast<uint32_t>(b) & ~mask));
+}
+
+// A double that reduce_chunks adds up.
+struct Sum {
+    double value = 0;
+    Sum& operator+=(const Sum& o) {
+        value += o.value;
+        return *this;
+    }
+};
+
+// Calls f(divide) with divide(v) = v / s. When s is a power of two whose
+// reciprocal is a float (the scale of every power-of-two quantizer), v * (1/s)
+// is the same number as v / s: both are the real v * 2^-k rounded once. A
+// multiplication costs a fraction of a division, and these loops are made of
+// little else. Any other s (lsq's learned real scale) keeps the division.
+template <class F>
+auto with_divide(float s, F&& f) {
+    int exponent = 0;
+    const float inverse = 1.0f / s;
+    if (std::frexp(s, &exponent) == 0.5f && std::isfinite(inverse))
+        return f([inverse](float v) { return v * inverse; });
+    return f([s](float v) { return v / s; });
+}
+
+// Calls f(round) with round(v) = rint_even(v) or round_half_away(v).
+template <class F>
+auto with_rounding(Rounding r, F&& f) {
+    if (r == Rounding::half_away) return f([](float v) { return round_half_away(v); });
+    return f([](float v) { return rint_even(v); });
+}
+
+// group_sums over one chunk; weight(i) is w[i] or 1.
+template <class Divide, class Round, class Weight>
+GroupSums chunk_group_sums(const float* x, int64_t n, float s, const Grid& g, Divide divide, Round round,
+                           Weight weight) {
+    double err[kLanes] = {}, wqx[kLanes] = {}, wqq[kLanes] = {};
+    const float lo = float(-g.qn), hi = float(g.qp);
+    const double sd = s;
+    over_lanes(n, [&](int lane, int64_t i) {
+        const double q = std::min(std::max(round(divide(x[i])), lo), hi);
+        const double wi = weight(i);
+        const double d = double(x[i]) - sd * q;
+        err[lane] += wi * d * d;
+        wqx[lane] += wi * q * x[i];
+        wqq[lane] += wi * q * q;
+    });
+    return {add_lanes(err), add_lanes(wqx), add_lanes(wqq)};
+}
+
+}  // namespace
+
+GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g, Rounding rounding) {
+    return with_divide(s, [&](auto divide) {
+        return with_rounding(rounding, [&](auto round) {
+            return reduce_chunks<GroupSums>(n, [&](int64_t begin, int64_t end) {
+                const float* xc = x + begin;
+                const int64_t size = end - begin;
+                if (!w) return chunk_group_sums(xc, size, s, g, divide, round, [](int64_t) { return 1.0; });
+                const float* wc = w + begin;
+                return chunk_group_sums(xc, size, s, g, divide, round, [wc](int64_t i) { return double(wc[i]); });
+            });
+        });
+    });
+}
+
 double population_std(const float* x, int64_t n) {
-    double mean = 0;
-    for (int64_t i = 0; i < n; ++i) mean += x[i];
-    mean /= double(n);
-    double var = 0;
-    for (int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const double mean = reduce_chunks<Sum>(n, [&](int64_t begin, int64_t end) {
+                            double lanes[kLanes] = {};
+                            over_lanes(end - begin, [&](int lane, int64_t i) { lanes[lane] += x[begin + i]; });
+                            return Sum{add_lanes(lanes)};
+                        }).value / double(n);
+    const double var = reduce_chunks<Sum>(n, [&](int64_t begin, int64_t end) {
+                           double lanes[kLanes] = {};
+                           over_lanes(end - begin, [&](int lane, int64_t i) {
+                               const double d = x[begin + i] - mean;
+                               lanes[lane] += d * d;
+                           });
+                           return Sum{add_lanes(lanes)};
+                       }).value;
     return std::sqrt(var / double(n));
 }
 
 float max_abs(const float* x, int64_t n) {
-    float m = 0;
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-    return m;
+    struct Max {
+        float value = 0;
+        Max& operator+=(const Max& o) {
+            value = std::max(value, o.value);
+            return *this;
+        }
+    };
+    return reduce_chunks<Max>(n, [&](int64_t begin, int64_t end) {
+               float lanes[kLanes] = {};
+               over_lanes(end - begin,
+                          [&](int lane, int64_t i) { lanes[lane] = std::max(lanes[lane], std::fabs(x[begin + i])); });
+               return Max{*std::max_element(lanes, lanes + kLanes)};
+           }).value;
 }
 
-PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n,
-                         float code_scale, float out_scale, const Grid& g, Rounding rounding) {
-    PassStats st;
+int64_t count_non_finite(const float* x, int64_t n) {
+    struct Count {
+        int64_t value = 0;
+        Count& operator+=(const Count& o) {
+            value += o.value;
+            return *this;
+        }
+    };
+    constexpr float kMax = std::numeric_limits<float>::max();
+    return reduce_chunks<Count>(n, [&](int64_t begin, int64_t end) {
+               int64_t bad = 0;  // |x| <= max is false for infinities and NaN
+               for (int64_t i = begin; i < end; ++i) bad += !(std::fabs(x[i]) <= kMax);
+               return Count{bad};
+           }).value;
+}
+
+namespace {
+
+// out = sqrt(in) for in >= 0 (second moments never are negative). std::sqrt
+// gives the same numbers (both are IEEE square roots, rounded once), but GCC
+// keeps it scalar because it might have to set errno for a negative argument;
+// vsqrtps does eight at a time.
+void sqrt_of_nonnegative(const float* in, float* out, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX__
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_sqrt_ps(_mm256_loadu_ps(in + i)));
+#endif
+    for (; i < n; ++i) out[i] = std::sqrt(in[i]);
+}
+
+}  // namespace
+
+void group_element_weights(const float* x, const float* second_moments, bool take_sqrt, double limit, int64_t n,
+                           float* w) {
+    const float* m = second_moments;
+    for_each_chunk(n, [&, x, w, m, limit](int64_t begin, int64_t end) {
+        if (!m)
+            std::fill(w + begin, w + end, 1.0f);
+        else if (take_sqrt)
+            sqrt_of_nonnegative(m + begin, w + begin, end - begin);
+        else
+            std::copy(m + begin, m + end, w + begin);
+        for (int64_t i = begin; i < end; ++i) w[i] = select(std::fabs(double(x[i])) <= limit, w[i], 0.0f);
+    });
+}
+
+namespace {
+
+// The kernels below take everything by value and their arrays __restrict:
+// a value reached through a lambda's reference capture, or an input that
+// might overlap an output, could change under the stores as far as the
+// compiler knows, and that keeps a loop scalar.
+
+// quantize_group over one chunk: the outputs and counts first, then the
+// error from x and y on the lanes (two simple loops vectorise; one does not).
+template <class Divide, class Round>
+PassStats chunk_quantize(const float* __restrict x, float* __restrict y, int16_t* __restrict codes, bool compare_codes,
+                         int64_t n, float out_scale, float lo, float hi, Divide divide, Round round) {
+    int64_t clipped = 0, changed = 0;
     for (int64_t i = 0; i < n; ++i) {
-        const float r = round_as(x[i] / code_scale, rounding);
-        const bool clipped = r < -g.qn || r > g.qp;
-        const float q = clip_to_grid(r, g);
+        const float r = round(divide(x[i]));
+        clipped += (r < lo) | (r > hi);
+        const float q = std::min(std::max(r, lo), hi);
         y[i] = out_scale * q;
-        const double d = double(x[i]) - double(y[i]);
-        st.error += d * d;
-        st.clipped += clipped;
         if (codes) {
             const auto c = static_cast<int16_t>(q);
-            st.changed += compare_codes && codes[i] != c;
+            changed += compare_codes & (codes[i] != c);
             codes[i] = c;
         }
     }
-    return st;
+    double err[kLanes] = {};
+    over_lanes(n, [&](int lane, int64_t i) {
+        const double d = double(x[i]) - double(y[i]);
+        err[lane] += d * d;
+    });
+    return {add_lanes(err), clipped, changed};
+}
+
+// backward_group over one chunk: one loop per output, each simple enough to
+// vectorise.
+template <class Divide>
+double chunk_backward(const float* __restrict x, const float* __restrict grad, float* __restrict dx,
+                      float* __restrict M, int64_t n, bool identity_ste, bool gate_relu, double keep, double blend,
+                      bool want_scale_sum, float lo, float hi, Divide divide) {
+    if (dx) {
+        for (int64_t i = 0; i < n; ++i) {
+            const float r = rint_even(divide(x[i]));
+            const bool in = (r >= lo) & (r <= hi);
+            const bool pass = (identity_ste | in) & (!gate_relu | (x[i] > 0.0f));
+            dx[i] = pass ? grad[i] : 0.0f;
+        }
+    }
+    if (M) {
+        for (int64_t i = 0; i < n; ++i) {
+            const float r = rint_even(divide(x[i]));
+            const bool in = (r >= lo) & (r <= hi);
+            const float g = select(in, grad[i], 0.0f);
+            M[i] = float(keep * M[i] + blend * (double(g) * g));
+        }
+    }
+    if (!want_scale_sum) return 0.0;
+    double lanes[kLanes] = {};
+    over_lanes(n, [&](int lane, int64_t i) {
+        const float u = divide(x[i]);
+        const float r = rint_even(u);
+        const float c = std::min(std::max(r, lo), hi);  // -qn below the grid, qp above it
+        const float t = select(c == r, r - u, c);
+        lanes[lane] += double(grad[i]) * t;
+    });
+    return add_lanes(lanes);
+}
+
+}  // namespace
+
+PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n,
+                         float code_scale, float out_scale, const Grid& g, Rounding rounding) {
+    const float lo = float(-g.qn), hi = float(g.qp);
+    return with_divide(code_scale, [&](auto divide) {
+        return with_rounding(rounding, [&](auto round) {
+            return reduce_chunks<PassStats>(n, [&](int64_t begin, int64_t end) {
+                return chunk_quantize(x + begin, y + begin, codes ? codes + begin : nullptr, compare_codes,
+                                      end - begin, out_scale, lo, hi, divide, round);
+            });
+        });
+    });
 }
 
 double backward_group(const BackwardGroup& b, int64_t n, float s, const Grid& g) {
-    const bool gate_relu = !g.is_signed;
+    const float lo = float(-g.qn), hi = float(g.qp);
     const double keep = b.decay, blend = 1.0 - double(b.decay);
-    double scale_sum = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        const float x = b.x[i];
-        const float gi = b.grad[i];
-        const bool m = in_range(x, s, g);
-        if (b.dx) {
-            const bool pass = (b.identity_ste || m) && (!gate_relu || x > 0);
-            b.dx[i] = pass ? gi : 0.0f;
-        }
-        if (b.second_moments) {
-            float& M = b.second_moments[i];
-            M = float(keep * M + blend * (m ? double(gi) * gi : 0.0));
-        }
-        if (b.want_scale_sum) scale_sum += double(gi) * scale_gradient_term(x, s, g);
-    }
-    return scale_sum;
+    return with_divide(s, [&](auto divide) {
+        return reduce_chunks<Sum>(n, [&](int64_t begin, int64_t end) {
+                   return Sum{chunk_backward(b.x + begin, b.grad + begin, b.dx ? b.dx + begin : nullptr,
+                                             b.second_moments ? b.second_moments + begin : nullptr, end - begin,
+                                             b.identity_ste, !g.is_signed, keep, blend, b.want_scale_sum, lo, hi,
+                                             divide)};
+               }).value;
+    });
 }
 
 }  // namespace hfq::quant

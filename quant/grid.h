@@ -5,17 +5,30 @@
 // Scale groups. A weight tensor {O, ...} (OIHW convolution or {out, in}
 // linear, see engine/tensor.h) is quantized with one scale per tensor, or
 // one per output channel: then channel o is the contiguous block of
-// elements [o * size, (o + 1) * size). Every sum below runs over ONE group,
-// in double, in an order fixed by the data alone (element order; the hot
-// group_sums uses eight interleaved partial sums, added in a fixed order), so
-// its value never depends on how many threads work on the tensor: threads
-// only ever split the work across groups (for_each_group). The reference
-// (TensorFlow) sums in float32; double sums agree with it on every reference
-// value and make near-ties between candidate scales rarer.
+// elements [o * size, (o + 1) * size).
+//
+// Summation order. Every sum below runs over ONE group, in double, in an
+// order fixed by the group's size alone, never by the number of threads:
+//   * the group is cut into chunks of kChunk elements (the last one shorter);
+//   * inside a chunk, element i goes to lane i % 8 of eight partial sums
+//     (the tail after the last full eight goes to lanes 0, 1, ...), and the
+//     chunk's sum is lane 0 + lane 1 + ... + lane 7, added in that order;
+//   * the group's sum is chunk 0 + chunk 1 + ..., added in chunk order.
+// A group of at most kChunk elements (every reference value of the spec) is
+// one chunk. Threads split the work two ways, neither of which changes a
+// sum: across groups (for_each_group, per-channel scales) and, for a group
+// of several chunks when no outer loop is parallel already, across its
+// chunks (reduce_chunks / for_each_chunk: each chunk's partial sums are
+// computed whole by one thread, then added in chunk order by one thread).
+// The reference (TensorFlow) sums in float32; double sums agree with it on
+// every reference value and make near-ties between candidate scales rarer.
 #pragma once
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "engine/tensor.h"
 
@@ -78,6 +91,42 @@ inline float scale_gradient_term(float x, float s, const Grid& g) {
     return r - u;
 }
 
+// ---- Chunks: the unit of summation order and of parallel work -------------
+
+// 16384 floats (64 KiB): a chunk of x and of w stay in the L2 cache while a
+// pass works on them, and a 64K-element tensor already keeps 2 threads busy.
+constexpr int64_t kChunk = 1 << 14;
+
+// The chunks [begin, end) of [0, n), in order: f(begin, end) -> T for each,
+// results combined in chunk order: total = r0; total += r1; ... (T's += adds
+// sums, or takes a maximum). The chunks run on the OpenMP
+// threads unless the caller is inside a parallel region already (the outer
+// loop owns the threads then). The result never depends on the thread count.
+// f must not throw.
+template <class T, class F>
+T reduce_chunks(int64_t n, F&& f) {
+    const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+    if (chunks == 1) return f(int64_t(0), n);
+    std::vector<T> part(chunks);
+#pragma omp parallel for schedule(static) if (!omp_in_parallel())
+    for (int64_t c = 0; c < chunks; ++c) part[c] = f(c * kChunk, std::min(n, (c + 1) * kChunk));
+    T total = part[0];
+    for (int64_t c = 1; c < chunks; ++c) total += part[c];
+    return total;
+}
+
+// f(begin, end) for the chunks of [0, n), element-wise work (no result),
+// split across threads like reduce_chunks. f must not throw.
+template <class F>
+void for_each_chunk(int64_t n, F&& f) {
+    const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+    if (chunks == 1) return f(int64_t(0), n);
+#pragma omp parallel for schedule(static) if (!omp_in_parallel())
+    for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk));
+}
+
+// ---- Passes over one group (n elements), each summed as described above ---
+
 // What one pass over a group at scale s yields, w the element weights
 // (nullptr: all ones) and q = clip(round(x / s)) (code_at, by default):
 //   error = E(s) = sum w (x - s q)^2    (a sum, not a mean)
@@ -86,6 +135,12 @@ struct GroupSums {
     double error = 0;
     double wqx = 0;
     double wqq = 0;
+    GroupSums& operator+=(const GroupSums& o) {
+        error += o.error;
+        wqx += o.wqx;
+        wqq += o.wqq;
+        return *this;
+    }
 };
 GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const Grid& g,
                      Rounding rounding = Rounding::half_even);
@@ -97,10 +152,17 @@ inline double weighted_error(const float* x, const float* w, int64_t n, float s,
 // group's n elements (the 1e-7 sits on the denominator of the MEAN form).
 int least_squares_exponent(double sum_wqx, double sum_wqq, int64_t n);
 
-// Population statistics of one group, in double, sequentially.
+// Population statistics of one group: the mean and then sum (x - mean)^2,
+// two passes in double.
 double population_std(const float* x, int64_t n);
 float max_abs(const float* x, int64_t n);
+// How many elements are NaN or infinite.
+int64_t count_non_finite(const float* x, int64_t n);
 
+// The per-element weights of the error and of least squares (spec 3.2, 4.1):
+//   w_i = (sqrt(M_i) if take_sqrt, else M_i; 1 if M is null) * 1[|x_i| <= limit]
+void group_element_weights(const float* x, const float* second_moments, bool take_sqrt, double limit, int64_t n,
+                           float* w);
 
 // The final fake-quantization pass over one group:
 //   code_i = clip(round(x_i / code_scale)),  y_i = out_scale * code_i.
@@ -112,6 +174,12 @@ struct PassStats {
     double error = 0;     // sum (x - y)^2, unweighted
     int64_t clipped = 0;  // elements whose rounded value fell outside [-qn, qp]
     int64_t changed = 0;  // codes that differ from `codes` on entry
+    PassStats& operator+=(const PassStats& o) {
+        error += o.error;
+        clipped += o.clipped;
+        changed += o.changed;
+        return *this;
+    }
 };
 PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n,
                          float code_scale, float out_scale, const Grid& g, Rounding rounding);
@@ -135,7 +203,8 @@ double backward_group(const BackwardGroup& b, int64_t n, float s, const Grid& g)
 
 // Runs f(group) for every group, groups split across OpenMP threads (each
 // group is handled whole by one thread, so results do not depend on the
-// thread count). f must not throw: collect problems and check afterwards.
+// thread count; a single group splits its chunks instead, see above). f must
+// not throw: collect problems and check afterwards.
 template <class F>
 void for_each_group(const ScaleGroups& groups, F&& f) {
     const bool parallel = groups.count > 1 && groups.count * groups.size >= (1 << 14);

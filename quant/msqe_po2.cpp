@@ -7,24 +7,31 @@
 
 namespace hfq::quant {
 
-ExponentSearch least_squares_search(const float* x, const float* w, int64_t n, int start, int iters, const Grid& g) {
-    GroupSums sums = group_sums(x, w, n, exp2_scale(start), g);
+const GroupSums& GroupErrors::at(int exponent) {
+    for (const auto& [e, sums] : known_)
+        if (e == exponent) return sums;
+    known_.emplace_back(exponent, group_sums(x_, w_, n_, exp2_scale(exponent), g_));
+    return known_.back().second;
+}
+
+ExponentSearch least_squares_search(GroupErrors& errors, int start, int iters) {
+    GroupSums sums = errors.at(start);
     ExponentSearch best{start, sums.error};
     for (int it = 0; it < iters; ++it) {
         // sums.wqx / wqq are at the codes of the previous scale, as LS needs.
-        const int e = least_squares_exponent(sums.wqx, sums.wqq, n);
-        sums = group_sums(x, w, n, exp2_scale(e), g);
+        const int e = least_squares_exponent(sums.wqx, sums.wqq, errors.size());
+        sums = errors.at(e);
         if (sums.error < best.error) best = {e, sums.error};
     }
     return best;
 }
 
-ExponentSearch line_search(const float* x, const float* w, int64_t n, ExponentSearch from, int range, const Grid& g) {
+ExponentSearch line_search(GroupErrors& errors, ExponentSearch from, int range) {
     const int K = po2_exponent(std::ldexp(1.0, from.exponent));
     ExponentSearch best = from;
     for (int d = -range / 2; d <= range / 2; ++d) {
         if (d == 0) continue;
-        const double err = weighted_error(x, w, n, exp2_scale(K + d), g);
+        const double err = errors.at(K + d).error;
         if (err < best.error) best = {K + d, err};
     }
     return best;
@@ -56,10 +63,9 @@ std::vector<int> MsqePo2Quantizer::optimise(const Tensor& x, const std::vector<i
     const float* w = element_weights(x, options_.outlier_mask ? &thresholds : nullptr);
     std::vector<int> result(groups_.count);
     for_each_group(groups_, [&](int64_t gi) {
-        const float* xg = px + gi * n;
-        const float* wg = w ? w + gi * n : nullptr;
-        ExponentSearch best = least_squares_search(xg, wg, n, start[gi], options_.lls_iters, grid_);
-        if (options_.line_search) best = line_search(xg, wg, n, best, options_.line_search_range, grid_);
+        GroupErrors errors(px + gi * n, w ? w + gi * n : nullptr, n, grid_);
+        ExponentSearch best = least_squares_search(errors, start[gi], options_.lls_iters);
+        if (options_.line_search) best = line_search(errors, best, options_.line_search_range);
         result[gi] = best.exponent;
     });
     return result;

@@ -19,14 +19,34 @@ struct ExponentSearch {
     double error = 0;
 };
 
+// E(2^e) and the least-squares sums at the codes of 2^e for one group (x, w
+// as in group_sums), each exponent evaluated once: the search revisits
+// exponents (in a steady state least squares returns the start exponent at
+// every iteration, and the line search passes over exponents least squares
+// tried). The sums are a function of x, w and e alone, so a remembered value
+// is exactly the one a new pass would give.
+class GroupErrors {
+public:
+    GroupErrors(const float* x, const float* w, int64_t n, const Grid& g) : x_(x), w_(w), n_(n), g_(g) {}
+    const GroupSums& at(int exponent);
+    int64_t size() const { return n_; }
+
+private:
+    const float* x_;
+    const float* w_;
+    int64_t n_;
+    Grid g_;
+    std::vector<std::pair<int, GroupSums>> known_;
+};
+
 // Step 3: s = 2^start, best = s, q = codes at s; `iters` times:
 // s' = LS(x, q, w); q = codes at s' (always); keep s' if E(s') < E(best).
-ExponentSearch least_squares_search(const float* x, const float* w, int64_t n, int start, int iters, const Grid& g);
+ExponentSearch least_squares_search(GroupErrors& errors, int start, int iters);
 
 // Step 4: K = rint(log2(2^from.exponent + 1e-7)); for d = -range/2 .. +range/2
 // (d != 0, in that order) take 2^(K+d) if its error is strictly lower.
 // from.error must be E(2^from.exponent) with the same weights.
-ExponentSearch line_search(const float* x, const float* w, int64_t n, ExponentSearch from, int range, const Grid& g);
+ExponentSearch line_search(GroupErrors& errors, ExponentSearch from, int range);
 
 class MsqePo2Quantizer : public Quantizer {
 public:

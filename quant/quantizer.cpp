@@ -67,15 +67,11 @@ const float* Quantizer::element_weights(const Tensor& x, const std::vector<doubl
     const float* px = x.f32();
     const float* pm = use_m ? second_moments_.f32() : nullptr;
     float* w = weights_buffer_.data();
-    const bool take_sqrt = options_.sqrt_second_moments;
     for_each_group(groups_, [&](int64_t gi) {
-        const int64_t begin = gi * groups_.size, end = begin + groups_.size;
-        const double limit = thresholds ? (*thresholds)[gi] : 0.0;
-        for (int64_t i = begin; i < end; ++i) {
-            const float m = !use_m ? 1.0f : take_sqrt ? std::sqrt(pm[i]) : pm[i];
-            const bool kept = !thresholds || std::fabs(double(px[i])) <= limit;
-            w[i] = kept ? m : 0.0f;
-        }
+        const int64_t off = gi * groups_.size;
+        const double limit = thresholds ? (*thresholds)[gi] : std::numeric_limits<double>::infinity();
+        group_element_weights(px + off, pm ? pm + off : nullptr, options_.sqrt_second_moments, limit, groups_.size,
+                              w + off);
     });
     return w;
 }
@@ -92,13 +88,10 @@ Variable Quantizer::fake_quantize(const Variable& weight, bool training) {
     // before any state changes.
     {
         const float* px = x.f32();
-        std::vector<char> finite(groups_.count, 1);
-        for_each_group(groups_, [&](int64_t gi) {
-            for (int64_t i = gi * groups_.size, e = i + groups_.size; i < e; ++i)
-                if (!std::isfinite(px[i])) finite[gi] = 0;
-        });
+        std::vector<int64_t> bad(groups_.count);
+        for_each_group(groups_, [&](int64_t gi) { bad[gi] = count_non_finite(px + gi * groups_.size, groups_.size); });
         for (int64_t gi = 0; gi < groups_.count; ++gi)
-            HFQ_CHECK(finite[gi], who(), ": the weights of scale group ", gi, " contain NaN or infinity");
+            HFQ_CHECK(bad[gi] == 0, who(), ": the weights of scale group ", gi, " contain NaN or infinity");
     }
 
     ScaleChoice choice = choose_scales(x, training);

@@ -7,8 +7,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "engine/random.h"
@@ -251,19 +253,18 @@ TEST_CASE("diagnostics: exponents, flips, error, clipped and changed fractions")
     CHECK(q->report().step == 3);
 }
 
-TEST_CASE("determinism: the same exponents and codes with 1 and 2 threads") {
-    // 100k elements, 100 output channels of 1000.
-    const Shape shape{100, 10, 10, 10};
-    Tensor w0 = normal_tensor(shape, 31, 0.05f);
-    for (int64_t c = 0; c < 100; ++c)  // varied ranges and a few outliers
-        for (int64_t i = c * 1000; i < (c + 1) * 1000; ++i) w0.f32()[i] *= (1.0f + c % 7) * (i % 97 == 0 ? 6.0f : 1.0f);
-    const Tensor g = normal_tensor(shape, 32, 1e-3f);
-    auto run = [&](int threads, const std::string& method) {
+namespace {
+
+// Three training steps of a `method` quantizer from weights w0 with gradient g
+// (the weights move by -0.5 g each step) at 1 thread and at each of `others`:
+// outputs, state, scale parameters and their gradients, and the diagnostics'
+// error must be the same bytes.
+void check_same_at_thread_counts(const std::string& method, const QuantizerOptions& opt, const Tensor& w0,
+                                 const Tensor& g, std::initializer_list<int> others) {
+    auto run = [&](int threads) {
         omp_set_num_threads(threads);
         REQUIRE(omp_get_max_threads() == threads);
-        QuantizerOptions opt;
-        opt.per_channel = true;
-        auto q = make_quantizer(method, opt, shape);
+        auto q = make_quantizer(method, opt, w0.shape());
         std::vector<Tensor> outputs;
         Tensor w = w0.clone();
         for (int step = 0; step < 3; ++step) {
@@ -273,16 +274,48 @@ TEST_CASE("determinism: the same exponents and codes with 1 and 2 threads") {
         NamedTensors st = q->state();
         for (auto& [name, p] : q->named_parameters()) st.emplace_back(name, p->value().clone());
         for (auto& [name, p] : q->named_parameters()) st.emplace_back(name + ".grad", p->grad().clone());
-        return std::pair{outputs, st};
+        return std::tuple{outputs, st, q->report().error_per_element};
     };
-    // Per channel: the groups are what threads split (one group is one thread's).
-    for (const std::string& m : quantizer_methods()) {
-        CAPTURE(m);
-        const auto [y1, s1] = run(1, m);
-        const auto [y2, s2] = run(2, m);
+    const auto [y1, s1, e1] = run(1);
+    for (int threads : others) {
+        CAPTURE(threads);
+        const auto [y2, s2, e2] = run(threads);
         for (size_t i = 0; i < y1.size(); ++i) CHECK(same_bytes(y1[i], y2[i]));
         REQUIRE(s1.size() == s2.size());
         for (size_t i = 0; i < s1.size(); ++i) CHECK_MESSAGE(same_bytes(s1[i].second, s2[i].second), s1[i].first);
+        CHECK(e1 == e2);
     }
     omp_set_num_threads(2);
+}
+
+}  // namespace
+
+TEST_CASE("determinism: the same exponents and codes with 1 and 2 threads") {
+    // 100k elements, 100 output channels of 1000.
+    const Shape shape{100, 10, 10, 10};
+    Tensor w0 = normal_tensor(shape, 31, 0.05f);
+    for (int64_t c = 0; c < 100; ++c)  // varied ranges and a few outliers
+        for (int64_t i = c * 1000; i < (c + 1) * 1000; ++i) w0.f32()[i] *= (1.0f + c % 7) * (i % 97 == 0 ? 6.0f : 1.0f);
+    const Tensor g = normal_tensor(shape, 32, 1e-3f);
+    QuantizerOptions opt;
+    opt.per_channel = true;
+    // Per channel: the groups are what threads split (one group is one thread's).
+    for (const std::string& m : quantizer_methods()) {
+        CAPTURE(m);
+        check_same_at_thread_counts(m, opt, w0, g, {2});
+    }
+}
+
+TEST_CASE("determinism: a per-tensor group of many chunks gives the same results at 1, 2 and 3 threads") {
+    // 300k elements in one scale group: its passes are split into chunks that
+    // the threads share (grid.h); the sums must not notice.
+    const Shape shape{300, 1000};
+    Tensor w0 = normal_tensor(shape, 41, 0.05f);
+    for (int64_t i = 0; i < w0.numel(); i += 101) w0.f32()[i] *= 7.0f;  // outliers for the mask
+    const Tensor g = normal_tensor(shape, 42, 1e-3f);
+    REQUIRE(w0.numel() > 4 * kChunk);
+    for (const std::string& m : quantizer_methods()) {
+        CAPTURE(m);
+        check_same_at_thread_counts(m, QuantizerOptions{}, w0, g, {2, 3});
+    }
 }

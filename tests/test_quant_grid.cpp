@@ -2,9 +2,11 @@
 // values of spec section 7 that concern them and the MSQE search.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "engine/random.h"
 #include "quant/grid.h"
 #include "quant/msqe_po2.h"
 #include "quant/quantizer.h"
@@ -120,10 +122,11 @@ TEST_CASE("least squares: the 1e-7 sits on the denominator of the mean form") {
 TEST_CASE("reference 1: least squares gives s = 1, the line search then s = 2") {
     const std::vector<float> x{-0.17f, 2.58f, -8.75f, -3.56f, 1.56f, -0.15f, 2.15f, -0.66f, 0.49f};
     const int64_t n = int64_t(x.size());
-    const ExponentSearch ls = least_squares_search(x.data(), nullptr, n, /*start s = 1*/ 0, 3, g4);
+    GroupErrors errors(x.data(), nullptr, n, g4);
+    const ExponentSearch ls = least_squares_search(errors, /*start s = 1*/ 0, 3);
     CHECK(ls.exponent == 0);
     CHECK(ls.error == doctest::Approx(weighted_error(x.data(), nullptr, n, 1.0f, g4)));
-    const ExponentSearch fine = line_search(x.data(), nullptr, n, ls, 6, g4);
+    const ExponentSearch fine = line_search(errors, ls, 6);
     CHECK(fine.exponent == 1);
     CHECK(fine.error == doctest::Approx(weighted_error(x.data(), nullptr, n, 2.0f, g4)));
     CHECK(fine.error < ls.error);
@@ -149,8 +152,9 @@ TEST_CASE("reference 2: per channel, from given start exponents") {
     // The search functions, channel by channel.
     for (int c = 0; c < 3; ++c) {
         const float* xc = x.data() + 2 * c;
-        ExponentSearch best = least_squares_search(xc, nullptr, 2, start[c], 3, g4);
-        best = line_search(xc, nullptr, 2, best, 6, g4);
+        GroupErrors errors(xc, nullptr, 2, g4);
+        ExponentSearch best = least_squares_search(errors, start[c], 3);
+        best = line_search(errors, best, 6);
         CHECK_MESSAGE(best.exponent == expected[c], "channel ", c);
     }
 
@@ -167,4 +171,62 @@ TEST_CASE("reference 2: per channel, from given start exponents") {
     Variable wq = q->fake_quantize(Variable(Tensor::from_vector({3, 2}, x)), true);
     CHECK(static_cast<MsqePo2Quantizer&>(*q).exponents() == expected);
     CHECK(wq.value().to_vector() == std::vector<float>{6, 5, 5, 3, 0, -8});
+}
+
+TEST_CASE("sums over a group follow the documented order: 8 lanes per chunk, chunks in order") {
+    // 2.5 chunks, weighted: the sums must equal this loop exactly (grid.h).
+    const int64_t n = 2 * kChunk + kChunk / 2 + 3;
+    Rng rng(7);
+    std::vector<float> x(n), w(n);
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = 0.3f * rng.normal();
+        w[i] = rng.uniform();
+    }
+    const float s = 0.125f;
+    double expect_error = 0, expect_wqx = 0, expect_wqq = 0;
+    for (int64_t begin = 0; begin < n; begin += kChunk) {
+        const int64_t end = std::min(n, begin + kChunk);
+        double err[8] = {}, wqx[8] = {}, wqq[8] = {};
+        for (int64_t i = begin; i < end; ++i) {
+            const int lane = int((i - begin) % 8);
+            const double q = code_at(x[i], s, g4);
+            const double d = double(x[i]) - double(s) * q;
+            err[lane] += w[i] * d * d;
+            wqx[lane] += w[i] * q * x[i];
+            wqq[lane] += w[i] * q * q;
+        }
+        double chunk_err = err[0], chunk_wqx = wqx[0], chunk_wqq = wqq[0];
+        for (int lane = 1; lane < 8; ++lane) {
+            chunk_err += err[lane];
+            chunk_wqx += wqx[lane];
+            chunk_wqq += wqq[lane];
+        }
+        expect_error = begin == 0 ? chunk_err : expect_error + chunk_err;
+        expect_wqx = begin == 0 ? chunk_wqx : expect_wqx + chunk_wqx;
+        expect_wqq = begin == 0 ? chunk_wqq : expect_wqq + chunk_wqq;
+    }
+    const GroupSums sums = group_sums(x.data(), w.data(), n, s, g4);
+    CHECK(sums.error == expect_error);
+    CHECK(sums.wqx == expect_wqx);
+    CHECK(sums.wqq == expect_wqq);
+}
+
+TEST_CASE("codes at a power-of-two scale equal those of a true division, at every exponent") {
+    // The passes multiply by 1/s when s is a power of two (exact); check it
+    // against x / s over the whole float range, subnormal quotients included.
+    Rng rng(3);
+    const Grid g8 = make_grid(8, true, "test");
+    for (int e = -149; e <= 127; e += 2) {
+        const float s = exp2_scale(e);
+        std::vector<float> x(64);
+        for (float& v : x) v = std::ldexp(rng.normal(), std::clamp(e + int(rng.below(12)) - 6, -149, 120));
+        std::vector<float> y(x.size());
+        std::vector<int16_t> codes(x.size());
+        quantize_group(x.data(), y.data(), codes.data(), false, int64_t(x.size()), s, s, g8, Rounding::half_even);
+        for (size_t i = 0; i < x.size(); ++i) {
+            const float q = clip_to_grid(std::nearbyint(x[i] / s), g8);
+            CHECK_MESSAGE(codes[i] == int16_t(q), "x = ", x[i], ", s = 2^", e);
+            CHECK_MESSAGE(y[i] == s * q, "x = ", x[i], ", s = 2^", e);
+        }
+    }
 }
