@@ -28,6 +28,9 @@ namespace {
 // per-block partial sums stay small next to the tensor.
 constexpr int64_t kMinBlockElements = 65536;
 constexpr int64_t kMaxBlocks = 64;
+// Element-wise passes smaller than this stay on one thread: starting the
+// others would cost more than the work (most tensors at 32x32 inputs).
+constexpr int64_t kMinParallelElements = 1 << 15;
 
 struct ChannelSums {
     std::vector<double> u;   // sum over rows of u[r, c]
@@ -38,7 +41,7 @@ struct ChannelSums {
 ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t channels) {
     const int64_t blocks = std::max<int64_t>(1, std::min({rows * channels / kMinBlockElements, rows, kMaxBlocks}));
     std::vector<double> partial(blocks * 2 * channels, 0.0);  // per block: [sum u | sum u*v]
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (blocks > 1)
     for (int64_t b = 0; b < blocks; ++b) {
         double* su = &partial[b * 2 * channels];
         double* suv = su + channels;
@@ -65,7 +68,7 @@ ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t c
 // channel's mean is large against its spread.
 void channel_affine(float* out, const float* u, const float* m, const float* a, const float* v, const float* b,
                     const float* d, int64_t rows, int64_t channels) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * channels >= kMinParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * channels;
         if (v) {

@@ -34,6 +34,22 @@ SGD::SGD(std::vector<NamedParameter> params, const SgdOptions& options)
     }
 }
 
+namespace {
+
+// The update touches each element on its own, so it is split into blocks
+// across the OpenMP threads (the result cannot depend on the thread count);
+// small tensors stay on one thread, where starting the others costs more.
+constexpr int64_t kBlock = 1 << 14;
+
+template <class F>
+void for_each_block(int64_t n, F&& f) {
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (blocks > 1)
+    for (int64_t b = 0; b < blocks; ++b) f(b * kBlock, std::min(n, (b + 1) * kBlock));
+}
+
+}  // namespace
+
 void SGD::step() {
     const float lr = lr_, mu = options_.momentum;
     const bool nesterov = options_.nesterov;
@@ -48,17 +64,28 @@ void SGD::step() {
         const float wd = decay_[i];
         const int64_t n = value.numel();
         if (mu == 0) {
-            for (int64_t k = 0; k < n; ++k) p[k] -= lr * (g[k] + wd * p[k]);
+            for_each_block(n, [&](int64_t begin, int64_t end) {
+                for (int64_t k = begin; k < end; ++k) p[k] -= lr * (g[k] + wd * p[k]);
+            });
             continue;
         }
         const bool first = !momentum_[i].defined();
         if (first) momentum_[i] = Tensor::empty(value.shape());
         float* buf = momentum_[i].f32();
-        for (int64_t k = 0; k < n; ++k) {
-            const float d = g[k] + wd * p[k];
-            buf[k] = first ? d : mu * buf[k] + d;
-            p[k] -= lr * (nesterov ? d + mu * buf[k] : buf[k]);
-        }
+        // One loop per case, each simple enough to vectorise.
+        for_each_block(n, [&](int64_t begin, int64_t end) {
+            if (first) {
+                for (int64_t k = begin; k < end; ++k) buf[k] = g[k] + wd * p[k];
+            } else {
+                for (int64_t k = begin; k < end; ++k) buf[k] = mu * buf[k] + (g[k] + wd * p[k]);
+            }
+            if (nesterov) {
+                // d = g + wd p (p not yet updated) plus mu buf.
+                for (int64_t k = begin; k < end; ++k) p[k] -= lr * ((g[k] + wd * p[k]) + mu * buf[k]);
+            } else {
+                for (int64_t k = begin; k < end; ++k) p[k] -= lr * buf[k];
+            }
+        });
     }
 }
 
