@@ -83,6 +83,8 @@ int main(int argc, char** argv) {
         ->capture_default_str()->group(schedule);
     app.add_option("--qat-epochs", t.qat_epochs, "Epochs of quantization-aware training per cell")
         ->capture_default_str()->group(schedule);
+    app.add_option("--qat-train-limit", o.qat_train_limit, "Each cell's QAT epoch trains on this many samples, "
+                   "evenly spaced (0: all)")->capture_default_str()->group(schedule);
     app.add_option("--qat-lr", t.qat_lr, "Peak learning rate of QAT (SGD)")->capture_default_str()->group(schedule);
     app.add_option("--quantizer-lr", t.quantizer_lr, "Learning rate of learnable scales (Adam)")
         ->capture_default_str()->group(schedule);

@@ -36,6 +36,7 @@ void check_list(const std::vector<std::string>& given, const std::vector<std::st
 
 TrainConfig StudyOptions::default_train_config() {
     TrainConfig c;
+    c.epochs = 5;
     c.qat_epochs = 1;
     c.per_channel = false;  // the paper's comparison: one scale per tensor (--per-channel for the other)
     return c;
@@ -46,6 +47,7 @@ void StudyOptions::validate() const {
     check_list(archs, {"v1", "v2"}, "archs");
     check_list(methods, grid_methods(), "methods");
     check_list(fixes, grid_fixes(), "fixes");
+    HFQ_CHECK(qat_train_limit >= 0, "qat_study: --qat-train-limit must be >= 0 (0: all), got ", qat_train_limit);
     HFQ_CHECK(train.qat_epochs >= 1, "qat_study: --qat-epochs must be >= 1, got ", train.qat_epochs);
     HFQ_CHECK(stable_start >= 0 && stable_start <= stable_switch && stable_switch < 1,
               "qat_study: --stable-start and --stable-switch must satisfy 0 <= start <= switch < 1, got ",
@@ -121,6 +123,7 @@ TrainConfig cell_train_config(const StudyOptions& options, const CellSpec& cell,
 
     c.epochs = 0;
     c.init_from = float_checkpoint;
+    if (options.qat_train_limit > 0) c.train_limit = options.qat_train_limit;
     c.out = run_dir;
     c.resume.clear();
     c.log_every = 1;  // every step's exponents: flips are counted from them

@@ -237,7 +237,8 @@ std::vector<FigureFile> write_report(const StudyOptions& o, const StudyData& dat
 
     const TrainConfig& t = o.train;
     std::string md = "# Hardware-friendly weight quantization: the study\n\n";
-    md += cat("Data: ", data.kind, " (", data.train_samples, " training, ", data.test_samples, " test images, ",
+    md += cat("Data: ", data.kind, " (", data.train_samples, " training images per QAT epoch, ", data.test_samples,
+              " test images, ",
               data.input_size, "x", data.input_size, "). Seed ", t.seed, ", batch ", t.batch_size, ", schedule ",
               t.schedule, ".\n\n");
     for (const FloatModel& f : floats)

@@ -107,7 +107,9 @@ StudyOutcome run_study(const StudyOptions& options_in, const std::function<void(
 
     StudyData data;
     {
-        const TrainData d = open_datasets(o.train);
+        TrainConfig qat = o.train;  // the data a cell trains on
+        if (o.qat_train_limit > 0) qat.train_limit = o.qat_train_limit;
+        const TrainData d = open_datasets(qat);
         data.kind = d.kind;
         data.train_samples = d.train->size();
         data.test_samples = d.test->size();
