@@ -16,6 +16,7 @@
 #include "engine/tensor_math.h"
 #include "layers/checkpoint.h"
 #include "tests/gradcheck.h"
+#include "tests/test_data_util.h"
 
 using namespace hfq;
 namespace fs = std::filesystem;
@@ -24,17 +25,6 @@ namespace {
 
 const std::string kData = HFQ_TEST_DATA_DIR;
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        path = fs::temp_directory_path() / ("hfq_test_predict_" + std::to_string(::getpid()));
-        fs::remove_all(path);
-        fs::create_directories(path);
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
 struct Run {
     int status = -1;
     std::vector<nlohmann::json> lines;
@@ -42,10 +32,10 @@ struct Run {
 };
 
 // The program sits next to this test in the build folder.
-Run run_predict(const std::string& args, const TempDir& dir) {
+Run run_predict(const std::string& args, const test::TempDir& dir) {
     const fs::path exe = fs::read_symlink("/proc/self/exe").parent_path() / "mobilenet_predict";
     REQUIRE_MESSAGE(fs::exists(exe), exe.string(), " is not built");
-    const std::string err_file = dir.file("stderr.txt");
+    const std::string err_file = dir / "stderr.txt";
     FILE* pipe = ::popen((exe.string() + " " + args + " 2>" + err_file).c_str(), "r");
     REQUIRE(pipe != nullptr);
     Run r;
@@ -81,13 +71,13 @@ std::string q(const std::string& s) { return "'" + s + "'"; }
 }  // namespace
 
 TEST_CASE("a tensor batch: logits as PyTorch's, top5 from them") {
-    TempDir dir;
+    test::TempDir dir;
     const SafetensorsFile ref = read_safetensors(kData + "/model_v2_reference.safetensors");
     // "input" is not the first tensor: it is still the one used.
-    write_safetensors(dir.file("batch.safetensors"),
+    write_safetensors(dir / "batch.safetensors",
                       {{"other", Tensor::zeros({1})}, {"input", to_nchw(ref.get("input"))}});
     const Run r = run_predict("--weights " + q(kData + "/model_v2.safetensors") + " --tensor " +
-                                  q(dir.file("batch.safetensors")),
+                                  q(dir / "batch.safetensors"),
                               dir);
     INFO(r.err);
     REQUIRE(r.status == 0);
@@ -95,7 +85,7 @@ TEST_CASE("a tensor batch: logits as PyTorch's, top5 from them") {
     const Tensor expected = ref.get("eval.logits");
     for (int i = 0; i < 2; ++i) {
         const nlohmann::json& line = r.lines[i];
-        CHECK(line.at("input") == dir.file("batch.safetensors") + "[" + std::to_string(i) + "]");
+        CHECK(line.at("input") == (dir / "batch.safetensors") + "[" + std::to_string(i) + "]");
         const Tensor row = expected.slice0(i, i + 1);
         CHECK(max_rel_diff(logits_of(line), row, 0.01 * max_abs(row)) < 1e-4);
         // top5: the five largest logits, softmax probabilities, descending.
@@ -116,7 +106,7 @@ TEST_CASE("a tensor batch: logits as PyTorch's, top5 from them") {
 }
 
 TEST_CASE("images: preprocessed as the checkpoint says, same result as the tensor route") {
-    TempDir dir;
+    test::TempDir dir;
     // The fixture model with preprocessing metadata: shorter side to 72,
     // centre crop 64.
     const SafetensorsFile weights = read_safetensors(kData + "/model_v2.safetensors");
@@ -127,25 +117,25 @@ TEST_CASE("images: preprocessed as the checkpoint says, same result as the tenso
     // them do.
     for (int i = 0; i < 30; ++i) (*model)(Variable(testing::random_tensor({2, 64, 64, 3}, i)));
     const Preprocessing pre{.resize_size = 72, .crop_size = 64};
-    save_checkpoint(dir.file("m.safetensors"), *model, pre);
+    save_checkpoint(dir / "m.safetensors", *model, pre);
 
     // Two pictures (a gradient and stripes, 90x80 and 70x100) as PNG files.
     cv::Mat a(80, 90, CV_8UC3), b(100, 70, CV_8UC3);
     a.forEach<cv::Vec3b>([](cv::Vec3b& p, const int* pos) { p = cv::Vec3b(pos[0] * 3, pos[1] * 2, 128); });
     b.forEach<cv::Vec3b>([](cv::Vec3b& p, const int* pos) { p = cv::Vec3b((pos[1] / 5) % 2 * 255, 40, pos[0]); });
-    REQUIRE(cv::imwrite(dir.file("a.png"), a));
-    REQUIRE(cv::imwrite(dir.file("b.png"), b));
-    std::ofstream(dir.file("broken.png")) << "not an image";
+    REQUIRE(cv::imwrite(dir / "a.png", a));
+    REQUIRE(cv::imwrite(dir / "b.png", b));
+    std::ofstream(dir / "broken.png") << "not an image";
 
-    const Run r = run_predict("--weights " + q(dir.file("m.safetensors")) + " " + q(dir.file("a.png")) + " " +
-                                  q(dir.file("broken.png")) + " " + q(dir.file("b.png")),
+    const Run r = run_predict("--weights " + q(dir / "m.safetensors") + " " + q(dir / "a.png") + " " +
+                                  q(dir / "broken.png") + " " + q(dir / "b.png"),
                               dir);
     INFO(r.err);
     // The unreadable file comes after a good one: its line must be an error,
     // not the previous picture again.
     CHECK(r.status == 2);  // one input was unreadable
     REQUIRE(r.lines.size() == 3);
-    CHECK(r.lines[1].at("input") == dir.file("broken.png"));
+    CHECK(r.lines[1].at("input") == (dir / "broken.png"));
     CHECK(r.lines[1].contains("error"));
     CHECK(!r.lines[1].contains("logits"));
 
@@ -156,14 +146,14 @@ TEST_CASE("images: preprocessed as the checkpoint says, same result as the tenso
     t.train = false;
     t.eval_crop_fraction = 64.0 / 72.0;
     t.dct_scaling = false;
-    const ImageFolder images({{dir.file("a.png"), 0}, {dir.file("b.png"), 0}}, {"x"}, t);
+    const ImageFolder images({{dir / "a.png", 0}, {dir / "b.png", 0}}, {"x"}, t);
     Tensor batch = Tensor::empty({2, 64, 64, 3});
     Rng rng;
     images.load(0, rng, batch.f32());
     images.load(1, rng, batch.f32() + 64 * 64 * 3);
-    write_safetensors(dir.file("images.safetensors"), {{"images", to_nchw(batch)}});
+    write_safetensors(dir / "images.safetensors", {{"images", to_nchw(batch)}});
     const Run t_run = run_predict(
-        "--weights " + q(dir.file("m.safetensors")) + " --tensor " + q(dir.file("images.safetensors")), dir);
+        "--weights " + q(dir / "m.safetensors") + " --tensor " + q(dir / "images.safetensors"), dir);
     REQUIRE(t_run.status == 0);
     REQUIRE(t_run.lines.size() == 2);
     for (int i = 0; i < 2; ++i) {
@@ -175,22 +165,22 @@ TEST_CASE("images: preprocessed as the checkpoint says, same result as the tenso
 }
 
 TEST_CASE("architecture from the command line for weights without metadata; errors") {
-    TempDir dir;
+    test::TempDir dir;
     const SafetensorsFile ref = read_safetensors(kData + "/model_v1_reference.safetensors");
     const SafetensorsFile weights = read_safetensors(kData + "/model_v1.safetensors");
     // What a converted state dict without hfq metadata looks like.
-    write_safetensors(dir.file("bare.safetensors"), weights.tensors);
+    write_safetensors(dir / "bare.safetensors", weights.tensors);
     const Tensor one = to_nchw(ref.get("input").slice0(1, 2));
-    write_safetensors(dir.file("one.safetensors"), {{"x", one.reshape({3, 64, 64})}});  // CHW: one input
+    write_safetensors(dir / "one.safetensors", {{"x", one.reshape({3, 64, 64})}});  // CHW: one input
 
-    const Run no_arch = run_predict("--weights " + q(dir.file("bare.safetensors")) + " --tensor " +
-                                        q(dir.file("one.safetensors")),
+    const Run no_arch = run_predict("--weights " + q(dir / "bare.safetensors") + " --tensor " +
+                                        q(dir / "one.safetensors"),
                                     dir);
     CHECK(no_arch.status == 1);
     CHECK(no_arch.err.find("no \"hfq.model\" metadata; give the architecture with --arch") != std::string::npos);
 
-    const Run ok = run_predict("--weights " + q(dir.file("bare.safetensors")) +
-                                   " --arch v1 --width 0.5 --classes 10 --tensor " + q(dir.file("one.safetensors")),
+    const Run ok = run_predict("--weights " + q(dir / "bare.safetensors") +
+                                   " --arch v1 --width 0.5 --classes 10 --tensor " + q(dir / "one.safetensors"),
                                dir);
     INFO(ok.err);
     REQUIRE(ok.status == 0);
@@ -198,8 +188,8 @@ TEST_CASE("architecture from the command line for weights without metadata; erro
     const Tensor row = ref.get("eval.logits").slice0(1, 2);
     CHECK(max_rel_diff(logits_of(ok.lines[0]), row, 0.01 * max_abs(row)) < 1e-4);
 
-    const Run wrong = run_predict("--weights " + q(dir.file("bare.safetensors")) +
-                                      " --arch v2 --width 0.5 --classes 10 --tensor " + q(dir.file("one.safetensors")),
+    const Run wrong = run_predict("--weights " + q(dir / "bare.safetensors") +
+                                      " --arch v2 --width 0.5 --classes 10 --tensor " + q(dir / "one.safetensors"),
                                   dir);
     CHECK(wrong.status == 1);
     CHECK(wrong.err.find("tensor 'features.18.0.weight' is f32 [256, 256, 1, 1] in the file") != std::string::npos);
@@ -207,7 +197,7 @@ TEST_CASE("architecture from the command line for weights without metadata; erro
     const Run both = run_predict("--weights " + q(kData + "/model_v1.safetensors"), dir);
     CHECK(both.status == 1);
     CHECK(both.err.find("give image files or --tensor FILE") != std::string::npos);
-    const Run missing = run_predict("--weights " + q(dir.file("absent.safetensors")) + " x.png", dir);
+    const Run missing = run_predict("--weights " + q(dir / "absent.safetensors") + " x.png", dir);
     CHECK(missing.status != 0);
     CHECK(missing.lines.empty());
 }
