@@ -1,5 +1,6 @@
 #include "quant/quantize_model.h"
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -218,6 +219,24 @@ std::vector<QuantizedLayer> quantized_layers(Model& model) {
 std::vector<QuantizedActivationSite> quantized_activations(Model& model) {
     std::vector<QuantizedActivationSite> out;
     for (auto& [name, m] : modules_of<QuantizedActivation>(model)) out.push_back({name, &m->quantizer()});
+    return out;
+}
+
+std::vector<DeadChannels> zero_dead_channels(Model& model) {
+    std::vector<DeadChannels> out;
+    for (auto& [name, m] : modules_of<FoldedConvBn>(model)) {
+        BatchNorm2d& bn = m->bn();
+        Tensor& w = m->conv().weight().value();  // {O, I/g, k, k}: a channel's weights are contiguous
+        const int64_t channels = bn.channels(), per_channel = w.numel() / channels;
+        DeadChannels d{join_name(name, m->layer_name()), channels, {}};
+        for (int64_t c = 0; c < channels; ++c) {
+            if (!(bn.running_var().f32()[c] < 1e-6f * bn.eps())) continue;
+            std::fill_n(w.f32() + c * per_channel, per_channel, 0.0f);
+            bn.running_mean().f32()[c] = 0.0f;
+            d.dead.push_back(c);
+        }
+        if (!d.dead.empty()) out.push_back(std::move(d));
+    }
     return out;
 }
 

@@ -97,6 +97,23 @@ void freeze_batch_norm(Model& model, bool frozen = true);
 // The stable-exponent schedule of msqe-po2 quantizers that keep one.
 void set_stable_updating(Model& model, bool on);
 void set_stable_switched(Model& model, bool on);
+// Dead channels of the folded pairs: output channels whose moving variance
+// is below 1e-6 * eps, i.e. whose convolution output is constant over the
+// training data (a depthwise channel whose input channel ReLU6 never lets
+// through). Their weights do not matter (batch norm maps a constant to beta),
+// but folding divides them by sqrt(eps): W_fold = gamma W / sqrt(var + eps)
+// makes them ~300x the live weights, and a per-tensor grid sized for them
+// rounds every live weight of the layer to zero. This sets their weights and
+// moving mean to zero (the channel then outputs exactly beta; before, it
+// varied by less than 0.1 % of |gamma|) and returns what it changed. Call it
+// after quantize_model and before the first training step (the quantizers
+// initialise their scales from the weights they first see).
+struct DeadChannels {
+    std::string layer;              // the convolution's name
+    int64_t channels = 0;           // its output channels
+    std::vector<int64_t> dead;      // the channels zeroed
+};
+std::vector<DeadChannels> zero_dead_channels(Model& model);
 // Forgets every quantizer's diagnostics history (flips, previous codes), e.g.
 // after loading a checkpoint into the model.
 void reset_diagnostics(Model& model);

@@ -381,3 +381,70 @@ TEST_CASE("a quantized training step gives the same exponents, codes and outputs
         CHECK(codes[0] == codes[1]);
     }
 }
+
+namespace {
+
+// A dead channel as training makes one: the stem's ReLU6 never lets channel 0
+// through (its beta is very negative), so the first depthwise layer's channel
+// 0 sees only zeros, its moving variance is 0, and its (unused) weights fold
+// to gamma W / sqrt(eps): here 50 * 316 against ~1 for the live channels.
+std::shared_ptr<Model> model_with_dead_channel(uint64_t seed) {
+    auto model = build_model(small_config(Arch::mobilenet_v1), seed);
+    std::map<std::string, Tensor> s;
+    for (auto& [name, t] : model->state_dict()) s[name] = t;
+    s.at("features.0.1.bias").f32()[0] = -100.0f;
+    Tensor& w = s.at("features.1.0.weight");  // {C, 1, 3, 3}
+    for (int i = 0; i < 9; ++i) w.f32()[i] = (i % 2 ? -50.0f : 50.0f);
+    s.at("features.1.1.running_var").f32()[0] = 0.0f;
+    s.at("features.1.1.running_mean").f32()[0] = 1e-7f;
+    return model;
+}
+
+// The live weights of features.1's quantized folded weight that are not zero.
+int64_t live_nonzero_codes(Model& model) {
+    const QuantizedLayer layer = quantized_layers(model)[1];
+    REQUIRE(layer.name == "features.1.0");
+    auto& pair = dynamic_cast<FoldedConvBn&>(*layer.module);
+    NoGradGuard no_grad;
+    const Tensor q = pair.weight_quantizer().quantize(pair.folded_weight()).value();
+    int64_t n = 0;
+    for (int64_t i = 9; i < q.numel(); ++i) n += q.f32()[i] != 0.0f;  // channel 0 is the first 9
+    return n;
+}
+
+}  // namespace
+
+TEST_CASE("zero_dead_channels: finds the dead channel, keeps the model's output, rescues a per-tensor grid") {
+    const Tensor x = random_tensor({2, 16, 16, 3}, 4);
+    QuantPolicy per_channel;
+    per_channel.options.per_channel = true;
+    per_channel.options.bits = 8;
+    auto before = model_with_dead_channel(1);
+    auto after = model_with_dead_channel(1);
+    quantize_model(*before, per_channel);
+    quantize_model(*after, per_channel);
+    const std::vector<DeadChannels> dead = zero_dead_channels(*after);
+    REQUIRE(dead.size() == 1);
+    CHECK(dead[0].layer == "features.1.0");
+    CHECK(dead[0].channels == 8);
+    CHECK(dead[0].dead == std::vector<int64_t>{0});
+    std::map<std::string, Tensor> s;
+    for (auto& [name, t] : after->state_dict()) s[name] = t;
+    for (int i = 0; i < 9; ++i) CHECK(s.at("features.1.0.weight").f32()[i] == 0.0f);
+    CHECK(s.at("features.1.0.weight").f32()[9] != 0.0f);  // channel 1 untouched
+    CHECK(s.at("features.1.1.running_mean").f32()[0] == 0.0f);
+    // Per channel, the other channels' grids are their own: the output is the same, bit for bit.
+    CHECK(same_bytes(eval_logits(*before, x), eval_logits(*after, x)));
+
+    // Per tensor at 4 bits, the dead weights set msqe-baseline's grid (msqe-po2's outlier mask would leave
+    // them out here): every live weight rounds to zero, until they are zeroed.
+    QuantPolicy per_tensor;
+    per_tensor.method = "msqe-baseline";
+    auto wrecked = model_with_dead_channel(1);
+    auto rescued = model_with_dead_channel(1);
+    quantize_model(*wrecked, per_tensor);
+    quantize_model(*rescued, per_tensor);
+    CHECK(zero_dead_channels(*rescued).size() == 1);
+    CHECK(live_nonzero_codes(*wrecked) == 0);
+    CHECK(live_nonzero_codes(*rescued) > 7 * 9 / 2);
+}

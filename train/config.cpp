@@ -72,6 +72,8 @@ void visit_fields(Config& c, Visitor&& v) {
     v("first-layer-bits", c.first_layer_bits, T, "Bits of the first convolution (0: --bits)");
     v("last-layer-bits", c.last_layer_bits, T, "Bits of the classifier (0: --bits)");
     v("fold-bn", c.fold_bn, T, "Fold batch norm into the convolutions before quantizing");
+    v("zero-dead-channels", c.zero_dead_channels, T, "Before QAT, zero the weights of folded channels whose "
+      "batch-norm variance is ~0 (constant output; folding would make their weights ~300x the others)");
     v("activation-bits", c.activation_bits, T, "Also quantize activations (unsigned, learnable-po2) to this many "
       "bits (0: off)");
     v("rounding", c.rounding, T, "learnable-po2's exponent rounding: msqe-round, ceil or rint");

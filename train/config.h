@@ -63,14 +63,14 @@ struct TrainConfig {
     std::string quantizer = "msqe-po2";  // or "none": float training only
     int bits = 4;
     // One power-of-two scale per output channel (still a shift per channel in
-    // hardware). Per tensor, folding makes it fragile: a channel whose batch
-    // norm variance is ~0 (a dead channel) gets folded weights ~1000x the
-    // others, and one exponent cannot serve both: the default run loses 6.4
-    // points per tensor, 0.4 per channel (README, "The default run").
+    // hardware; README, "The default run", compares it with per tensor).
     bool per_channel = true;
     int first_layer_bits = 8;          // 0: same as --bits
     int last_layer_bits = 8;
     bool fold_bn = true;
+    // Zero the weights of dead channels before QAT (quant::zero_dead_channels):
+    // folding makes them ~300x the live weights, which wrecks a per-tensor grid.
+    bool zero_dead_channels = true;
     int activation_bits = 0;           // 0: weights only
     std::string rounding = "msqe-round";  // learnable-po2's exponent rounding
     bool second_moments = true;

@@ -138,6 +138,7 @@ private:
     void prepare_output();
     void run_stage(const Stage& stage);
     void enter_qat();
+    void report_dead_channels(const std::vector<quant::DeadChannels>& dead);
     void end_epoch(const Stage& stage, int64_t epoch, const Tally& epoch_tally);
     void log_step(const Stage& stage, const TrainStep& step, const StepStats& s, const Tally& window, int64_t epoch);
     void save(const NamedOptimizers& optimizers);
@@ -288,6 +289,19 @@ void Trainer::diverged(int64_t step, const std::string& what) {
                     ". Try a lower --lr / --qat-lr, --clip-grad-norm or a longer warm-up."));
 }
 
+// On the terminal and in the metrics: which channels zero_dead_channels zeroed.
+void Trainer::report_dead_channels(const std::vector<quant::DeadChannels>& dead) {
+    Json layers = Json::array();
+    std::string text;
+    for (const quant::DeadChannels& d : dead) {
+        layers.push_back({{"layer", d.layer}, {"channels", d.channels}, {"dead", d.dead}});
+        text += cat(text.empty() ? "" : ", ", d.layer, " ", d.dead.size(), "/", d.channels);
+    }
+    if (log_) log_->write({{"type", "dead_channels"}, {"layers", layers}});
+    if (!dead.empty())
+        say(cat("Dead channels (batch-norm variance ~0, weights zeroed before quantizing): ", text));
+}
+
 void Trainer::enter_qat() {
     if (!quant::is_quantized(*model_)) {
         if (!state_.results.contains("float")) {
@@ -296,6 +310,7 @@ void Trainer::enter_qat() {
         }
         save_checkpoint(path("float.safetensors"), *model_, data_.preprocessing);
         quant::quantize_model(*model_, cfg_.quant_policy());
+        if (cfg_.zero_dead_channels) report_dead_channels(quant::zero_dead_channels(*model_));
         say(cat("Quantization-aware training: ", cfg_.quantizer, ", ", cfg_.bits, " bits",
                 cfg_.per_channel ? " per channel" : " per tensor", "; ", quant::quantized_layers(*model_).size(),
                 " layers wrapped (first ", cfg_.first_layer_bits ? cfg_.first_layer_bits : cfg_.bits, " bits, last ",
