@@ -10,8 +10,9 @@
 // weight layout its kernel wants (`any`) and the plain weights are reordered
 // into it once per forward call. Backward data reads that same copy when it
 // wants the same layout (depthwise on AVX2: Goihw8g for all three passes) and
-// a reorder of it otherwise (1x1 on AVX2: OIhw8i8o forward, OIhw8o8i here).
-// dW comes out in the layout backward weights prefers, reordered to OIHW.
+// a reorder of it otherwise. dW comes out in the layout backward weights
+// prefers, reordered to OIHW. Pointwise convolutions (1x1, stride 1) skip all
+// this: they are matrix products on the plain layouts (engine/conv2d_pointwise.cpp).
 //
 // Each distinct configuration (shapes, stride, padding, groups, bias) gets its
 // primitives once, in a cache; the backward ones are made on first use, so an
@@ -22,6 +23,7 @@
 #include <optional>
 
 #include "engine/check.h"
+#include "engine/conv2d_pointwise.h"
 #include "engine/dnnl_context.h"
 
 namespace hfq {
@@ -64,6 +66,11 @@ struct ConvGeometry {
                    rows.pad_after, '/', cols.pad_before, '/', cols.pad_after, has_bias ? ", bias" : ", no bias");
     }
     Shape y_shape() const { return {n, rows.out, cols.out, cout}; }
+    // 1x1, stride 1, unpadded, ungrouped: conv2d runs it as a matrix product.
+    bool pointwise() const {
+        return kh == 1 && kw == 1 && stride == 1 && groups == 1 && rows.pad_before + rows.pad_after == 0 &&
+               cols.pad_before + cols.pad_after == 0;
+    }
 
     // oneDNN descriptors. Activations: logical NCHW dims, NHWC memory.
     memory::desc src() const { return {{n, cin, h, w}, memory::data_type::f32, tag::nhwc}; }
@@ -233,6 +240,8 @@ Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias,
                   g.cout, "} for weight ", shape_str(weight.shape()), ", got ", shape_str(bias.shape()), " ",
                   dtype_name(bias.value().dtype()));
 
+    if (g.pointwise()) return pointwise_conv2d(x, weight, bias);
+
     ConvPrimitives& prims = primitives_for(g);
     const auto& fwd = prims.forward();
     // The weights in the layout the kernel wants (OIHW itself or a blocked
@@ -259,7 +268,9 @@ Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias,
 }
 
 Conv2dImplNames conv2d_impl_names(const Shape& x, const Shape& weight, bool has_bias, const Conv2dParams& p) {
-    ConvPrimitives& prims = primitives_for(conv_geometry(x, weight, has_bias, p));
+    const ConvGeometry g = conv_geometry(x, weight, has_bias, p);
+    if (g.pointwise()) return {kPointwiseImplName, kPointwiseImplName, kPointwiseImplName};
+    ConvPrimitives& prims = primitives_for(g);
     return {prims.forward().pd.impl_info_str(), prims.backward_data().pd.impl_info_str(),
             prims.backward_weights().pd.impl_info_str()};
 }

@@ -8,6 +8,7 @@
 
 #include "engine/check.h"
 #include "engine/conv2d.h"
+#include "engine/dnnl_context.h"
 #include "engine/ops.h"
 #include "tests/gradcheck.h"
 
@@ -65,6 +66,10 @@ const Case kCases[] = {
     {"depthwise 3x3, stride 1", {2, 6, 5, 8}, {8, 1, 3, 3}, {1, 1, false, 8}, {6, 5, 1, 1}},
     {"depthwise 3x3, stride 2", {2, 7, 6, 24}, {24, 1, 3, 3}, {2, 1, false, 24}, {4, 3, 1, 1}},
     {"pointwise 1x1", {2, 5, 4, 8}, {12, 8, 1, 1}, {1, 0, false, 1}, {5, 4, 0, 0}},
+    // Pointwise is a matrix product cut into tiles by the shape: many rows
+    // (8 tiles of 400 rows), and few rows with many columns (5 column tiles).
+    {"pointwise 1x1, row tiles", {2, 40, 40, 5}, {7, 5, 1, 1}, {1, 0, false, 1}, {40, 40, 0, 0}},
+    {"pointwise 1x1, column tiles", {3, 1, 1, 20}, {70, 20, 1, 1}, {1, 0, false, 1}, {1, 1, 0, 0}},
     // SAME, stride 2, k 3: H 8 -> 4 rows, total pad 1 -> top 0, bottom 1;
     // W 7 -> 4 cols, total pad 2 -> 1 left, 1 right.
     {"SAME 3x3 stride 2, odd extra at the bottom", {2, 8, 7, 6}, {6, 1, 3, 3}, {2, 0, true, 6}, {4, 4, 0, 1}},
@@ -186,7 +191,7 @@ TEST_CASE("MobileNet's convolutions on NHWC run oneDNN JIT kernels, not the refe
     const Config configs[] = {
         {"depthwise 3x3 stride 1", {4, 28, 28, 32}, {32, 1, 3, 3}, {1, 1, false, 32}},
         {"depthwise 3x3 stride 2", {4, 28, 28, 64}, {64, 1, 3, 3}, {2, 1, false, 64}},
-        {"pointwise 64 -> 128", {4, 14, 14, 64}, {128, 64, 1, 1}, {1, 0, false, 1}},
+        {"3x3 stem, stride 2", {4, 32, 32, 3}, {32, 3, 3, 3}, {2, 1, false, 1}},
     };
     for (const Config& c : configs) {
         const Conv2dImplNames names = conv2d_impl_names(c.x, c.w, false, c.p);
@@ -196,5 +201,35 @@ TEST_CASE("MobileNet's convolutions on NHWC run oneDNN JIT kernels, not the refe
         CHECK(is_jit(names.forward));
         CHECK(is_jit(names.backward_data));
         CHECK(is_jit(names.backward_weights));
+    }
+    // Pointwise convolutions are matrix products (engine/conv2d_pointwise.cpp).
+    const Conv2dImplNames pw = conv2d_impl_names({4, 14, 14, 64}, {128, 64, 1, 1}, false, {1, 0, false, 1});
+    CHECK(pw.forward == "sgemm:pointwise");
+    CHECK(pw.backward_data == "sgemm:pointwise");
+    CHECK(pw.backward_weights == "sgemm:pointwise");
+}
+
+TEST_CASE("pointwise conv2d: output and input gradient do not depend on the thread count") {
+    // Shapes of a small network's tail (few rows, many columns) and of a large image (many row tiles).
+    const std::vector<std::pair<Shape, Shape>> shapes{{{32, 1, 1, 256}, {512, 256, 1, 1}},
+                                                      {{4, 48, 48, 16}, {24, 16, 1, 1}}};
+    const int threads_before = compute_threads();
+    for (const auto& [xs, ws] : shapes) {
+        const Tensor x = random_tensor(xs, 1), w = random_tensor(ws, 2);
+        const Tensor dy = random_tensor({xs[0], xs[1], xs[2], ws[0]}, 3);
+        std::vector<std::vector<float>> y, dx;
+        for (int threads : {1, 2, 3}) {
+            set_compute_threads(threads);
+            Variable xv(x, true), wv(w, true);
+            const Variable out = conv2d(xv, wv, Variable(), {1, 0, false, 1});
+            out.backward(dy);
+            y.push_back(out.value().to_vector());
+            dx.push_back(xv.grad().to_vector());
+        }
+        set_compute_threads(threads_before);
+        CHECK(y[0] == y[1]);
+        CHECK(y[0] == y[2]);
+        CHECK(dx[0] == dx[1]);
+        CHECK(dx[0] == dx[2]);
     }
 }

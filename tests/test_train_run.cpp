@@ -124,15 +124,15 @@ TEST_CASE("A run end to end on a generated image folder: loss falls, files, metr
     test::TempDir dir;
     test::make_image_folder(dir / "images");
     TrainConfig c = test::tiny_config(dir / "images", dir / "run");
-    c.epochs = 3;
+    c.epochs = 5;  // fewer steps of batch 8 with batch norm are too noisy to see the loss fall
     const RunResult r = run_training(c);
-    const auto lines = check_finished_run(c, r, 4 * 6);  // 48 images, batch 8: 6 steps per epoch
+    const auto lines = check_finished_run(c, r, 6 * 6);  // 48 images, batch 8: 6 steps per epoch
     const auto epochs = of_type(lines, "epoch");
-    CHECK(epochs[0].at("train_loss").get<double>() > epochs[2].at("train_loss").get<double>());  // float learns
+    CHECK(epochs[0].at("train_loss").get<double>() > epochs[4].at("train_loss").get<double>() + 0.1);  // float learns
     // Three easy classes: well above chance (1/3) on the training batches. (The
     // test accuracy needs batch norm's running statistics to settle, which
-    // takes more than 18 steps; the Fashion-MNIST run checks it.)
-    CHECK(epochs[2].at("train_top1").get<double>() > 0.5);
+    // takes more than 30 steps; the Fashion-MNIST run checks it.)
+    CHECK(epochs[4].at("train_top1").get<double>() > 0.5);
 }
 
 TEST_CASE("A run end to end on a subset of Fashion-MNIST") {
