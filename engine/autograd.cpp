@@ -77,7 +77,10 @@ void Variable::backward(const Tensor& seed) const {
     // Depth-first post-order gives a topological order (inputs before users);
     // an explicit stack keeps deep networks from overflowing the call stack.
     // `order` holds Variables (owning references): freeing a node's inputs
-    // below must not destroy a node that is still to be processed.
+    // below must not destroy a node that is still to be processed. Once a
+    // node is processed its entry is dropped, so an intermediate value that
+    // nothing else holds is freed right away: the activations go one by one
+    // while the (growing) gradients of the early layers are made.
     std::vector<Variable> order;
     std::unordered_set<Node*> seen{node_.get()};
     std::vector<std::pair<Variable, size_t>> stack{{*this, 0}};
@@ -107,6 +110,7 @@ void Variable::backward(const Tensor& seed) const {
             n->grad = Tensor();
             n->freed = true;
         }
+        *it = Variable();
     }
 }
 

@@ -11,6 +11,11 @@
 // one reduction pass (per-channel sums) and one per-channel affine pass:
 //   forward:  sums of x and x*x    -> mean, var;      y  = s * (x - mean) + beta
 //   backward: sums of dy and dy*x  -> dgamma, dbeta;  dx = a * (x - mean) + s * dy + d
+//
+// batch_norm_relu6 is relu6(batch_norm(x)) as one op. Its graph node keeps x
+// and the output but not the normalised value between them, which the two
+// separate ops would keep alive until backward (one activation-sized tensor
+// per conv-BN-ReLU6 block).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -63,50 +68,61 @@ ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t c
     return s;
 }
 
-// out[r, c] = a[c] * (u[r, c] - m[c]) + b[c] * v[r, c] + d[c]; v may be null.
-// Subtracting the mean before scaling keeps full float precision when a
-// channel's mean is large against its spread.
+// out[r, c] = clamp(a[c] * (u[r, c] - m[c]) + b[c] * v[r, c] + d[c]); v may be
+// null. Subtracting the mean before scaling keeps full float precision when a
+// channel's mean is large against its spread. `clamp` maps the value before
+// it is stored (identity, or ReLU6 in the fused op). out may be v or u: every
+// element is read before it is written.
+template <class Clamp>
 void channel_affine(float* out, const float* u, const float* m, const float* a, const float* v, const float* b,
-                    const float* d, int64_t rows, int64_t channels) {
+                    const float* d, int64_t rows, int64_t channels, Clamp clamp) {
 #pragma omp parallel for schedule(static) if (rows * channels >= kMinParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * channels;
         if (v) {
-            for (int64_t c = 0; c < channels; ++c) out[o + c] = a[c] * (u[o + c] - m[c]) + b[c] * v[o + c] + d[c];
+            for (int64_t c = 0; c < channels; ++c)
+                out[o + c] = clamp(a[c] * (u[o + c] - m[c]) + b[c] * v[o + c] + d[c]);
         } else {
-            for (int64_t c = 0; c < channels; ++c) out[o + c] = a[c] * (u[o + c] - m[c]) + d[c];
+            for (int64_t c = 0; c < channels; ++c) out[o + c] = clamp(a[c] * (u[o + c] - m[c]) + d[c]);
         }
     }
 }
+const auto kIdentity = [](float v) { return v; };
+const auto kReLU6 = [](float v) { return std::min(std::max(v, 0.0f), 6.0f); };
 
-void check_vector(const char* name, const Tensor& t, int64_t channels, const Shape& x_shape) {
-    HFQ_CHECK(t.defined() && t.dtype() == DType::f32 && t.shape() == Shape{channels}, "batch_norm: ", name,
+void check_vector(const char* op, const char* name, const Tensor& t, int64_t channels, const Shape& x_shape) {
+    HFQ_CHECK(t.defined() && t.dtype() == DType::f32 && t.shape() == Shape{channels}, op, ": ", name,
               " must be an f32 tensor of shape [", channels, "] for input ", shape_str(x_shape), ", got ",
               t.defined() ? shape_str(t.shape()) + " " + dtype_name(t.dtype()) : std::string("an undefined tensor"));
 }
 
-}  // namespace
+// What one call normalises with, {C} each: y = scale * (x - mean) + beta.
+struct Normalisation {
+    Tensor mean, inv_std;  // inv_std = 1 / sqrt(var + eps)
+    Tensor scale;          // gamma * inv_std
+};
 
-Variable batch_norm(const Variable& x, const Variable& gamma, const Variable& beta, Tensor& running_mean,
-                    Tensor& running_var, bool training, float momentum, float eps) {
+// Checks the arguments of `op`; in training computes the batch statistics and
+// updates the running ones, in evaluation reads the running ones.
+Normalisation normalisation(const char* op, const Variable& x, const Variable& gamma, const Variable& beta,
+                            Tensor& running_mean, Tensor& running_var, bool training, float momentum, float eps) {
     const Tensor& xv = x.value();
-    HFQ_CHECK(xv.rank() == 4 && xv.dtype() == DType::f32, "batch_norm: input must be an f32 {N,H,W,C} tensor, got ",
+    HFQ_CHECK(xv.rank() == 4 && xv.dtype() == DType::f32, op, ": input must be an f32 {N,H,W,C} tensor, got ",
               shape_str(xv.shape()), " ", dtype_name(xv.dtype()));
     const int64_t channels = xv.dim(3);
     const int64_t rows = xv.numel() / std::max<int64_t>(channels, 1);  // N*H*W values per channel
-    check_vector("gamma", gamma.defined() ? gamma.value() : Tensor(), channels, xv.shape());
-    check_vector("beta", beta.defined() ? beta.value() : Tensor(), channels, xv.shape());
-    check_vector("running_mean", running_mean, channels, xv.shape());
-    check_vector("running_var", running_var, channels, xv.shape());
-    HFQ_CHECK(eps > 0, "batch_norm: eps must be positive, got ", eps);
-    HFQ_CHECK(momentum >= 0 && momentum <= 1, "batch_norm: momentum must be in [0, 1], got ", momentum);
-    HFQ_CHECK(!training || rows > 1, "batch_norm: training needs more than one value per channel, input ",
+    check_vector(op, "gamma", gamma.defined() ? gamma.value() : Tensor(), channels, xv.shape());
+    check_vector(op, "beta", beta.defined() ? beta.value() : Tensor(), channels, xv.shape());
+    check_vector(op, "running_mean", running_mean, channels, xv.shape());
+    check_vector(op, "running_var", running_var, channels, xv.shape());
+    HFQ_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+    HFQ_CHECK(momentum >= 0 && momentum <= 1, op, ": momentum must be in [0, 1], got ", momentum);
+    HFQ_CHECK(!training || rows > 1, op, ": training needs more than one value per channel, input ",
               shape_str(xv.shape()));
-    HFQ_CHECK(training || rows > 0, "batch_norm: empty input ", shape_str(xv.shape()));
+    HFQ_CHECK(training || rows > 0, op, ": empty input ", shape_str(xv.shape()));
 
-    // The statistics this call normalises with: {C} each.
     Tensor mean = Tensor::empty({channels});
-    Tensor inv_std = Tensor::empty({channels});  // 1 / sqrt(var + eps)
+    Tensor inv_std = Tensor::empty({channels});
     if (training) {
         const ChannelSums s = channel_sums(xv.f32(), xv.f32(), rows, channels);
         float* rm = running_mean.f32();
@@ -128,47 +144,92 @@ Variable batch_norm(const Variable& x, const Variable& gamma, const Variable& be
             inv_std.f32()[c] = static_cast<float>(1.0 / std::sqrt(double(running_var.f32()[c]) + eps));
         }
     }
+    Tensor scale = mul(gamma.value(), inv_std);
+    return {mean, inv_std, scale};
+}
 
-    // y = s * (x - mean) + beta with s = gamma * inv_std.
-    Tensor s = mul(gamma.value(), inv_std);
+// The normalisation's output, mapped by clamp: {N,H,W,C}.
+template <class Clamp>
+Tensor normalise(const Tensor& xv, const Normalisation& n, const Tensor& beta, Clamp clamp) {
+    const int64_t channels = n.mean.numel(), rows = xv.numel() / channels;
     Tensor y = Tensor::empty(xv.shape());
-    channel_affine(y.f32(), xv.f32(), mean.f32(), s.f32(), nullptr, nullptr, beta.value().f32(), rows, channels);
+    channel_affine(y.f32(), xv.f32(), n.mean.f32(), n.scale.f32(), nullptr, nullptr, beta.f32(), rows, channels,
+                   clamp);
+    return y;
+}
 
-    return make_result(y, "batch_norm", {x, gamma, beta}, [x, gamma, beta, mean, inv_std, s, training](const Tensor& dy) {
-        const Tensor& xv = x.value();
-        const int64_t channels = mean.numel();
-        const int64_t rows = xv.numel() / channels;
-        const ChannelSums sums = channel_sums(dy.f32(), xv.f32(), rows, channels);
-        // With xhat = (x - mean) * inv_std:
-        //   dbeta = sum dy,   dgamma = sum dy * xhat = inv_std * (sum dy*x - mean * sum dy).
-        // Training (mean and var depend on x):
-        //   dx = s * (dy - dbeta / R - xhat * dgamma / R)
-        //      = a * (x - mean) + s * dy + d,   a = -s * inv_std * dgamma / R,   d = -s * dbeta / R.
-        // Evaluation (fixed statistics): dx = s * dy.
-        Tensor dgamma = Tensor::empty({channels});
-        Tensor dbeta = Tensor::empty({channels});
-        Tensor a = Tensor::empty({channels});
-        Tensor d = Tensor::empty({channels});
-        for (int64_t c = 0; c < channels; ++c) {
-            const double is = inv_std.f32()[c], sc = s.f32()[c];
-            const double dg = is * (sums.uv[c] - mean.f32()[c] * sums.u[c]);
-            dgamma.f32()[c] = static_cast<float>(dg);
-            dbeta.f32()[c] = static_cast<float>(sums.u[c]);
-            a.f32()[c] = static_cast<float>(-sc * is * dg / rows);
-            d.f32()[c] = static_cast<float>(-sc * sums.u[c] / rows);
+// Backward of y = scale * (x - mean) + beta for the gradient dy. dx is where
+// dx goes: a fresh tensor, or dy itself when the caller owns dy.
+void normalisation_backward(const Variable& x, const Variable& gamma, const Variable& beta, const Normalisation& n,
+                            bool training, const Tensor& dy, Tensor dx) {
+    const Tensor& xv = x.value();
+    const int64_t channels = n.mean.numel();
+    const int64_t rows = xv.numel() / channels;
+    const float* mean = n.mean.f32();
+    const float* inv_std = n.inv_std.f32();
+    const float* s = n.scale.f32();
+    const ChannelSums sums = channel_sums(dy.f32(), xv.f32(), rows, channels);
+    // With xhat = (x - mean) * inv_std:
+    //   dbeta = sum dy,   dgamma = sum dy * xhat = inv_std * (sum dy*x - mean * sum dy).
+    // Training (mean and var depend on x):
+    //   dx = s * (dy - dbeta / R - xhat * dgamma / R)
+    //      = a * (x - mean) + s * dy + d,   a = -s * inv_std * dgamma / R,   d = -s * dbeta / R.
+    // Evaluation (fixed statistics): dx = s * dy.
+    Tensor dgamma = Tensor::empty({channels});
+    Tensor dbeta = Tensor::empty({channels});
+    Tensor a = Tensor::empty({channels});
+    Tensor d = Tensor::empty({channels});
+    for (int64_t c = 0; c < channels; ++c) {
+        const double is = inv_std[c], sc = s[c];
+        const double dg = is * (sums.uv[c] - mean[c] * sums.u[c]);
+        dgamma.f32()[c] = static_cast<float>(dg);
+        dbeta.f32()[c] = static_cast<float>(sums.u[c]);
+        a.f32()[c] = static_cast<float>(-sc * is * dg / rows);
+        d.f32()[c] = static_cast<float>(-sc * sums.u[c] / rows);
+    }
+    if (x.requires_grad()) {
+        if (training) {
+            channel_affine(dx.f32(), xv.f32(), mean, a.f32(), dy.f32(), s, d.f32(), rows, channels, kIdentity);
+        } else {
+            const Tensor zero = Tensor::zeros({channels});
+            channel_affine(dx.f32(), dy.f32(), zero.f32(), s, nullptr, nullptr, zero.f32(), rows, channels,
+                           kIdentity);
         }
-        if (x.requires_grad()) {
-            Tensor dx = Tensor::empty(xv.shape());
-            if (training) {
-                channel_affine(dx.f32(), xv.f32(), mean.f32(), a.f32(), dy.f32(), s.f32(), d.f32(), rows, channels);
-            } else {
-                const Tensor zero = Tensor::zeros({channels});
-                channel_affine(dx.f32(), dy.f32(), zero.f32(), s.f32(), nullptr, nullptr, zero.f32(), rows, channels);
-            }
-            x.accumulate_grad(dx);
-        }
-        gamma.accumulate_grad(dgamma);
-        beta.accumulate_grad(dbeta);
+        x.accumulate_grad(dx);
+    }
+    gamma.accumulate_grad(dgamma);
+    beta.accumulate_grad(dbeta);
+}
+
+}  // namespace
+
+Variable batch_norm(const Variable& x, const Variable& gamma, const Variable& beta, Tensor& running_mean,
+                    Tensor& running_var, bool training, float momentum, float eps) {
+    const Normalisation n =
+        normalisation("batch_norm", x, gamma, beta, running_mean, running_var, training, momentum, eps);
+    Tensor y = normalise(x.value(), n, beta.value(), kIdentity);
+    return make_result(y, "batch_norm", {x, gamma, beta}, [x, gamma, beta, n, training](const Tensor& dy) {
+        normalisation_backward(x, gamma, beta, n, training, dy, Tensor::empty(dy.shape()));
+    });
+}
+
+Variable batch_norm_relu6(const Variable& x, const Variable& gamma, const Variable& beta, Tensor& running_mean,
+                          Tensor& running_var, bool training, float momentum, float eps) {
+    const Normalisation n =
+        normalisation("batch_norm_relu6", x, gamma, beta, running_mean, running_var, training, momentum, eps);
+    Tensor y = normalise(x.value(), n, beta.value(), kReLU6);
+    // Keeps x and y, not the normalised value between them: ReLU6 passes the
+    // gradient where 0 < y < 6 (as PyTorch's hardtanh, strictly inside),
+    // which is where the normalised value lies in (0, 6).
+    return make_result(y, "batch_norm_relu6", {x, gamma, beta}, [x, gamma, beta, n, training, y](const Tensor& dy) {
+        Tensor g = Tensor::empty(dy.shape());  // dy through the ReLU6; then dx, in place
+        const float* py = y.f32();
+        const float* pdy = dy.f32();
+        float* pg = g.f32();
+        const int64_t count = g.numel();
+#pragma omp parallel for schedule(static) if (count >= kMinParallelElements)
+        for (int64_t i = 0; i < count; ++i) pg[i] = py[i] > 0.0f && py[i] < 6.0f ? pdy[i] : 0.0f;
+        normalisation_backward(x, gamma, beta, n, training, g, g);
     });
 }
 

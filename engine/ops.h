@@ -35,6 +35,10 @@ Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias,
 // Evaluation: normalise with the running statistics, buffers unchanged.
 Variable batch_norm(const Variable& x, const Variable& gamma, const Variable& beta, Tensor& running_mean,
                     Tensor& running_var, bool training, float momentum = 0.1f, float eps = 1e-5f);
+// relu6(batch_norm(...)) with the same arguments, results and running-
+// statistics update, holding less memory until backward.
+Variable batch_norm_relu6(const Variable& x, const Variable& gamma, const Variable& beta, Tensor& running_mean,
+                          Tensor& running_var, bool training, float momentum = 0.1f, float eps = 1e-5f);
 
 // ---- Element-wise (engine/elementwise.cpp) --------------------------------
 Variable relu(const Variable& x);

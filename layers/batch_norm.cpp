@@ -21,13 +21,18 @@ BatchNorm2d::BatchNorm2d(int channels, float momentum, float eps)
     register_buffer("num_batches_tracked", &num_batches_tracked_);
 }
 
-Variable BatchNorm2d::forward(const Variable& x) {
+// op is batch_norm or batch_norm_relu6.
+template <class Op>
+Variable BatchNorm2d::apply(Op op, const Variable& x) {
     HFQ_CHECK(x.value().rank() == 4 && x.shape()[3] == channels_, "BatchNorm2d(", channels_,
               "): expected an NHWC input with ", channels_, " channels, got ", shape_str(x.shape()));
-    Variable y = batch_norm(x, weight_, bias_, running_mean_, running_var_, is_training(), momentum_, eps_);
+    Variable y = op(x, weight_, bias_, running_mean_, running_var_, is_training(), momentum_, eps_);
     if (is_training()) num_batches_tracked_.data<int64_t>()[0] += 1;
     return y;
 }
+
+Variable BatchNorm2d::forward(const Variable& x) { return apply(batch_norm, x); }
+Variable BatchNorm2d::forward_relu6(const Variable& x) { return apply(batch_norm_relu6, x); }
 
 std::string BatchNorm2d::describe() const { return cat("BatchNorm2d(", channels_, ")"); }
 

@@ -12,6 +12,10 @@ public:
     explicit BatchNorm2d(int channels, float momentum = 0.1f, float eps = 1e-5f);
 
     Variable forward(const Variable& x) override;
+    // ReLU6(forward(x)) as one op (engine batch_norm_relu6): the same values,
+    // gradients and state updates, without keeping the normalised value alive
+    // until backward. Sequential uses it for a BatchNorm2d followed by a ReLU6.
+    Variable forward_relu6(const Variable& x);
 
     int channels() const { return channels_; }
     float momentum() const { return momentum_; }
@@ -30,6 +34,9 @@ protected:
     void reset_parameters(Rng& rng) override;
 
 private:
+    template <class Op>
+    Variable apply(Op op, const Variable& x);
+
     int channels_;
     float momentum_, eps_;
     Variable weight_, bias_;

@@ -179,10 +179,20 @@ TEST_CASE("a small network's training step matches PyTorch: loss, logits, every 
     Variable x = leaf(f, "net.x");                                          // {4,16,16,3}
     Conv2dParams conv1{.stride = 2, .padding = 1};
     Conv2dParams dw{.stride = 1, .padding = 1, .groups = static_cast<int>(width)};
+    // The two batch norms and their ReLU6 as separate ops, or as the fused op
+    // the layers use in training.
+    bool fused = false;
+    SUBCASE("batch_norm, relu6") {}
+    SUBCASE("batch_norm_relu6") { fused = true; }
+    auto bn_relu6 = [&](const Variable& in, const std::string& bn, Tensor& running_mean, Tensor& running_var) {
+        const Variable &gamma = p[bn + ".gamma"], &beta = p[bn + ".beta"];
+        return fused ? batch_norm_relu6(in, gamma, beta, running_mean, running_var, true, momentum, eps)
+                     : relu6(batch_norm(in, gamma, beta, running_mean, running_var, true, momentum, eps));
+    };
     Variable h = conv2d(x, p["conv1.weight"], Variable(), conv1);          // {4,8,8,8}
-    h = relu6(batch_norm(h, p["bn1.gamma"], p["bn1.beta"], bn1_mean, bn1_var, true, momentum, eps));
+    h = bn_relu6(h, "bn1", bn1_mean, bn1_var);
     h = conv2d(h, p["dw.weight"], Variable(), dw);                         // {4,8,8,8}
-    h = relu6(batch_norm(h, p["bn2.gamma"], p["bn2.beta"], bn2_mean, bn2_var, true, momentum, eps));
+    h = bn_relu6(h, "bn2", bn2_mean, bn2_var);
     Variable logits = linear(global_avg_pool(h), p["fc.weight"], p["fc.bias"]);  // {4,10}
     Variable loss = cross_entropy(logits, labels(f, "net.labels"), meta_float(f, "net.label_smoothing"));
 

@@ -291,6 +291,28 @@ TEST_CASE("batch norm: num_batches_tracked counts training forwards only") {
     CHECK_THROWS_WITH_AS(bn(Variable(random_tensor({2, 4, 4, 5}, 1))), doctest::Contains("3 channels"), Error);
 }
 
+TEST_CASE("Sequential runs BatchNorm2d + ReLU6 as one op while recording gradients, only for those exact types") {
+    struct OwnReLU6 : ReLU6 {};  // stands for a layer put in place of the ReLU6
+    auto block = [](std::shared_ptr<Module> activation) {
+        return std::make_shared<Sequential>(
+            std::vector<std::shared_ptr<Module>>{std::make_shared<BatchNorm2d>(3), std::move(activation)});
+    };
+    const Tensor x = random_tensor({2, 4, 4, 3}, 6, 2.0f);
+    auto fused = block(std::make_shared<ReLU6>()), separate = block(std::make_shared<OwnReLU6>());
+    const Variable y = (*fused)(Variable(x, true));
+    const Variable expected = (*separate)(Variable(x, true));
+    CHECK(y.op_name() == "batch_norm_relu6");
+    CHECK(expected.op_name() == "relu6");
+    CHECK(max_rel_diff(y.value(), expected.value(), 1.0) <= 1e-6);
+    auto& bn = dynamic_cast<BatchNorm2d&>(*fused->child("0"));
+    CHECK(bn.num_batches_tracked() == 1);
+    CHECK(same_values(bn.running_var(), dynamic_cast<BatchNorm2d&>(*separate->child("0")).running_var()));
+    // Without recording, each layer runs as itself (summary() sees both).
+    NoGradGuard no_grad;
+    CHECK((*fused)(Variable(x)).op_name() == "relu6");
+    CHECK(bn.num_batches_tracked() == 2);
+}
+
 TEST_CASE("dropout: seeded by initialize, state restorable, identity in eval") {
     auto model = build_model({.arch = Arch::mobilenet_v2, .width = 0.25, .classes = 4, .dropout = 0.5}, 9);
     auto rngs = model->named_rngs();

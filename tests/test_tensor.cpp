@@ -46,6 +46,34 @@ TEST_CASE("the pool reuses freed blocks instead of asking the OS again") {
     CHECK(after.cached_bytes >= bytes);
 }
 
+TEST_CASE("large blocks: freed neighbours merge and serve another size without asking the OS") {
+    const int64_t floats = int64_t{1} << 20;  // 4 MiB: a large block
+    std::byte* first = nullptr;
+    size_t os_allocations = 0;
+    {
+        Tensor a = Tensor::empty({floats}), b = Tensor::empty({floats});
+        CHECK(reinterpret_cast<uintptr_t>(a.raw()) % 64 == 0);
+        CHECK(static_cast<std::byte*>(b.raw()) == static_cast<std::byte*>(a.raw()) + floats * 4);  // carved in order
+        first = static_cast<std::byte*>(a.raw());
+        os_allocations = pool_stats().os_allocations;
+    }
+    CHECK(pool_stats().cached_bytes >= size_t(2 * floats * 4));
+    // Twice the size: the two freed blocks, merged, at the same address.
+    Tensor c = Tensor::empty({2 * floats});
+    CHECK(static_cast<std::byte*>(c.raw()) == first);
+    // A smaller block of another size reuses the start of a free range too.
+    c = Tensor();
+    Tensor d = Tensor::empty({3 * floats / 2});
+    CHECK(static_cast<std::byte*>(d.raw()) == first);
+    CHECK(pool_stats().os_allocations == os_allocations);
+    // Released: nothing is kept any more (no other large block is alive here).
+    d = Tensor();
+    pool_release_cached();
+    CHECK(pool_stats().cached_bytes == 0);
+    Tensor e = Tensor::empty({floats});  // the address space is still the pool's
+    CHECK(static_cast<std::byte*>(e.raw()) == first);
+}
+
 TEST_CASE("tensor_math") {
     Tensor a = Tensor::from_vector({3}, {1, -2, 3});
     Tensor b = Tensor::from_vector({3}, {0.5f, 0.5f, -1});

@@ -1,0 +1,99 @@
+// batch_norm_relu6: the same values, running statistics and gradients as
+// relu6(batch_norm(x)) (which test_engine_vs_torch checks against PyTorch), in
+// training and evaluation; gradients against finite differences; bad
+// arguments named with the op.
+#include <doctest/doctest.h>
+
+#include <vector>
+
+#include "engine/check.h"
+#include "engine/ops.h"
+#include "engine/tensor_math.h"
+#include "tests/gradcheck.h"
+
+using namespace hfq;
+using testing::random_tensor;
+
+namespace {
+
+// gamma around 2 and beta around 3: the normalised values cover (0, 6) and
+// both clipped ends.
+Tensor around(float centre, int64_t channels, uint64_t seed) {
+    Tensor t = random_tensor({channels}, seed, 0.3f);
+    for (int64_t c = 0; c < channels; ++c) t.f32()[c] += centre;
+    return t;
+}
+
+struct Run {
+    Tensor y, running_mean, running_var, dx, dgamma, dbeta;
+};
+
+Run run(bool fused, bool training, bool x_requires_grad, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+        const Tensor& dy) {
+    Variable xv(x, x_requires_grad), g(gamma, true), b(beta, true);
+    Tensor rm = Tensor::full({gamma.numel()}, 0.25f);
+    Tensor rv = Tensor::full({gamma.numel()}, 1.5f);
+    Variable y = fused ? batch_norm_relu6(xv, g, b, rm, rv, training, 0.2f, 1e-4f)
+                       : relu6(batch_norm(xv, g, b, rm, rv, training, 0.2f, 1e-4f));
+    y.backward(dy);
+    return {y.value(), rm, rv, x_requires_grad ? xv.grad() : Tensor(), g.grad(), b.grad()};
+}
+
+int64_t count_equal(const Tensor& t, float v) {
+    int64_t n = 0;
+    for (float e : t.to_vector()) n += e == v;
+    return n;
+}
+
+}  // namespace
+
+TEST_CASE("batch_norm_relu6 equals relu6(batch_norm(x)): values, running statistics, every gradient") {
+    // 32768 values: several reduction blocks and the multi-threaded passes.
+    const Shape s{8, 16, 16, 16};
+    const Tensor x = random_tensor(s, 1, 2.0f), dy = random_tensor(s, 2);
+    const Tensor gamma = around(2.0f, 16, 3), beta = around(3.0f, 16, 4);
+    for (bool training : {true, false})
+        for (bool x_requires_grad : {true, false}) {
+            CAPTURE(training);
+            CAPTURE(x_requires_grad);
+            const Run f = run(true, training, x_requires_grad, x, gamma, beta, dy);
+            const Run u = run(false, training, x_requires_grad, x, gamma, beta, dy);
+            // Both ends are clipped somewhere, so the mask is exercised.
+            CHECK(count_equal(f.y, 0.0f) > 100);
+            CHECK(count_equal(f.y, 6.0f) > 100);
+            CHECK(max_rel_diff(f.y, u.y, 1.0) <= 1e-6);
+            CHECK(f.running_mean.to_vector() == u.running_mean.to_vector());
+            CHECK(f.running_var.to_vector() == u.running_var.to_vector());
+            CHECK(max_rel_diff(f.dgamma, u.dgamma, 1.0) <= 1e-5);
+            CHECK(max_rel_diff(f.dbeta, u.dbeta, 1.0) <= 1e-5);
+            CHECK(f.dx.defined() == x_requires_grad);
+            if (x_requires_grad) CHECK(max_rel_diff(f.dx, u.dx, 1e-2) <= 1e-5);
+        }
+}
+
+TEST_CASE("batch_norm_relu6 gradients match finite differences, training and evaluation") {
+    Tensor rm = Tensor::zeros({4}), rv = Tensor::full({4}, 1.0f);
+    const std::vector<Tensor> inputs{random_tensor({3, 2, 3, 4}, 10), around(2.0f, 4, 11), around(3.0f, 4, 12)};
+    SUBCASE("training") {
+        testing::check_gradients(
+            [&](const std::vector<Variable>& in) { return batch_norm_relu6(in[0], in[1], in[2], rm, rv, true); },
+            inputs);
+    }
+    SUBCASE("evaluation") {
+        rm = Tensor::from_vector({4}, {0.3f, -0.2f, 1, 0});
+        rv = Tensor::from_vector({4}, {0.5f, 2, 1.5f, 0.8f});
+        testing::check_gradients(
+            [&](const std::vector<Variable>& in) { return batch_norm_relu6(in[0], in[1], in[2], rm, rv, false); },
+            inputs);
+    }
+}
+
+TEST_CASE("batch_norm_relu6 rejects bad arguments with the op's name") {
+    Tensor rm = Tensor::zeros({4}), rv = Tensor::full({4}, 1.0f), bad = Tensor::zeros({3});
+    const Variable x(random_tensor({2, 2, 2, 4}, 17)), g(Tensor::full({4}, 1.0f)), b(Tensor::zeros({4}));
+    CHECK_THROWS_WITH_AS(batch_norm_relu6(Variable(Tensor::zeros({2, 4})), g, b, rm, rv, true),
+                         doctest::Contains("batch_norm_relu6: input must be"), Error);
+    CHECK_THROWS_WITH_AS(batch_norm_relu6(x, Variable(bad), b, rm, rv, true),
+                         doctest::Contains("batch_norm_relu6: gamma must be"), Error);
+    CHECK_THROWS_WITH_AS(batch_norm_relu6(x, g, b, rm, rv, true, 1.5f), doctest::Contains("momentum"), Error);
+}
