@@ -49,7 +49,8 @@ int main(int argc, char** argv) {
     app.add_option("--fixes", o.fixes,
                    "Fix variants of each method, comma-separated: default (the method as specified), none (every "
                    "fix off), or one fix alone: outlier-mask, second-moments (msqe-po2, learnable-po2-msqe-round), "
-                   "line-search, stable-exponent (msqe-po2); a fix that does not apply to a method makes no cell")
+                   "line-search, stable-exponent (msqe-po2); or all (msqe-po2 with every fix on: its defaults plus the stable "
+                   "exponent); a fix that does not apply to a method makes no cell")
         ->delimiter(',')->default_str(joined(o.fixes))->group(grid);
     app.add_option("--float-checkpoint", o.float_checkpoints,
                    "Start from this float model (repeatable, one per architecture; its metadata says which); "

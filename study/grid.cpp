@@ -72,6 +72,7 @@ std::string CellSpec::id() const { return arch + "-" + method + (fix == "default
 std::string CellSpec::label() const {
     if (fix == "default") return method;
     if (fix == "none") return method + ", no fixes";
+    if (fix == "all") return method + ", all fixes";
     return method + " + " + fix;
 }
 
@@ -82,14 +83,15 @@ const std::vector<std::string>& grid_methods() {
 }
 
 const std::vector<std::string>& grid_fixes() {
-    static const std::vector<std::string> f{"default",        "none",        "outlier-mask",
-                                            "second-moments", "line-search", "stable-exponent"};
+    static const std::vector<std::string> f{"default",     "none",           "outlier-mask", "second-moments",
+                                            "line-search", "stable-exponent", "all"};
     return f;
 }
 
 bool fix_applies(const std::string& fix, const std::string& method) {
     if (fix == "default") return true;
     if (method == "msqe-po2") return true;
+    // learnable-po2-msqe-round's "all" would be its default: no cell.
     // Round-to-Lower-MSQE weighs its error by the mask and the second moments;
     // ceil rounding, the baseline and lsq have nothing a fix could change.
     if (method == "learnable-po2-msqe-round") return fix == "none" || fix == "outlier-mask" || fix == "second-moments";
@@ -136,14 +138,14 @@ TrainConfig cell_train_config(const StudyOptions& options, const CellSpec& cell,
     c.quantizer = learnable ? "learnable-po2" : cell.method;
     if (learnable) c.rounding = cell.method == "learnable-po2-ceil" ? "ceil" : "msqe-round";
     c.stable_start_step = c.stable_switch_step = -1;
-    if (cell.fix != "default") {
+    if (cell.fix != "default" && cell.fix != "all") {
         c.outlier_mask = cell.fix == "outlier-mask";
         c.second_moments = cell.fix == "second-moments";
         c.line_search = cell.fix == "line-search";
-        if (cell.fix == "stable-exponent") {
-            c.stable_start_step = std::llround(options.stable_start * double(qat_steps));
-            c.stable_switch_step = std::llround(options.stable_switch * double(qat_steps));
-        }
+    }
+    if (cell.fix == "stable-exponent" || cell.fix == "all") {
+        c.stable_start_step = std::llround(options.stable_start * double(qat_steps));
+        c.stable_switch_step = std::llround(options.stable_switch * double(qat_steps));
     }
     return c;
 }

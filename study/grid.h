@@ -18,6 +18,9 @@
 //   line-search      msqe-po2
 //   stable-exponent  msqe-po2 (averaging from stable_start of the QAT steps,
 //                    switched at stable_switch)
+// and, for the stable exponent in the paper's setting:
+//   all              msqe-po2 with every fix on: its defaults plus the stable
+//                    exponent
 // A fix that does not apply to a method makes no cell for it.
 #pragma once
 #include <string>

@@ -13,6 +13,8 @@
 #include <opencv2/imgproc.hpp>
 
 #include "engine/random.h"
+#include "layers/checkpoint.h"
+#include "layers/model.h"
 #include "quant/quantizer.h"
 #include "study/flips.h"
 #include "study/plot.h"
@@ -217,4 +219,45 @@ TEST_CASE("A tiny study: float model, two methods, the report; run again, nothin
     } catch (const Error& e) {
         CHECK(std::string(e.what()).find("--bits differs") != std::string::npos);
     }
+}
+
+TEST_CASE("The grid: which fixes make cells, and each cell's quantizer options") {
+    test::TempDir dir;
+    const std::string float_file = dir / "float.safetensors";
+    ModelConfig m;
+    m.arch = Arch::mobilenet_v1;
+    m.width = 0.25;
+    m.classes = 10;
+    m.small_input = true;
+    m.input_channels = 1;
+    save_checkpoint(float_file, *build_model(m, 1));
+
+    study::StudyOptions o;
+    o.archs = {"v1"};
+    o.fixes = {"default", "none", "stable-exponent", "all"};
+    std::vector<std::string> ids;
+    for (const study::CellSpec& c : study::make_grid(o)) ids.push_back(c.id());
+    // msqe-po2 takes every fix; msqe-round the mask and second moments (and none); the others only default.
+    CHECK(ids == std::vector<std::string>{"v1-msqe-baseline", "v1-msqe-po2", "v1-msqe-po2.none",
+                                          "v1-msqe-po2.stable-exponent", "v1-msqe-po2.all", "v1-learnable-po2-ceil",
+                                          "v1-learnable-po2-msqe-round", "v1-learnable-po2-msqe-round.none",
+                                          "v1-lsq"});
+
+    auto config = [&](const std::string& method, const std::string& fix) {
+        return study::cell_train_config(o, {"v1", method, fix}, float_file, dir / "run", 100);
+    };
+    const TrainConfig all = config("msqe-po2", "all"), alone = config("msqe-po2", "stable-exponent"),
+                      plain = config("msqe-po2", "default");
+    CHECK((all.outlier_mask && all.second_moments && all.line_search));  // the defaults ...
+    CHECK(all.stable_start_step == 50);                                   // ... plus the stable exponent
+    CHECK(all.stable_switch_step == 80);
+    CHECK((!alone.outlier_mask && !alone.second_moments && !alone.line_search));  // the fix alone
+    CHECK(alone.stable_start_step == 50);
+    CHECK((plain.outlier_mask && plain.second_moments && plain.line_search));
+    CHECK(plain.stable_start_step == -1);
+    const TrainConfig round = config("learnable-po2-msqe-round", "default");
+    CHECK(round.quantizer == "learnable-po2");
+    CHECK(round.rounding == "msqe-round");
+    CHECK(round.width == 0.25);  // the float checkpoint's model
+    CHECK(study::CellSpec{"v1", "msqe-po2", "all"}.label() == "msqe-po2, all fixes");
 }
