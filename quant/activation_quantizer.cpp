@@ -28,16 +28,13 @@ int ActivationQuantizer::choose_exponent(const float* x, int64_t n, float e) {
               ", outside the float range of a scale (did training diverge?)");
     if (rounding_ == ExponentRounding::ceil) return int(std::ceil(e));
     if (rounding_ == ExponentRounding::rint) return int(std::nearbyint(e));
-    const int lo = int(std::floor(e)), hi = int(std::ceil(e));
-    if (lo == hi) return hi;
+    if (std::floor(e) == std::ceil(e)) return int(e);
     // Round-to-Lower-MSQE with w = 1[|x| <= 2^e (qp + 0.5)] (no second moments:
     // an activation has no per-element state).
     const double limit = std::exp2(double(e)) * (grid_.qp + 0.5);
     mask_.resize(n);
     group_element_weights(x, nullptr, false, limit, n, mask_.data());
-    const bool lower = weighted_error(x, mask_.data(), n, exp2_scale(lo), grid_) <
-                       weighted_error(x, mask_.data(), n, exp2_scale(hi), grid_);
-    return lower ? lo : hi;  // ties go to ceil
+    return msqe_rounded_exponent(x, mask_.data(), n, e, grid_);
 }
 
 Variable ActivationQuantizer::forward(const Variable& input) {

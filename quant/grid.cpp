@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <limits>
 
@@ -84,12 +85,15 @@ struct Sum {
 // is the same number as v / s: both are the real v * 2^-k rounded once. A
 // multiplication costs a fraction of a division, and these loops are made of
 // little else. Any other s (lsq's learned real scale) keeps the division.
+bool has_exact_inverse(float s) {
+    int exponent = 0;
+    return std::frexp(s, &exponent) == 0.5f && std::isfinite(1.0f / s);
+}
+
 template <class F>
 auto with_divide(float s, F&& f) {
-    int exponent = 0;
     const float inverse = 1.0f / s;
-    if (std::frexp(s, &exponent) == 0.5f && std::isfinite(inverse))
-        return f([inverse](float v) { return v * inverse; });
+    if (has_exact_inverse(s)) return f([inverse](float v) { return v * inverse; });
     return f([s](float v) { return v / s; });
 }
 
@@ -98,6 +102,14 @@ template <class F>
 auto with_rounding(Rounding r, F&& f) {
     if (r == Rounding::half_away) return f([](float v) { return round_half_away(v); });
     return f([](float v) { return rint_even(v); });
+}
+
+// w (x - s q)^2 for one element with code q, in double. s q is exact (a
+// power of two times a small integer), so d is x - s q exactly. One function
+// for group_sums and weighted_errors: they must give the same numbers.
+inline double error_term(float x, double w, double s, double q) {
+    const double d = double(x) - s * q;
+    return w * d * d;
 }
 
 // group_sums over one chunk; weight(i) is w[i] or 1.
@@ -110,8 +122,7 @@ GroupSums chunk_group_sums(const float* x, int64_t n, float s, const Grid& g, Di
     over_lanes(n, [&](int lane, int64_t i) {
         const double q = std::min(std::max(round(divide(x[i])), lo), hi);
         const double wi = weight(i);
-        const double d = double(x[i]) - sd * q;
-        err[lane] += wi * d * d;
+        err[lane] += error_term(x[i], wi, sd, q);
         wqx[lane] += wi * q * x[i];
         wqq[lane] += wi * q * q;
     });
@@ -132,6 +143,90 @@ GroupSums group_sums(const float* x, const float* w, int64_t n, float s, const G
             });
         });
     });
+}
+
+namespace {
+
+// weighted_errors over one chunk for NC scales whose reciprocals are exact
+// (x / s = x * inverse, as group_sums computes it), codes rounded half to even.
+template <int NC, class Weight>
+std::array<double, NC> chunk_errors(const float* __restrict x, int64_t n, const float* inverse,
+                                    const double* scale, float lo, float hi, Weight weight) {
+    double err[NC][kLanes] = {};
+    over_lanes(n, [&](int lane, int64_t i) {
+        const double wi = weight(i);
+        for (int c = 0; c < NC; ++c) {
+            const double q = std::min(std::max(rint_even(x[i] * inverse[c]), lo), hi);
+            err[c][lane] += error_term(x[i], wi, scale[c], q);
+        }
+    });
+    std::array<double, NC> out;
+    for (int c = 0; c < NC; ++c) out[c] = add_lanes(err[c]);
+    return out;
+}
+
+// Calls f(std::integral_constant<int, count>) for count in 1..kErrorsPerPass:
+// the kernel's candidate loop has a fixed length and unrolls.
+template <int NC = kErrorsPerPass, class F>
+void with_count(int count, F&& f) {
+    if constexpr (NC > 1)
+        if (count < NC) return with_count<NC - 1>(count, f);
+    f(std::integral_constant<int, NC>{});
+}
+
+template <int NC>
+struct Errors {
+    std::array<double, NC> value{};
+    Errors& operator+=(const Errors& o) {
+        for (int c = 0; c < NC; ++c) value[c] += o.value[c];
+        return *this;
+    }
+};
+
+}  // namespace
+
+void weighted_errors(const float* x, const float* w, int64_t n, const float* scales, int count, const Grid& g,
+                     double* errors) {
+    // Scales without an exact reciprocal (none a power-of-two search tries
+    // inside float's range) take group_sums' division path, one pass each.
+    std::vector<float> inverse;
+    std::vector<double> scale;
+    std::vector<int> index;
+    for (int j = 0; j < count; ++j) {
+        if (!has_exact_inverse(scales[j])) {
+            errors[j] = weighted_error(x, w, n, scales[j], g);
+            continue;
+        }
+        inverse.push_back(1.0f / scales[j]);
+        scale.push_back(scales[j]);
+        index.push_back(j);
+    }
+    const float lo = float(-g.qn), hi = float(g.qp);
+    for (size_t first = 0; first < index.size(); first += kErrorsPerPass) {
+        const int batch = int(std::min<size_t>(kErrorsPerPass, index.size() - first));
+        const float* inv = inverse.data() + first;
+        const double* sc = scale.data() + first;
+        with_count(batch, [&](auto nc) {
+            constexpr int NC = decltype(nc)::value;
+            const Errors<NC> total = reduce_chunks<Errors<NC>>(n, [&](int64_t begin, int64_t end) {
+                const float* xc = x + begin;
+                if (!w) return Errors<NC>{chunk_errors<NC>(xc, end - begin, inv, sc, lo, hi, [](int64_t) { return 1.0; })};
+                const float* wc = w + begin;
+                return Errors<NC>{
+                    chunk_errors<NC>(xc, end - begin, inv, sc, lo, hi, [wc](int64_t i) { return double(wc[i]); })};
+            });
+            for (int c = 0; c < NC; ++c) errors[index[first + c]] = total.value[c];
+        });
+    }
+}
+
+int msqe_rounded_exponent(const float* x, const float* w, int64_t n, double e, const Grid& g) {
+    const int lo = int(std::floor(e)), hi = int(std::ceil(e));
+    if (lo == hi) return hi;
+    const float scales[2] = {exp2_scale(lo), exp2_scale(hi)};
+    double errors[2];
+    weighted_errors(x, w, n, scales, 2, g, errors);
+    return errors[0] < errors[1] ? lo : hi;
 }
 
 double population_std(const float* x, int64_t n) {

@@ -148,6 +148,22 @@ inline double weighted_error(const float* x, const float* w, int64_t n, float s,
     return group_sums(x, w, n, s, g).error;
 }
 
+// E(s) at several scales (codes rounded half to even): errors[j] is exactly
+// weighted_error(x, w, n, scales[j], g) -- the same arithmetic per element,
+// the same summation order -- but one pass over x and w serves up to
+// kErrorsPerPass scales (more would not fit the AVX2 registers), and it
+// leaves out the least-squares sums. The searches that compare candidate
+// scales (msqe-po2's line search, the msqe-round of learnable-po2 and of
+// activations) spend most of their time here: msqe-po2's six line-search
+// candidates cost about half of six group_sums passes (1M weights, 1 thread).
+constexpr int kErrorsPerPass = 3;
+void weighted_errors(const float* x, const float* w, int64_t n, const float* scales, int count, const Grid& g,
+                     double* errors);
+
+// Round-to-lower-MSQE (spec 4.1) of a continuous log2-scale e: floor(e) or
+// ceil(e), whichever has the lower E(2^k) with weights w; ties go to ceil.
+int msqe_rounded_exponent(const float* x, const float* w, int64_t n, double e, const Grid& g);
+
 // LS = po2( mean(w q x) / (mean(w q q) + 1e-7) ), from the sums over the
 // group's n elements (the 1e-7 sits on the denominator of the MEAN form).
 int least_squares_exponent(double sum_wqx, double sum_wqq, int64_t n);

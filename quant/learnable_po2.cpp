@@ -39,12 +39,7 @@ Quantizer::ScaleChoice LearnablePo2Quantizer::choose_scales(const Tensor& x, boo
         for (int64_t gi = 0; gi < groups_.count; ++gi) thresholds[gi] = std::exp2(double(e[gi])) * (grid_.qp + 0.5);
         const float* w = element_weights(x, options_.outlier_mask ? &thresholds : nullptr);
         for_each_group(groups_, [&](int64_t gi) {
-            const int lo = int(std::floor(e[gi])), hi = int(std::ceil(e[gi]));
-            const float* xg = px + gi * n;
-            const float* wg = w ? w + gi * n : nullptr;
-            const bool lower = lo != hi && weighted_error(xg, wg, n, exp2_scale(lo), grid_) <
-                                               weighted_error(xg, wg, n, exp2_scale(hi), grid_);
-            choice.exponent[gi] = lower ? lo : hi;  // ties go to ceil
+            choice.exponent[gi] = msqe_rounded_exponent(px + gi * n, w ? w + gi * n : nullptr, n, e[gi], grid_);
         });
     } else {
         for (int64_t gi = 0; gi < groups_.count; ++gi)

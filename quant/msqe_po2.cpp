@@ -7,11 +7,38 @@
 
 namespace hfq::quant {
 
+GroupErrors::Known* GroupErrors::find(int exponent) {
+    for (Known& k : known_)
+        if (k.exponent == exponent) return &k;
+    return nullptr;
+}
+
 const GroupSums& GroupErrors::at(int exponent) {
-    for (const auto& [e, sums] : known_)
-        if (e == exponent) return sums;
-    known_.emplace_back(exponent, group_sums(x_, w_, n_, exp2_scale(exponent), g_));
-    return known_.back().second;
+    Known* k = find(exponent);
+    if (!k) k = &known_.emplace_back(Known{exponent, {}, false});
+    if (!k->has_least_squares) {
+        k->sums = group_sums(x_, w_, n_, exp2_scale(exponent), g_);
+        k->has_least_squares = true;
+    }
+    return k->sums;
+}
+
+double GroupErrors::error(int exponent) {
+    if (const Known* k = find(exponent)) return k->sums.error;
+    return at(exponent).error;
+}
+
+void GroupErrors::evaluate(const std::vector<int>& exponents) {
+    std::vector<int> todo;
+    std::vector<float> scales;
+    for (int e : exponents)
+        if (!find(e) && std::find(todo.begin(), todo.end(), e) == todo.end()) {
+            todo.push_back(e);
+            scales.push_back(exp2_scale(e));
+        }
+    std::vector<double> errors(todo.size());
+    weighted_errors(x_, w_, n_, scales.data(), int(todo.size()), g_, errors.data());
+    for (size_t j = 0; j < todo.size(); ++j) known_.push_back(Known{todo[j], GroupSums{errors[j], 0, 0}, false});
 }
 
 ExponentSearch least_squares_search(GroupErrors& errors, int start, int iters) {
@@ -28,11 +55,14 @@ ExponentSearch least_squares_search(GroupErrors& errors, int start, int iters) {
 
 ExponentSearch line_search(GroupErrors& errors, ExponentSearch from, int range) {
     const int K = po2_exponent(std::ldexp(1.0, from.exponent));
+    std::vector<int> candidates;
+    for (int d = -range / 2; d <= range / 2; ++d)
+        if (d != 0) candidates.push_back(K + d);
+    errors.evaluate(candidates);  // the ones least squares did not try, in one pass
     ExponentSearch best = from;
-    for (int d = -range / 2; d <= range / 2; ++d) {
-        if (d == 0) continue;
-        const double err = errors.at(K + d).error;
-        if (err < best.error) best = {K + d, err};
+    for (int e : candidates) {
+        const double err = errors.error(e);
+        if (err < best.error) best = {e, err};
     }
     return best;
 }

@@ -25,18 +25,34 @@ struct ExponentSearch {
 // every iteration, and the line search passes over exponents least squares
 // tried). The sums are a function of x, w and e alone, so a remembered value
 // is exactly the one a new pass would give.
+//
+// The line search needs errors only: evaluate() computes those of many
+// exponents in one pass (weighted_errors), and they are the same numbers
+// at() would give.
 class GroupErrors {
 public:
     GroupErrors(const float* x, const float* w, int64_t n, const Grid& g) : x_(x), w_(w), n_(n), g_(g) {}
+    // E and the least-squares sums at 2^exponent.
     const GroupSums& at(int exponent);
+    // E at 2^exponent.
+    double error(int exponent);
+    // Computes E of those exponents not yet known, in shared passes.
+    void evaluate(const std::vector<int>& exponents);
     int64_t size() const { return n_; }
 
 private:
+    struct Known {
+        int exponent;
+        GroupSums sums;
+        bool has_least_squares;  // false: sums.error alone (from evaluate)
+    };
+    Known* find(int exponent);
+
     const float* x_;
     const float* w_;
     int64_t n_;
     Grid g_;
-    std::vector<std::pair<int, GroupSums>> known_;
+    std::vector<Known> known_;
 };
 
 // Step 3: s = 2^start, best = s, q = codes at s; `iters` times:

@@ -211,6 +211,48 @@ TEST_CASE("sums over a group follow the documented order: 8 lanes per chunk, chu
     CHECK(sums.wqq == expect_wqq);
 }
 
+TEST_CASE("weighted_errors: exactly weighted_error's numbers, several scales per pass") {
+    // 2.5 chunks and a tail; 9 scales (two passes: 6 + 3), two of them
+    // without an exact reciprocal (0.3 is no power of two, 2^-140 has an
+    // infinite one), which go through weighted_error's division path.
+    const int64_t n = 2 * kChunk + kChunk / 2 + 5;
+    Rng rng(11);
+    std::vector<float> x(n), w(n);
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = 0.2f * rng.normal();
+        w[i] = rng.uniform();
+    }
+    const std::vector<float> scales{0.0625f, 0.03125f, 0.3f, 0.125f, 0.25f, exp2_scale(-140), 0.015625f, 1.0f, 2.0f};
+    for (const float* weights : {static_cast<const float*>(nullptr), static_cast<const float*>(w.data())})
+        for (int count = 1; count <= int(scales.size()); ++count) {
+            std::vector<double> errors(count);
+            weighted_errors(x.data(), weights, n, scales.data(), count, g4, errors.data());
+            for (int j = 0; j < count; ++j)
+                CHECK_MESSAGE(errors[j] == weighted_error(x.data(), weights, n, scales[j], g4), "scale ", scales[j],
+                              " of ", count, weights ? ", weighted" : "");
+        }
+    // A group of a few elements (one partial chunk), 8 bits.
+    const Grid g8 = make_grid(8, true, "test");
+    double small[3];
+    const float few_scales[3] = {0.5f, 0.01f, 0.001953125f};
+    weighted_errors(x.data(), w.data(), 13, few_scales, 3, g8, small);
+    for (int j = 0; j < 3; ++j) CHECK(small[j] == weighted_error(x.data(), w.data(), 13, few_scales[j], g8));
+}
+
+TEST_CASE("msqe_rounded_exponent: the lower error of floor and ceil, ties to ceil") {
+    // x = 3: at s = 1 the code is 3 (E = 0); at s = 2, rint(1.5) = 2 gives 4 (E = 1).
+    const std::vector<float> x{3.0f};
+    CHECK(msqe_rounded_exponent(x.data(), nullptr, 1, 0.4, g4) == 0);
+    // x = 4: exact at s = 1 and at s = 2, a tie: ceil.
+    const std::vector<float> four{4.0f};
+    CHECK(msqe_rounded_exponent(four.data(), nullptr, 1, 0.4, g4) == 1);
+    // An integer e has nothing to choose.
+    CHECK(msqe_rounded_exponent(x.data(), nullptr, 1, 2.0, g4) == 2);
+    // A zero weight removes the element that decided it: then a tie (E = 0 at both).
+    const std::vector<float> w0{0.0f};
+    CHECK(msqe_rounded_exponent(x.data(), w0.data(), 1, 0.4, g4) == 1);
+}
+
 TEST_CASE("codes at a power-of-two scale equal those of a true division, at every exponent") {
     // The passes multiply by 1/s when s is a power of two (exact); check it
     // against x / s over the whole float range, subnormal quotients included.
