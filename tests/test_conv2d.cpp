@@ -76,6 +76,16 @@ const Case kCases[] = {
     // SAME, stride 2, k 1: H 6 -> 3 with (3-1)*2+1-6 < 0, i.e. no padding.
     {"SAME 1x1 stride 2, negative total clamped to 0", {1, 6, 5, 4}, {3, 4, 1, 1}, {2, 0, true, 1}, {3, 3, 0, 0}},
     {"SAME 5x5 stride 1", {1, 5, 6, 3}, {4, 3, 5, 5}, {1, 0, true, 1}, {5, 6, 2, 2}},
+    // Depthwise: channel counts off oneDNN's blocks, 3x3 and 5x5, stride 1 and
+    // 2, the taps at the borders, tiny images.
+    {"depthwise 3x3, 19 channels (8 + 8 + 3)", {2, 5, 6, 19}, {19, 1, 3, 3}, {1, 1, false, 19}, {5, 6, 1, 1}},
+    {"depthwise 5x5, stride 2, pad 2", {1, 9, 8, 13}, {13, 1, 5, 5}, {2, 2, false, 13}, {5, 4, 2, 2}},
+    {"depthwise SAME 5x5 stride 1", {1, 4, 3, 8}, {8, 1, 5, 5}, {1, 0, true, 8}, {4, 3, 2, 2}},
+    {"depthwise 3x3, stride 2, no padding", {1, 8, 9, 16}, {16, 1, 3, 3}, {2, 0, false, 16}, {3, 4, 0, 0}},
+    {"depthwise 3x3 on a 1x1 image (a small network's tail)", {3, 1, 1, 16}, {16, 1, 3, 3}, {1, 1, false, 16},
+     {1, 1, 1, 1}},
+    {"depthwise 3x3, stride 2 on a 2x2 image", {2, 2, 2, 9}, {9, 1, 3, 3}, {2, 1, false, 9}, {1, 1, 1, 1}},
+    {"depthwise 7x7", {1, 5, 5, 8}, {8, 1, 7, 7}, {1, 3, false, 8}, {5, 5, 3, 3}},
     {"groups 2", {2, 5, 5, 4}, {6, 2, 3, 3}, {1, 1, false, 2}, {5, 5, 1, 1}},
     {"groups 4, 3x1 kernel, no padding", {1, 6, 5, 8}, {8, 2, 3, 1}, {1, 0, false, 4}, {4, 5, 0, 0}},
 };
