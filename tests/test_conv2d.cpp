@@ -78,7 +78,7 @@ const Case kCases[] = {
     {"SAME 5x5 stride 1", {1, 5, 6, 3}, {4, 3, 5, 5}, {1, 0, true, 1}, {5, 6, 2, 2}},
     // Depthwise: channel counts off oneDNN's blocks, 3x3 and 5x5, stride 1 and
     // 2, the taps at the borders, tiny images.
-    {"depthwise 3x3, 19 channels (8 + 8 + 3)", {2, 5, 6, 19}, {19, 1, 3, 3}, {1, 1, false, 19}, {5, 6, 1, 1}},
+    {"depthwise 3x3, 19 channels", {2, 5, 6, 19}, {19, 1, 3, 3}, {1, 1, false, 19}, {5, 6, 1, 1}},
     {"depthwise 5x5, stride 2, pad 2", {1, 9, 8, 13}, {13, 1, 5, 5}, {2, 2, false, 13}, {5, 4, 2, 2}},
     {"depthwise SAME 5x5 stride 1", {1, 4, 3, 8}, {8, 1, 5, 5}, {1, 0, true, 8}, {4, 3, 2, 2}},
     {"depthwise 3x3, stride 2, no padding", {1, 8, 9, 16}, {16, 1, 3, 3}, {2, 0, false, 16}, {3, 4, 0, 0}},
