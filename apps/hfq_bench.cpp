@@ -21,7 +21,9 @@
 //   hfq_bench --models v1 --res 224 --steps 5
 //   hfq_bench --quants none,msqe,lsq            # float and 4-bit QAT on every layer
 //   hfq_bench --ops                             # per-op forward/backward times
+//   hfq_bench --machine                         # FMA peak and memory bandwidth first
 //   hfq_bench --json results.json
+#include <immintrin.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -293,6 +295,64 @@ json in_child(const std::function<json()>& work) {
     return result;
 }
 
+// ---- The machine's limits, for the GFLOP/s and traffic figures above ------
+
+// Twelve independent chains of multiply-adds (more than the FMA latency
+// times the FMA units, so the units never wait): v = v * b + c on `Vec`
+// registers, contracted to one FMA instruction each; the empty asm keeps
+// every step (the compiler may not reorder or fold the chains). Always
+// inlined: in fma_avx512 it is compiled for AVX-512, which the build does not
+// target.
+template <class Vec>
+[[gnu::always_inline]] inline void fma_chains(int64_t iters, Vec b, Vec c) {
+    Vec a[12] = {};
+    for (int64_t it = 0; it < iters; ++it)
+#pragma GCC unroll 12
+        for (Vec& v : a) {
+            v = v * b + c;
+            asm volatile("" : "+x"(v));
+        }
+}
+void fma_avx2(int64_t iters) { fma_chains(iters, _mm256_set1_ps(0.999f), _mm256_set1_ps(1e-3f)); }
+__attribute__((target("avx512f"))) void fma_avx512(int64_t iters) {
+    fma_chains(iters, _mm512_set1_ps(0.999f), _mm512_set1_ps(1e-3f));
+}
+
+// FLOP/s of `chains` (floats_per_vec lanes) run on `threads` threads at once.
+double fma_gflop_s(int threads, void (*chains)(int64_t), int floats_per_vec) {
+    const int64_t iters = 20'000'000;
+    const auto t0 = Clock::now();
+#pragma omp parallel num_threads(threads)
+    chains(iters);
+    return 2.0 * threads * iters * 12 * floats_per_vec / seconds_since(t0) / 1e9;
+}
+
+// y = 1.5 x + 0.5 over 2 x 256 MB (far beyond the caches): bytes read and
+// written per second, the traffic a streaming op like batch norm sees.
+double copy_gb_s(int threads) {
+    const int64_t n = int64_t(64) << 20;
+    std::vector<float> x(n, 1.0f), y(n, 0.0f);
+    double best = 0;
+    for (int rep = 0; rep < 5; ++rep) {
+        const auto t0 = Clock::now();
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < n; ++i) y[i] = 1.5f * x[i] + 0.5f;
+        best = std::max(best, 2.0 * n * sizeof(float) / seconds_since(t0) / 1e9);
+    }
+    return best;
+}
+
+json bench_machine(const Settings& s) {
+    json m = {{"threads", s.threads}};
+    for (int t : {1, s.threads}) {
+        const std::string key = t == 1 ? "1_thread" : "all_threads";
+        m["fma_avx2_gflop_s"][key] = fma_gflop_s(t, fma_avx2, 8);
+        if (__builtin_cpu_supports("avx512f")) m["fma_avx512_gflop_s"][key] = fma_gflop_s(t, fma_avx512, 16);
+        m["copy_gb_s"][key] = copy_gb_s(t);
+    }
+    return m;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -301,7 +361,7 @@ int main(int argc, char** argv) {
     std::vector<std::string> models = {"v1", "v2"};
     std::vector<int> resolutions = {224, 32};
     std::vector<std::string> quants = {"none"};
-    bool ops = false;
+    bool ops = false, machine = false;
     std::string json_path;
     app.add_option("--models", models, "Models: v1, v2")->delimiter(',')->check(CLI::IsMember({"v1", "v2"}));
     app.add_option("--res", resolutions, "Input resolutions (1000 classes, 10 at <= 32)")->delimiter(',');
@@ -317,11 +377,26 @@ int main(int argc, char** argv) {
     app.add_option("--steps", s.steps, "Timed steps, at least")->check(CLI::PositiveNumber);
     app.add_option("--min-time", s.min_time, "Timed seconds, at least")->check(CLI::NonNegativeNumber);
     app.add_flag("--ops", ops, "Also time single ops at MobileNetV1-224 shapes");
+    app.add_flag("--machine", machine,
+                 "First measure this machine's limits: FMA peak (AVX2, and AVX-512 if present) and memory copy");
     app.add_option("--json", json_path, "Write all results to this JSON file");
     CLI11_PARSE(app, argc, argv);
 
     try {
         json results = {{"settings", {{"batch", s.batch}, {"threads", s.threads}}}, {"models", json::array()}};
+        if (machine) {
+            const json m = in_child([&] { return bench_machine(s); });
+            auto row = [&](const char* what, const char* key, const char* unit) {
+                if (m.contains(key))
+                    std::printf("%-28s %8.1f %s on 1 thread, %8.1f on %d\n", what, m[key]["1_thread"].get<double>(),
+                                unit, m[key]["all_threads"].get<double>(), s.threads);
+            };
+            row("FMA peak, AVX2", "fma_avx2_gflop_s", "GFLOP/s");
+            row("FMA peak, AVX-512", "fma_avx512_gflop_s", "GFLOP/s");
+            row("memory copy (read + write)", "copy_gb_s", "GB/s   ");
+            std::printf("\n");
+            results["machine"] = m;
+        }
         std::printf("%-5s %5s %-14s %12s %12s %10s %10s %10s\n", "model", "res", "quant", "train img/s",
                     "infer img/s", "GFLOP/s", "step ms", "peak MB");
         for (const std::string& m : models)
