@@ -27,7 +27,7 @@ fi
 bash scripts/build.sh >/dev/null
 
 out=build/bench; mkdir -p "$out"
-./build/hfq_bench --models "$models" --res "$res" --quants "$quants" --json "$out/hfq.json"
+./build/hfq_bench --machine --models "$models" --res "$res" --quants "$quants" --json "$out/hfq.json"
 /usr/bin/python3 ../shared/bench/torch_baseline.py --models "$models" --res "$res" --quants "$quants" \
   --formats channels_last --mallocs jemalloc --blas-dir "$blas" --min-time 10 --json "$out/torch.json" | tail -n 8
 /usr/bin/python3 - "$out/hfq.json" "$out/torch.json" <<'PY'
