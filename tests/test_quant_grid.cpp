@@ -19,6 +19,20 @@ namespace {
 
 const Grid g4 = make_grid(4, true, "test");
 
+// A group of n values ~ N(0, sd^2) and weights in [0, 1).
+struct RandomGroup {
+    std::vector<float> x, w;
+};
+RandomGroup random_group(int64_t n, uint64_t seed, float sd) {
+    Rng rng(seed);
+    RandomGroup g{std::vector<float>(n), std::vector<float>(n)};
+    for (int64_t i = 0; i < n; ++i) {
+        g.x[i] = sd * rng.normal();
+        g.w[i] = rng.uniform();
+    }
+    return g;
+}
+
 std::vector<float> quantized(const std::vector<float>& x, float s, const Grid& g) {
     std::vector<float> y(x.size());
     quantize_group(x.data(), y.data(), nullptr, false, int64_t(x.size()), s, s, g, Rounding::half_even);
@@ -176,12 +190,7 @@ TEST_CASE("reference 2: per channel, from given start exponents") {
 TEST_CASE("sums over a group follow the documented order: 8 lanes per chunk, chunks in order") {
     // 2.5 chunks, weighted: the sums must equal this loop exactly (grid.h).
     const int64_t n = 2 * kChunk + kChunk / 2 + 3;
-    Rng rng(7);
-    std::vector<float> x(n), w(n);
-    for (int64_t i = 0; i < n; ++i) {
-        x[i] = 0.3f * rng.normal();
-        w[i] = rng.uniform();
-    }
+    const auto [x, w] = random_group(n, 7, 0.3f);
     const float s = 0.125f;
     double expect_error = 0, expect_wqx = 0, expect_wqq = 0;
     for (int64_t begin = 0; begin < n; begin += kChunk) {
@@ -212,16 +221,12 @@ TEST_CASE("sums over a group follow the documented order: 8 lanes per chunk, chu
 }
 
 TEST_CASE("weighted_errors: exactly weighted_error's numbers, several scales per pass") {
-    // 2.5 chunks and a tail; 9 scales (two passes: 6 + 3), two of them
-    // without an exact reciprocal (0.3 is no power of two, 2^-140 has an
-    // infinite one), which go through weighted_error's division path.
+    // 2.5 chunks and a tail; 1 to 9 scales (up to three passes of
+    // kErrorsPerPass), two of them without an exact reciprocal (0.3 is no
+    // power of two, 2^-140 has an infinite one), which go through
+    // weighted_error's division path.
     const int64_t n = 2 * kChunk + kChunk / 2 + 5;
-    Rng rng(11);
-    std::vector<float> x(n), w(n);
-    for (int64_t i = 0; i < n; ++i) {
-        x[i] = 0.2f * rng.normal();
-        w[i] = rng.uniform();
-    }
+    const auto [x, w] = random_group(n, 11, 0.2f);
     const std::vector<float> scales{0.0625f, 0.03125f, 0.3f, 0.125f, 0.25f, exp2_scale(-140), 0.015625f, 1.0f, 2.0f};
     for (const float* weights : {static_cast<const float*>(nullptr), static_cast<const float*>(w.data())})
         for (int count = 1; count <= int(scales.size()); ++count) {
