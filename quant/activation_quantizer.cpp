@@ -28,7 +28,7 @@ int ActivationQuantizer::choose_exponent(const float* x, int64_t n, float e) {
               ", outside the float range of a scale (did training diverge?)");
     if (rounding_ == ExponentRounding::ceil) return int(std::ceil(e));
     if (rounding_ == ExponentRounding::rint) return int(std::nearbyint(e));
-    if (std::floor(e) == std::ceil(e)) return int(e);
+    if (std::floor(e) == std::ceil(e)) return int(e);  // nothing to choose: skip the mask
     // Round-to-Lower-MSQE with w = 1[|x| <= 2^e (qp + 0.5)] (no second moments:
     // an activation has no per-element state).
     const double limit = std::exp2(double(e)) * (grid_.qp + 0.5);

@@ -187,37 +187,41 @@ struct Errors {
 
 void weighted_errors(const float* x, const float* w, int64_t n, const float* scales, int count, const Grid& g,
                      double* errors) {
-    // Scales without an exact reciprocal (none a power-of-two search tries
-    // inside float's range) take group_sums' division path, one pass each.
-    std::vector<float> inverse;
-    std::vector<double> scale;
-    std::vector<int> index;
-    for (int j = 0; j < count; ++j) {
-        if (!has_exact_inverse(scales[j])) {
-            errors[j] = weighted_error(x, w, n, scales[j], g);
-            continue;
-        }
-        inverse.push_back(1.0f / scales[j]);
-        scale.push_back(scales[j]);
-        index.push_back(j);
-    }
+    // Batches of up to kErrorsPerPass scales, on the stack: the searches call
+    // this for every scale group, and a depthwise layer's groups are 9 weights.
+    float inverse[kErrorsPerPass];
+    double scale[kErrorsPerPass];
+    int index[kErrorsPerPass];
+    int batch = 0;
     const float lo = float(-g.qn), hi = float(g.qp);
-    for (size_t first = 0; first < index.size(); first += kErrorsPerPass) {
-        const int batch = int(std::min<size_t>(kErrorsPerPass, index.size() - first));
-        const float* inv = inverse.data() + first;
-        const double* sc = scale.data() + first;
+    auto pass = [&] {
         with_count(batch, [&](auto nc) {
             constexpr int NC = decltype(nc)::value;
             const Errors<NC> total = reduce_chunks<Errors<NC>>(n, [&](int64_t begin, int64_t end) {
                 const float* xc = x + begin;
-                if (!w) return Errors<NC>{chunk_errors<NC>(xc, end - begin, inv, sc, lo, hi, [](int64_t) { return 1.0; })};
+                if (!w)
+                    return Errors<NC>{chunk_errors<NC>(xc, end - begin, inverse, scale, lo, hi, [](int64_t) { return 1.0; })};
                 const float* wc = w + begin;
                 return Errors<NC>{
-                    chunk_errors<NC>(xc, end - begin, inv, sc, lo, hi, [wc](int64_t i) { return double(wc[i]); })};
+                    chunk_errors<NC>(xc, end - begin, inverse, scale, lo, hi, [wc](int64_t i) { return double(wc[i]); })};
             });
-            for (int c = 0; c < NC; ++c) errors[index[first + c]] = total.value[c];
+            for (int c = 0; c < NC; ++c) errors[index[c]] = total.value[c];
         });
+        batch = 0;
+    };
+    for (int j = 0; j < count; ++j) {
+        // A scale without an exact reciprocal (none a power-of-two search
+        // tries inside float's range) takes weighted_error's division path.
+        if (!has_exact_inverse(scales[j])) {
+            errors[j] = weighted_error(x, w, n, scales[j], g);
+            continue;
+        }
+        inverse[batch] = 1.0f / scales[j];
+        scale[batch] = scales[j];
+        index[batch] = j;
+        if (++batch == kErrorsPerPass) pass();
     }
+    if (batch > 0) pass();
 }
 
 int msqe_rounded_exponent(const float* x, const float* w, int64_t n, double e, const Grid& g) {

@@ -28,17 +28,24 @@ double GroupErrors::error(int exponent) {
     return at(exponent).error;
 }
 
-void GroupErrors::evaluate(const std::vector<int>& exponents) {
-    std::vector<int> todo;
-    std::vector<float> scales;
-    for (int e : exponents)
-        if (!find(e) && std::find(todo.begin(), todo.end(), e) == todo.end()) {
-            todo.push_back(e);
-            scales.push_back(exp2_scale(e));
-        }
-    std::vector<double> errors(todo.size());
-    weighted_errors(x_, w_, n_, scales.data(), int(todo.size()), g_, errors.data());
-    for (size_t j = 0; j < todo.size(); ++j) known_.push_back(Known{todo[j], GroupSums{errors[j], 0, 0}, false});
+void GroupErrors::evaluate(const int* exponents, int count) {
+    int todo[kErrorsPerPass];
+    float scales[kErrorsPerPass];
+    int pending = 0;
+    auto pass = [&] {
+        double errors[kErrorsPerPass];
+        weighted_errors(x_, w_, n_, scales, pending, g_, errors);
+        for (int j = 0; j < pending; ++j) known_.push_back(Known{todo[j], GroupSums{errors[j], 0, 0}, false});
+        pending = 0;
+    };
+    for (int i = 0; i < count; ++i) {
+        const int e = exponents[i];
+        if (find(e) || std::find(todo, todo + pending, e) != todo + pending) continue;
+        todo[pending] = e;
+        scales[pending] = exp2_scale(e);
+        if (++pending == kErrorsPerPass) pass();
+    }
+    if (pending > 0) pass();
 }
 
 ExponentSearch least_squares_search(GroupErrors& errors, int start, int iters) {
@@ -54,15 +61,18 @@ ExponentSearch least_squares_search(GroupErrors& errors, int start, int iters) {
 }
 
 ExponentSearch line_search(GroupErrors& errors, ExponentSearch from, int range) {
+    HFQ_CHECK(range >= 2 && range <= kMaxLineSearchRange, "line_search: range must be in 2..", kMaxLineSearchRange,
+              ", got ", range);
     const int K = po2_exponent(std::ldexp(1.0, from.exponent));
-    std::vector<int> candidates;
+    int candidates[kMaxLineSearchRange];
+    int count = 0;
     for (int d = -range / 2; d <= range / 2; ++d)
-        if (d != 0) candidates.push_back(K + d);
-    errors.evaluate(candidates);  // the ones least squares did not try, in one pass
+        if (d != 0) candidates[count++] = K + d;
+    errors.evaluate(candidates, count);  // those least squares did not try, in shared passes
     ExponentSearch best = from;
-    for (int e : candidates) {
-        const double err = errors.error(e);
-        if (err < best.error) best = {e, err};
+    for (int i = 0; i < count; ++i) {
+        const double err = errors.error(candidates[i]);
+        if (err < best.error) best = {candidates[i], err};
     }
     return best;
 }

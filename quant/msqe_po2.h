@@ -31,13 +31,15 @@ struct ExponentSearch {
 // at() would give.
 class GroupErrors {
 public:
-    GroupErrors(const float* x, const float* w, int64_t n, const Grid& g) : x_(x), w_(w), n_(n), g_(g) {}
+    GroupErrors(const float* x, const float* w, int64_t n, const Grid& g) : x_(x), w_(w), n_(n), g_(g) {
+        known_.reserve(16);  // lls_iters + 1 + a line search's 6: one allocation per group
+    }
     // E and the least-squares sums at 2^exponent.
     const GroupSums& at(int exponent);
     // E at 2^exponent.
     double error(int exponent);
-    // Computes E of those exponents not yet known, in shared passes.
-    void evaluate(const std::vector<int>& exponents);
+    // Computes E of those of exponents[0..count) not yet known, in shared passes.
+    void evaluate(const int* exponents, int count);
     int64_t size() const { return n_; }
 
 private:
@@ -58,6 +60,9 @@ private:
 // Step 3: s = 2^start, best = s, q = codes at s; `iters` times:
 // s' = LS(x, q, w); q = codes at s' (always); keep s' if E(s') < E(best).
 ExponentSearch least_squares_search(GroupErrors& errors, int start, int iters);
+
+// The widest line search (offsets -32..32).
+constexpr int kMaxLineSearchRange = 64;
 
 // Step 4: K = rint(log2(2^from.exponent + 1e-7)); for d = -range/2 .. +range/2
 // (d != 0, in that order) take 2^(K+d) if its error is strictly lower.

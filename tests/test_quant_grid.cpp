@@ -144,6 +144,7 @@ TEST_CASE("reference 1: least squares gives s = 1, the line search then s = 2") 
     CHECK(fine.exponent == 1);
     CHECK(fine.error == doctest::Approx(weighted_error(x.data(), nullptr, n, 2.0f, g4)));
     CHECK(fine.error < ls.error);
+    CHECK_THROWS_WITH_AS(line_search(errors, ls, 66), doctest::Contains("line_search: range must be in 2..64"), Error);
 
     // The whole optimisation, through the quantizer: its first call starts at
     // rint(log2(8.75 / 7 + 1e-7)) = 0, i.e. s = 1, with w = sqrt(M) = 1.
