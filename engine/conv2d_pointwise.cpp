@@ -38,11 +38,14 @@ void sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, const fl
 }
 
 // out {rows, cols} = a {rows, k} op(b) (+ bias per column): b is {cols, k}
-// (trans_b 'T') or {k, cols} ('N'). Tiles: at least ~8 per product when the
-// shape allows, at most 8192 rows each, chosen from the shape only.
+// (trans_b 'T') or {k, cols} ('N'). Tiles: chosen from the shape only, at
+// most 8192 rows and at least 256 each, and when there are enough rows a
+// multiple of 8 equal tiles, so that 2, 4 or 8 threads get equal shares
+// (13 tiles on 2 threads would leave one idle for 1/7 of the product).
 void tiled_product(const float* a, const float* b, char trans_b, const float* bias, float* out, int64_t rows,
                    int64_t cols, int64_t k) {
-    const int64_t tile_rows = std::clamp<int64_t>((rows + 7) / 8, 256, 8192);
+    const int64_t wanted_tiles = ((rows + 8191) / 8192 + 7) / 8 * 8;
+    const int64_t tile_rows = std::max<int64_t>((rows + wanted_tiles - 1) / wanted_tiles, 256);
     const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
     // Few rows (the last layers of a small network): cut the columns too.
     const int64_t col_splits = row_tiles >= 8 ? 1 : std::min<int64_t>((8 + row_tiles - 1) / row_tiles, (cols + 15) / 16);

@@ -67,8 +67,10 @@ const Case kCases[] = {
     {"depthwise 3x3, stride 2", {2, 7, 6, 24}, {24, 1, 3, 3}, {2, 1, false, 24}, {4, 3, 1, 1}},
     {"pointwise 1x1", {2, 5, 4, 8}, {12, 8, 1, 1}, {1, 0, false, 1}, {5, 4, 0, 0}},
     // Pointwise is a matrix product cut into tiles by the shape: many rows
-    // (8 tiles of 400 rows), and few rows with many columns (5 column tiles).
+    // (8 tiles of 400 rows), more than 8 x 8192 rows (16 tiles of 5625), and
+    // few rows with many columns (5 column tiles).
     {"pointwise 1x1, row tiles", {2, 40, 40, 5}, {7, 5, 1, 1}, {1, 0, false, 1}, {40, 40, 0, 0}},
+    {"pointwise 1x1, 16 row tiles", {1, 300, 300, 3}, {4, 3, 1, 1}, {1, 0, false, 1}, {300, 300, 0, 0}},
     {"pointwise 1x1, column tiles", {3, 1, 1, 20}, {70, 20, 1, 1}, {1, 0, false, 1}, {1, 1, 0, 0}},
     // SAME, stride 2, k 3: H 8 -> 4 rows, total pad 1 -> top 0, bottom 1;
     // W 7 -> 4 cols, total pad 2 -> 1 left, 1 right.
@@ -222,7 +224,8 @@ TEST_CASE("MobileNet's convolutions on NHWC run oneDNN JIT kernels, not the refe
 TEST_CASE("pointwise conv2d: output and input gradient do not depend on the thread count") {
     // Shapes of a small network's tail (few rows, many columns) and of a large image (many row tiles).
     const std::vector<std::pair<Shape, Shape>> shapes{{{32, 1, 1, 256}, {512, 256, 1, 1}},
-                                                      {{4, 48, 48, 16}, {24, 16, 1, 1}}};
+                                                      {{4, 48, 48, 16}, {24, 16, 1, 1}},
+                                                      {{2, 200, 200, 8}, {8, 8, 1, 1}}};
     const int threads_before = compute_threads();
     for (const auto& [xs, ws] : shapes) {
         const Tensor x = random_tensor(xs, 1), w = random_tensor(ws, 2);
