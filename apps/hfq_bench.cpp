@@ -217,6 +217,10 @@ json bench_ops(const Settings& s) {
          [&](const Variable& x, const std::vector<Variable>& p) {
              return batch_norm(x, p[0], p[1], running_mean, running_var, true);
          }},
+        {"batch norm + relu6 (train) 112x112x64", {n, 112, 112, 64}, {{64}, {64}}, 0,
+         [&](const Variable& x, const std::vector<Variable>& p) {
+             return batch_norm_relu6(x, p[0], p[1], running_mean, running_var, true);
+         }},
         {"relu6 112x112x64", {n, 112, 112, 64}, {}, 0,
          [](const Variable& x, const std::vector<Variable>&) { return relu6(x); }},
         {"add 56x56x24", {n, 56, 56, 24}, {}, 0, [](const Variable& x, const std::vector<Variable>&) { return add(x, x); }},

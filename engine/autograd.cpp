@@ -49,6 +49,8 @@ void Variable::accumulate_grad(const Tensor& g) const {
     node_->grad = node_->grad.defined() ? add(node_->grad, g) : g;
 }
 
+Tensor gradient_buffer(const Tensor& dy) { return dy.sole_owner() ? dy : Tensor::empty(dy.shape()); }
+
 Variable make_result(Tensor value, std::string op, std::vector<Variable> inputs, BackwardFn backward) {
     Variable out(std::move(value));
     out.node_->op = std::move(op);

@@ -17,8 +17,9 @@
 //   }
 //
 // Rules the closures follow: never modify dy (it may be shared with other
-// inputs' gradients), and only call accumulate_grad on inputs that
-// requires_grad() (accumulate_grad ignores the others).
+// inputs' gradients) except through gradient_buffer(dy), and only call
+// accumulate_grad on inputs that requires_grad() (accumulate_grad ignores the
+// others).
 #pragma once
 #include <functional>
 #include <memory>
@@ -78,6 +79,14 @@ struct Node {
 // grad, the inputs and the backward closure are recorded; otherwise the result
 // is a constant and the closure is dropped.
 Variable make_result(Tensor value, std::string op, std::vector<Variable> inputs, BackwardFn backward);
+
+// Where a closure may write its input's gradient: dy itself when nothing but
+// the graph holds dy's memory (backward drops dy right after the closure
+// returns), else a fresh uninitialised tensor of dy's shape. Writing over dy
+// saves an activation-sized allocation and, on a memory-bound pass, the
+// reads a processor makes of every cache line before writing to fresh
+// memory. The closure must read each element of dy before writing it.
+Tensor gradient_buffer(const Tensor& dy);
 
 // Gradient recording is on by default. NoGradGuard turns it off in a scope
 // (evaluation, optimizer updates): ops then record nothing.

@@ -11,13 +11,17 @@
 // one reduction pass (per-channel sums) and one per-channel affine pass:
 //   forward:  sums of x and x*x    -> mean, var;      y  = s * (x - mean) + beta
 //   backward: sums of dy and dy*x  -> dgamma, dbeta;  dx = a * (x - mean) + s * dy + d
+// These passes stream activation-sized tensors through memory and do little
+// arithmetic, so their cost is the number of tensors they read and write.
 //
 // batch_norm_relu6 is relu6(batch_norm(x)) as one op. Its graph node keeps x
 // and the output but not the normalised value between them, which the two
 // separate ops would keep alive until backward (one activation-sized tensor
-// per conv-BN-ReLU6 block).
+// per conv-BN-ReLU6 block). Its backward never stores the gradient through
+// the ReLU6 either: both passes recompute it from y and dy where they read it.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "engine/check.h"
@@ -37,13 +41,27 @@ constexpr int64_t kMaxBlocks = 64;
 // others would cost more than the work (most tensors at 32x32 inputs).
 constexpr int64_t kMinParallelElements = 1 << 15;
 
+// The gradient through ReLU6, element i, computed where it is read: dy where
+// the output y lies strictly inside (0, 6), as PyTorch's hardtanh, else 0.
+struct GradThroughReLU6 {
+    const float* dy;
+    const float* y;
+    float operator[](int64_t i) const {
+        // Both loaded always and no && (a branch): the compiler can then
+        // vectorise the select.
+        const float g = dy[i], v = y[i];
+        return (v > 0.0f) & (v < 6.0f) ? g : 0.0f;
+    }
+};
+
 struct ChannelSums {
     std::vector<double> u;   // sum over rows of u[r, c]
     std::vector<double> uv;  // sum over rows of u[r, c] * v[r, c]
 };
 
-// u, v: R x C (row-major).
-ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t channels) {
+// u, v: R x C (row-major); U is a float pointer or GradThroughReLU6.
+template <class U>
+ChannelSums channel_sums(U u, const float* v, int64_t rows, int64_t channels) {
     const int64_t blocks = std::max<int64_t>(1, std::min({rows * channels / kMinBlockElements, rows, kMaxBlocks}));
     std::vector<double> partial(blocks * 2 * channels, 0.0);  // per block: [sum u | sum u*v]
 #pragma omp parallel for schedule(static) if (blocks > 1)
@@ -51,11 +69,12 @@ ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t c
         double* su = &partial[b * 2 * channels];
         double* suv = su + channels;
         for (int64_t r = rows * b / blocks; r < rows * (b + 1) / blocks; ++r) {
-            const float* ur = u + r * channels;
-            const float* vr = v + r * channels;
+            const int64_t o = r * channels;
+#pragma omp simd
             for (int64_t c = 0; c < channels; ++c) {
-                su[c] += ur[c];
-                suv[c] += double(ur[c]) * vr[c];
+                const float uc = u[o + c];
+                su[c] += uc;
+                suv[c] += double(uc) * v[o + c];
             }
         }
     }
@@ -69,21 +88,25 @@ ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t c
 }
 
 // out[r, c] = clamp(a[c] * (u[r, c] - m[c]) + b[c] * v[r, c] + d[c]); v may be
-// null. Subtracting the mean before scaling keeps full float precision when a
+// nullptr (no such term). U and V are float pointers or GradThroughReLU6.
+// Subtracting the mean before scaling keeps full float precision when a
 // channel's mean is large against its spread. `clamp` maps the value before
-// it is stored (identity, or ReLU6 in the fused op). out may be v or u: every
-// element is read before it is written.
-template <class Clamp>
-void channel_affine(float* out, const float* u, const float* m, const float* a, const float* v, const float* b,
-                    const float* d, int64_t rows, int64_t channels, Clamp clamp) {
+// it is stored (identity, or ReLU6 in the fused op). out may be what v or u
+// reads: every element is read before it is written.
+template <class U, class V, class Clamp>
+void channel_affine(float* out, U u, const float* m, const float* a, V v, const float* b, const float* d,
+                    int64_t rows, int64_t channels, Clamp clamp) {
 #pragma omp parallel for schedule(static) if (rows * channels >= kMinParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * channels;
-        if (v) {
+        // simd: out may be the memory u or v reads, at the same index only.
+        if constexpr (std::is_same_v<V, std::nullptr_t>) {
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) out[o + c] = clamp(a[c] * (u[o + c] - m[c]) + d[c]);
+        } else {
+#pragma omp simd
             for (int64_t c = 0; c < channels; ++c)
                 out[o + c] = clamp(a[c] * (u[o + c] - m[c]) + b[c] * v[o + c] + d[c]);
-        } else {
-            for (int64_t c = 0; c < channels; ++c) out[o + c] = clamp(a[c] * (u[o + c] - m[c]) + d[c]);
         }
     }
 }
@@ -158,17 +181,19 @@ Tensor normalise(const Tensor& xv, const Normalisation& n, const Tensor& beta, C
     return y;
 }
 
-// Backward of y = scale * (x - mean) + beta for the gradient dy. dx is where
-// dx goes: a fresh tensor, or dy itself when the caller owns dy.
+// Backward of y = scale * (x - mean) + beta for the gradient dy, which G
+// reads (a float pointer or GradThroughReLU6). dx is where dx goes: a fresh
+// tensor, or the memory dy reads when nothing else holds it.
+template <class G>
 void normalisation_backward(const Variable& x, const Variable& gamma, const Variable& beta, const Normalisation& n,
-                            bool training, const Tensor& dy, Tensor dx) {
+                            bool training, G dy, Tensor dx) {
     const Tensor& xv = x.value();
     const int64_t channels = n.mean.numel();
     const int64_t rows = xv.numel() / channels;
     const float* mean = n.mean.f32();
     const float* inv_std = n.inv_std.f32();
     const float* s = n.scale.f32();
-    const ChannelSums sums = channel_sums(dy.f32(), xv.f32(), rows, channels);
+    const ChannelSums sums = channel_sums(dy, xv.f32(), rows, channels);
     // With xhat = (x - mean) * inv_std:
     //   dbeta = sum dy,   dgamma = sum dy * xhat = inv_std * (sum dy*x - mean * sum dy).
     // Training (mean and var depend on x):
@@ -189,11 +214,10 @@ void normalisation_backward(const Variable& x, const Variable& gamma, const Vari
     }
     if (x.requires_grad()) {
         if (training) {
-            channel_affine(dx.f32(), xv.f32(), mean, a.f32(), dy.f32(), s, d.f32(), rows, channels, kIdentity);
+            channel_affine(dx.f32(), xv.f32(), mean, a.f32(), dy, s, d.f32(), rows, channels, kIdentity);
         } else {
             const Tensor zero = Tensor::zeros({channels});
-            channel_affine(dx.f32(), dy.f32(), zero.f32(), s, nullptr, nullptr, zero.f32(), rows, channels,
-                           kIdentity);
+            channel_affine(dx.f32(), dy, zero.f32(), s, nullptr, nullptr, zero.f32(), rows, channels, kIdentity);
         }
         x.accumulate_grad(dx);
     }
@@ -209,7 +233,7 @@ Variable batch_norm(const Variable& x, const Variable& gamma, const Variable& be
         normalisation("batch_norm", x, gamma, beta, running_mean, running_var, training, momentum, eps);
     Tensor y = normalise(x.value(), n, beta.value(), kIdentity);
     return make_result(y, "batch_norm", {x, gamma, beta}, [x, gamma, beta, n, training](const Tensor& dy) {
-        normalisation_backward(x, gamma, beta, n, training, dy, Tensor::empty(dy.shape()));
+        normalisation_backward(x, gamma, beta, n, training, dy.f32(), gradient_buffer(dy));
     });
 }
 
@@ -219,17 +243,12 @@ Variable batch_norm_relu6(const Variable& x, const Variable& gamma, const Variab
         normalisation("batch_norm_relu6", x, gamma, beta, running_mean, running_var, training, momentum, eps);
     Tensor y = normalise(x.value(), n, beta.value(), kReLU6);
     // Keeps x and y, not the normalised value between them: ReLU6 passes the
-    // gradient where 0 < y < 6 (as PyTorch's hardtanh, strictly inside),
-    // which is where the normalised value lies in (0, 6).
+    // gradient where 0 < y < 6, which is where the normalised value lies in
+    // (0, 6). Backward reads y, dy and x twice (sums, then dx) and writes dx
+    // once, over dy when it can: 7 tensor passes where storing the gated
+    // gradient first took 9.
     return make_result(y, "batch_norm_relu6", {x, gamma, beta}, [x, gamma, beta, n, training, y](const Tensor& dy) {
-        Tensor g = Tensor::empty(dy.shape());  // dy through the ReLU6; then dx, in place
-        const float* py = y.f32();
-        const float* pdy = dy.f32();
-        float* pg = g.f32();
-        const int64_t count = g.numel();
-#pragma omp parallel for schedule(static) if (count >= kMinParallelElements)
-        for (int64_t i = 0; i < count; ++i) pg[i] = py[i] > 0.0f && py[i] < 6.0f ? pdy[i] : 0.0f;
-        normalisation_backward(x, gamma, beta, n, training, g, g);
+        normalisation_backward(x, gamma, beta, n, training, GradThroughReLU6{dy.f32(), y.f32()}, gradient_buffer(dy));
     });
 }
 

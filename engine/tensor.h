@@ -69,6 +69,8 @@ public:
     std::vector<float> to_vector() const;
     // True when both tensors view the same memory block.
     bool shares_storage_with(const Tensor& other) const { return storage_ == other.storage_; }
+    // True when no other tensor (or view) holds this tensor's memory.
+    bool sole_owner() const { return storage_.use_count() == 1; }
 
 private:
     std::shared_ptr<std::byte> storage_;

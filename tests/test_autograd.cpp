@@ -39,7 +39,45 @@ Variable total(const Variable& x) {
     });
 }
 
+// y = -x, writing dx over dy through gradient_buffer; counts how often it
+// could.
+int g_reused_buffers = 0;
+Variable negate(const Variable& x) {
+    return make_result(scale(x.value(), -1), "negate", {x}, [x](const Tensor& dy) {
+        Tensor dx = gradient_buffer(dy);
+        g_reused_buffers += dx.shares_storage_with(dy);
+        for (int64_t i = 0; i < dx.numel(); ++i) dx.f32()[i] = -dy.f32()[i];
+        x.accumulate_grad(dx);
+    });
+}
+
 }  // namespace
+
+TEST_CASE("gradient_buffer hands a closure dy's memory only when nothing else holds it") {
+    Variable x1(Tensor::from_vector({3}, {1, 2, 3}), true), x2(Tensor::from_vector({3}, {4, 5, 6}), true);
+    g_reused_buffers = 0;
+    // total's backward makes a fresh gradient that only the graph holds.
+    total(negate(x1)).backward();
+    CHECK(g_reused_buffers == 1);
+    CHECK(x1.grad().to_vector() == std::vector<float>{-1, -1, -1});
+    // plus hands one gradient to both inputs: writing over it in the first
+    // negate's closure would turn the second's gradient into +1. The second
+    // may reuse it: backward dropped the first's reference.
+    g_reused_buffers = 0;
+    x1.zero_grad();
+    total(plus(negate(x1), negate(x2))).backward();
+    CHECK(g_reused_buffers == 1);
+    CHECK(x1.grad().to_vector() == std::vector<float>{-1, -1, -1});
+    CHECK(x2.grad().to_vector() == std::vector<float>{-1, -1, -1});
+    // A seed the caller keeps is never written over.
+    const Tensor seed = Tensor::full({3}, 2.0f);
+    x1.zero_grad();
+    g_reused_buffers = 0;
+    negate(x1).backward(seed);
+    CHECK(g_reused_buffers == 0);
+    CHECK(seed.to_vector() == std::vector<float>{2, 2, 2});
+    CHECK(x1.grad().to_vector() == std::vector<float>{-2, -2, -2});
+}
 
 TEST_CASE("gradients accumulate where a value is used twice (residual add)") {
     Variable x(Tensor::from_vector({2}, {3, -1}), true);

@@ -71,6 +71,33 @@ TEST_CASE("batch_norm_relu6 equals relu6(batch_norm(x)): values, running statist
         }
 }
 
+TEST_CASE("batch_norm and batch_norm_relu6 give the same gradients when they write dx over dy") {
+    // Backward writes dx over dy when only the graph holds dy (gradient_buffer):
+    // here when dy comes from the op after them (mul_channel by ones, exact),
+    // not when it is the seed the caller keeps.
+    const Shape s{8, 16, 16, 16};
+    const Tensor x = random_tensor(s, 1, 2.0f), dy = random_tensor(s, 2);
+    const Tensor gamma = around(2.0f, 16, 3), beta = around(3.0f, 16, 4);
+    for (bool fused : {true, false})
+        for (bool training : {true, false}) {
+            CAPTURE(fused);
+            CAPTURE(training);
+            std::vector<std::vector<float>> dx, dgamma;
+            for (bool seed_is_dy : {true, false}) {
+                Variable xv(x, true), g(gamma, true), b(beta, true);
+                Tensor rm = Tensor::zeros({16}), rv = Tensor::full({16}, 1.0f);
+                Variable y = fused ? batch_norm_relu6(xv, g, b, rm, rv, training) : batch_norm(xv, g, b, rm, rv, training);
+                if (!seed_is_dy) y = mul_channel(y, Variable(Tensor::full({16}, 1.0f)));
+                y.backward(dy);
+                dx.push_back(xv.grad().to_vector());
+                dgamma.push_back(g.grad().to_vector());
+            }
+            CHECK(dx[0] == dx[1]);
+            CHECK(dgamma[0] == dgamma[1]);
+        }
+    CHECK(dy.to_vector() == random_tensor(s, 2).to_vector());  // the caller's seed is untouched
+}
+
 TEST_CASE("batch_norm_relu6 gradients match finite differences, training and evaluation") {
     Tensor rm = Tensor::zeros({4}), rv = Tensor::full({4}, 1.0f);
     const std::vector<Tensor> inputs{random_tensor({3, 2, 3, 4}, 10), around(2.0f, 4, 11), around(3.0f, 4, 12)};
