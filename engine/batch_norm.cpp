@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "engine/channel_sums.h"
 #include "engine/check.h"
 #include "engine/ops.h"
 #include "engine/tensor_math.h"
@@ -31,12 +32,6 @@
 namespace hfq {
 namespace {
 
-// The rows are cut into blocks of at least kMinBlockElements values, at most
-// kMaxBlocks of them: a number that depends on the shape, never on the thread
-// count. Enough blocks to keep many threads busy, few enough that the
-// per-block partial sums stay small next to the tensor.
-constexpr int64_t kMinBlockElements = 65536;
-constexpr int64_t kMaxBlocks = 64;
 // Element-wise passes smaller than this stay on one thread: starting the
 // others would cost more than the work (most tensors at 32x32 inputs).
 constexpr int64_t kMinParallelElements = 1 << 15;
@@ -53,39 +48,6 @@ struct GradThroughReLU6 {
         return (v > 0.0f) & (v < 6.0f) ? g : 0.0f;
     }
 };
-
-struct ChannelSums {
-    std::vector<double> u;   // sum over rows of u[r, c]
-    std::vector<double> uv;  // sum over rows of u[r, c] * v[r, c]
-};
-
-// u, v: R x C (row-major); U is a float pointer or GradThroughReLU6.
-template <class U>
-ChannelSums channel_sums(U u, const float* v, int64_t rows, int64_t channels) {
-    const int64_t blocks = std::max<int64_t>(1, std::min({rows * channels / kMinBlockElements, rows, kMaxBlocks}));
-    std::vector<double> partial(blocks * 2 * channels, 0.0);  // per block: [sum u | sum u*v]
-#pragma omp parallel for schedule(static) if (blocks > 1)
-    for (int64_t b = 0; b < blocks; ++b) {
-        double* su = &partial[b * 2 * channels];
-        double* suv = su + channels;
-        for (int64_t r = rows * b / blocks; r < rows * (b + 1) / blocks; ++r) {
-            const int64_t o = r * channels;
-#pragma omp simd
-            for (int64_t c = 0; c < channels; ++c) {
-                const float uc = u[o + c];
-                su[c] += uc;
-                suv[c] += double(uc) * v[o + c];
-            }
-        }
-    }
-    ChannelSums s{std::vector<double>(channels, 0.0), std::vector<double>(channels, 0.0)};
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t c = 0; c < channels; ++c) {
-            s.u[c] += partial[b * 2 * channels + c];
-            s.uv[c] += partial[b * 2 * channels + channels + c];
-        }
-    return s;
-}
 
 // out[r, c] = clamp(a[c] * (u[r, c] - m[c]) + b[c] * v[r, c] + d[c]); v may be
 // nullptr (no such term). U and V are float pointers or GradThroughReLU6.

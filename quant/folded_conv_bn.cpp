@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "engine/channel_sums.h"
 #include "engine/check.h"
 #include "engine/ops.h"
 
@@ -25,36 +26,6 @@ std::vector<double> inverse_sigma(const Tensor& var, float eps) {
     std::vector<double> out(var.numel());
     for (int64_t c = 0; c < var.numel(); ++c) out[c] = 1.0 / std::sqrt(double(var.f32()[c]) + double(eps));
     return out;
-}
-
-// Per-channel sums of u and u*v over the R rows of R x C tensors, in double:
-// fixed row blocks (a number that depends on the shape alone) summed in
-// parallel, then combined in block order, so the result does not depend on
-// the thread count.
-struct ChannelSums {
-    std::vector<double> u, uv;
-};
-ChannelSums channel_sums(const float* u, const float* v, int64_t rows, int64_t channels) {
-    constexpr int64_t kMinBlockElements = 65536, kMaxBlocks = 64;
-    const int64_t blocks = std::max<int64_t>(1, std::min({rows * channels / kMinBlockElements, rows, kMaxBlocks}));
-    std::vector<double> partial(blocks * 2 * channels, 0.0);  // per block: [sum u | sum u*v]
-#pragma omp parallel for schedule(static) if (blocks > 1)
-    for (int64_t b = 0; b < blocks; ++b) {
-        double* su = &partial[b * 2 * channels];
-        double* suv = su + channels;
-        for (int64_t r = rows * b / blocks; r < rows * (b + 1) / blocks; ++r)
-            for (int64_t c = 0; c < channels; ++c) {
-                su[c] += u[r * channels + c];
-                suv[c] += double(u[r * channels + c]) * v[r * channels + c];
-            }
-    }
-    ChannelSums s{std::vector<double>(channels, 0.0), std::vector<double>(channels, 0.0)};
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t c = 0; c < channels; ++c) {
-            s.u[c] += partial[b * 2 * channels + c];
-            s.uv[c] += partial[b * 2 * channels + channels + c];
-        }
-    return s;
 }
 
 }  // namespace
