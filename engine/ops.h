@@ -26,7 +26,7 @@ struct Conv2dParams {
 // -> {N,Ho,Wo,Cout}
 Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias, const Conv2dParams& p);
 
-// ---- Batch normalization (engine/batch_norm.cpp, oneDNN) ------------------
+// ---- Batch normalization (engine/batch_norm.cpp, plain loops) -------------
 // x {N,H,W,C}; gamma, beta {C}; running_mean, running_var {C} (buffers, not
 // differentiated). Training: normalise with the batch mean and the biased
 // batch variance, then update the running statistics as PyTorch does:
