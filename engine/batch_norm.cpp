@@ -144,11 +144,11 @@ Tensor normalise(const Tensor& xv, const Normalisation& n, const Tensor& beta, C
 }
 
 // Backward of y = scale * (x - mean) + beta for the gradient dy, which G
-// reads (a float pointer or GradThroughReLU6). dx is where dx goes: a fresh
-// tensor, or the memory dy reads when nothing else holds it.
+// reads (a float pointer or GradThroughReLU6) from the memory of dy_memory.
+// dx is written over that memory when nothing else holds it.
 template <class G>
 void normalisation_backward(const Variable& x, const Variable& gamma, const Variable& beta, const Normalisation& n,
-                            bool training, G dy, Tensor dx) {
+                            bool training, G dy, const Tensor& dy_memory) {
     const Tensor& xv = x.value();
     const int64_t channels = n.mean.numel();
     const int64_t rows = xv.numel() / channels;
@@ -175,6 +175,7 @@ void normalisation_backward(const Variable& x, const Variable& gamma, const Vari
         d.f32()[c] = static_cast<float>(-sc * sums.u[c] / rows);
     }
     if (x.requires_grad()) {
+        Tensor dx = gradient_buffer(dy_memory);
         if (training) {
             channel_affine(dx.f32(), xv.f32(), mean, a.f32(), dy, s, d.f32(), rows, channels, kIdentity);
         } else {
@@ -195,7 +196,7 @@ Variable batch_norm(const Variable& x, const Variable& gamma, const Variable& be
         normalisation("batch_norm", x, gamma, beta, running_mean, running_var, training, momentum, eps);
     Tensor y = normalise(x.value(), n, beta.value(), kIdentity);
     return make_result(y, "batch_norm", {x, gamma, beta}, [x, gamma, beta, n, training](const Tensor& dy) {
-        normalisation_backward(x, gamma, beta, n, training, dy.f32(), gradient_buffer(dy));
+        normalisation_backward(x, gamma, beta, n, training, dy.f32(), dy);
     });
 }
 
@@ -210,7 +211,7 @@ Variable batch_norm_relu6(const Variable& x, const Variable& gamma, const Variab
     // once, over dy when it can: 7 tensor passes where storing the gated
     // gradient first took 9.
     return make_result(y, "batch_norm_relu6", {x, gamma, beta}, [x, gamma, beta, n, training, y](const Tensor& dy) {
-        normalisation_backward(x, gamma, beta, n, training, GradThroughReLU6{dy.f32(), y.f32()}, gradient_buffer(dy));
+        normalisation_backward(x, gamma, beta, n, training, GradThroughReLU6{dy.f32(), y.f32()}, dy);
     });
 }
 

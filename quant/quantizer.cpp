@@ -18,7 +18,8 @@ void check_options(const std::string& method, const QuantizerOptions& o) {
     HFQ_CHECK(o.baseline_iters >= 1, who, ": baseline_iters must be >= 1, got ", o.baseline_iters);
     HFQ_CHECK(o.lls_iters >= 0, who, ": lls_iters must be >= 0, got ", o.lls_iters);
     HFQ_CHECK(!o.line_search || (o.line_search_range >= 2 && o.line_search_range <= kMaxLineSearchRange), who,
-              ": line_search_range must be in 2..64 (offsets -range/2..range/2), got ", o.line_search_range);
+              ": line_search_range must be in 2..", kMaxLineSearchRange, " (offsets -range/2..range/2), got ",
+              o.line_search_range);
     HFQ_CHECK(o.second_moments_decay >= 0 && o.second_moments_decay < 1, who,
               ": second_moments_decay must be in [0, 1), got ", o.second_moments_decay);
     HFQ_CHECK(o.stable_decay >= 0 && o.stable_decay < 1, who, ": stable_decay must be in [0, 1), got ",
