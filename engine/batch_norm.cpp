@@ -15,10 +15,10 @@
 // arithmetic, so their cost is the number of tensors they read and write.
 //
 // batch_norm_relu6 is relu6(batch_norm(x)) as one op. Its graph node keeps x
-// and the output but not the normalised value between them, which the two
-// separate ops would keep alive until backward (one activation-sized tensor
-// per conv-BN-ReLU6 block). Its backward never stores the gradient through
-// the ReLU6 either: both passes recompute it from y and dy where they read it.
+// alone, not the normalised value nor the output, which the two separate ops
+// would keep alive until backward (one activation-sized tensor per conv-BN-
+// ReLU6 block). Its backward never stores the gradient through the ReLU6
+// either: both passes recompute it from x and dy where they read it.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -36,21 +36,33 @@ namespace {
 // others would cost more than the work (most tensors at 32x32 inputs).
 constexpr int64_t kMinParallelElements = 1 << 15;
 
-// The gradient through ReLU6, element i, computed where it is read: dy where
-// the output y lies strictly inside (0, 6), as PyTorch's hardtanh, else 0.
+// The normalised value s * (x - mean) + beta, one element: the forward pass
+// and the backward pass's ReLU6 gate both compute it here, so the gate sees
+// bit for bit the value the forward pass clamped.
+inline float affine(float s, float x, float mean, float beta) { return s * (x - mean) + beta; }
+
+// The gradient through ReLU6, element (o, c): dy where the normalised value
+// lies strictly inside (0, 6), where the output is not clamped (as PyTorch's
+// hardtanh), else 0. The value is recomputed from x, which backward reads
+// anyway, rather than read from the stored output y: one tensor fewer to
+// stream through memory in each of backward's two passes.
 struct GradThroughReLU6 {
     const float* dy;
-    const float* y;
-    float operator[](int64_t i) const {
-        // Both loaded always and no && (a branch): the compiler can then
-        // vectorise the select.
-        const float g = dy[i], v = y[i];
+    const float* x;
+    const float* mean;
+    const float* scale;
+    const float* beta;
+    float operator()(int64_t o, int64_t c) const {
+        // dy loaded always, both bounds compared always and no && (each would
+        // be a branch): the compiler can then vectorise the select.
+        const float g = dy[o + c];
+        const float v = affine(scale[c], x[o + c], mean[c], beta[c]);
         return (v > 0.0f) & (v < 6.0f) ? g : 0.0f;
     }
 };
 
 // out[r, c] = clamp(a[c] * (u[r, c] - m[c]) + b[c] * v[r, c] + d[c]); v may be
-// nullptr (no such term). U and V are float pointers or GradThroughReLU6.
+// nullptr (no such term). U and V are float pointers or readers (element()).
 // Subtracting the mean before scaling keeps full float precision when a
 // channel's mean is large against its spread. `clamp` maps the value before
 // it is stored (identity, or ReLU6 in the fused op). out may be what v or u
@@ -64,11 +76,11 @@ void channel_affine(float* out, U u, const float* m, const float* a, V v, const 
         // simd: out may be the memory u or v reads, at the same index only.
         if constexpr (std::is_same_v<V, std::nullptr_t>) {
 #pragma omp simd
-            for (int64_t c = 0; c < channels; ++c) out[o + c] = clamp(a[c] * (u[o + c] - m[c]) + d[c]);
+            for (int64_t c = 0; c < channels; ++c) out[o + c] = clamp(affine(a[c], element(u, o, c), m[c], d[c]));
         } else {
 #pragma omp simd
             for (int64_t c = 0; c < channels; ++c)
-                out[o + c] = clamp(a[c] * (u[o + c] - m[c]) + b[c] * v[o + c] + d[c]);
+                out[o + c] = clamp(a[c] * (element(u, o, c) - m[c]) + b[c] * element(v, o, c) + d[c]);
         }
     }
 }
@@ -205,13 +217,14 @@ Variable batch_norm_relu6(const Variable& x, const Variable& gamma, const Variab
     const Normalisation n =
         normalisation("batch_norm_relu6", x, gamma, beta, running_mean, running_var, training, momentum, eps);
     Tensor y = normalise(x.value(), n, beta.value(), kReLU6);
-    // Keeps x and y, not the normalised value between them: ReLU6 passes the
-    // gradient where 0 < y < 6, which is where the normalised value lies in
-    // (0, 6). Backward reads y, dy and x twice (sums, then dx) and writes dx
-    // once, over dy when it can: 7 tensor passes where storing the gated
-    // gradient first took 9.
-    return make_result(y, "batch_norm_relu6", {x, gamma, beta}, [x, gamma, beta, n, training, y](const Tensor& dy) {
-        normalisation_backward(x, gamma, beta, n, training, GradThroughReLU6{dy.f32(), y.f32()}, dy);
+    // Keeps x only: ReLU6 passes the gradient where the normalised value lies
+    // in (0, 6), and backward recomputes that value from x. Backward reads dy
+    // and x twice (sums, then dx) and writes dx once, over dy when it can: 5
+    // tensor passes, where reading the stored y for the gate took 7 and
+    // storing the gated gradient first took 9.
+    return make_result(y, "batch_norm_relu6", {x, gamma, beta}, [x, gamma, beta, n, training](const Tensor& dy) {
+        const GradThroughReLU6 g{dy.f32(), x.value().f32(), n.mean.f32(), n.scale.f32(), beta.value().f32()};
+        normalisation_backward(x, gamma, beta, n, training, g, dy);
     });
 }
 

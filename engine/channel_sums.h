@@ -10,19 +10,28 @@
 // few enough that the per-block partial sums stay small next to the tensor.
 #pragma once
 #include <algorithm>
+#include <concepts>
 #include <cstdint>
 #include <vector>
 
 namespace hfq {
+
+// Element c of the row that starts at offset o: a float pointer is indexed, a
+// reader (anything callable as r(o, c), such as batch norm's gradient through
+// ReLU6) computes the value where it is read.
+inline float element(const float* p, int64_t o, int64_t c) { return p[o + c]; }
+template <class Reader>
+    requires std::invocable<const Reader&, int64_t, int64_t>
+float element(const Reader& r, int64_t o, int64_t c) {
+    return r(o, c);
+}
 
 struct ChannelSums {
     std::vector<double> u;   // sum over rows of u[r, c]
     std::vector<double> uv;  // sum over rows of u[r, c] * v[r, c]
 };
 
-// u, v: R x C (row-major). U is a float pointer, or anything whose
-// operator[](int64_t) gives element i (batch norm's gradient through ReLU6,
-// computed as it is read).
+// u, v: R x C (row-major). U is a float pointer or a reader (see element).
 template <class U>
 ChannelSums channel_sums(U u, const float* v, int64_t rows, int64_t channels) {
     constexpr int64_t kMinBlockElements = 65536, kMaxBlocks = 64;
@@ -36,7 +45,7 @@ ChannelSums channel_sums(U u, const float* v, int64_t rows, int64_t channels) {
             const int64_t o = r * channels;
 #pragma omp simd  // each channel's sum is its own: vectorising reorders nothing
             for (int64_t c = 0; c < channels; ++c) {
-                const float uc = u[o + c];
+                const float uc = element(u, o, c);
                 su[c] += uc;
                 suv[c] += double(uc) * v[o + c];
             }

@@ -71,6 +71,26 @@ TEST_CASE("batch_norm_relu6 equals relu6(batch_norm(x)): values, running statist
         }
 }
 
+TEST_CASE("batch_norm_relu6 backward passes the gradient exactly where the output is inside (0, 6)") {
+    // Backward recomputes the normalised value from x for the ReLU6 gate. With
+    // dy = 1, dbeta[c] counts the elements the gate passes (a sum of ones in
+    // double: exact), which must be the elements of channel c whose output
+    // the forward pass left unclamped.
+    const Shape s{8, 16, 16, 16};
+    const Tensor x = random_tensor(s, 1, 2.0f), ones = Tensor::full(s, 1.0f);
+    const Tensor gamma = around(2.0f, 16, 3), beta = around(3.0f, 16, 4);
+    for (bool training : {true, false}) {
+        CAPTURE(training);
+        const Run f = run(true, training, true, x, gamma, beta, ones);
+        std::vector<float> inside(16, 0.0f);
+        const std::vector<float> y = f.y.to_vector();
+        for (size_t i = 0; i < y.size(); ++i) inside[i % 16] += y[i] > 0.0f && y[i] < 6.0f;
+        CHECK(f.dbeta.to_vector() == inside);
+        CHECK(count_equal(f.y, 0.0f) > 100);
+        CHECK(count_equal(f.y, 6.0f) > 100);
+    }
+}
+
 TEST_CASE("batch_norm and batch_norm_relu6 give the same gradients when they write dx over dy") {
     // Backward writes dx over dy when only the graph holds dy (gradient_buffer):
     // here when dy comes from the op after them (mul_channel by ones, exact),
