@@ -221,8 +221,10 @@ TEST_CASE("MobileNet's convolutions on NHWC run oneDNN JIT kernels, not the refe
     CHECK(pw.backward_weights == "sgemm:pointwise");
 }
 
-TEST_CASE("pointwise conv2d: output and input gradient do not depend on the thread count") {
-    // Shapes of a small network's tail (few rows, many columns) and of a large image (many row tiles).
+TEST_CASE("pointwise conv2d: output, input and weight gradients do not depend on the thread count") {
+    // Shapes of a small network's tail (few rows, many columns: dW in row
+    // blocks) and of large images (many row tiles; dW in chunks of rows from
+    // 16384 rows on: 80000 here).
     const std::vector<std::pair<Shape, Shape>> shapes{{{32, 1, 1, 256}, {512, 256, 1, 1}},
                                                       {{4, 48, 48, 16}, {24, 16, 1, 1}},
                                                       {{2, 200, 200, 8}, {8, 8, 1, 1}}};
@@ -230,7 +232,7 @@ TEST_CASE("pointwise conv2d: output and input gradient do not depend on the thre
     for (const auto& [xs, ws] : shapes) {
         const Tensor x = random_tensor(xs, 1), w = random_tensor(ws, 2);
         const Tensor dy = random_tensor({xs[0], xs[1], xs[2], ws[0]}, 3);
-        std::vector<std::vector<float>> y, dx;
+        std::vector<std::vector<float>> y, dx, dw;
         for (int threads : {1, 2, 3}) {
             set_compute_threads(threads);
             Variable xv(x, true), wv(w, true);
@@ -238,11 +240,14 @@ TEST_CASE("pointwise conv2d: output and input gradient do not depend on the thre
             out.backward(dy);
             y.push_back(out.value().to_vector());
             dx.push_back(xv.grad().to_vector());
+            dw.push_back(wv.grad().to_vector());
         }
         set_compute_threads(threads_before);
         CHECK(y[0] == y[1]);
         CHECK(y[0] == y[2]);
         CHECK(dx[0] == dx[1]);
         CHECK(dx[0] == dx[2]);
+        CHECK(dw[0] == dw[1]);
+        CHECK(dw[0] == dw[2]);
     }
 }
