@@ -17,14 +17,15 @@
 // parallel region on the calling thread). y and dx: tiles of rows (and
 // columns), each over the whole sum. dW: chunks of the M rows it sums over,
 // added in chunk order, or blocks of its own rows when M is small. So y, dx
-// and dW do not depend on the thread count. db is one multi-threaded sgemm
-// (MobileNet's pointwise convolutions have no bias).
+// and dW do not depend on the thread count; nor does db, batch norm's
+// fixed-order column sums (engine/channel_sums.h).
 #include "engine/conv2d_pointwise.h"
 
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
 
+#include "engine/channel_sums.h"
 #include "engine/check.h"
 
 namespace hfq {
@@ -114,9 +115,9 @@ Variable pointwise_conv2d(const Variable& x, const Variable& weight, const Varia
             weight.accumulate_grad(dw);
         }
         if (bias.defined() && bias.requires_grad()) {
-            const Tensor ones = Tensor::full({m}, 1.0f);
+            const ChannelSums sums = channel_sums(dy.f32(), dy.f32(), m, out);  // db = column sums of dy
             Tensor db = Tensor::empty(bias.shape());
-            sgemm('N', 'N', 1, out, m, ones.f32(), m, dy.f32(), out, 0.0f, db.f32(), out);
+            for (int64_t c = 0; c < out; ++c) db.f32()[c] = static_cast<float>(sums.u[c]);
             bias.accumulate_grad(db);
         }
     });

@@ -221,7 +221,7 @@ TEST_CASE("MobileNet's convolutions on NHWC run oneDNN JIT kernels, not the refe
     CHECK(pw.backward_weights == "sgemm:pointwise");
 }
 
-TEST_CASE("pointwise conv2d: output, input and weight gradients do not depend on the thread count") {
+TEST_CASE("pointwise conv2d: output and every gradient do not depend on the thread count") {
     // Shapes of a small network's tail (few rows, many columns: dW in row
     // blocks) and of large images (many row tiles; dW in chunks of rows from
     // 16384 rows on: 80000 here).
@@ -230,17 +230,18 @@ TEST_CASE("pointwise conv2d: output, input and weight gradients do not depend on
                                                       {{2, 200, 200, 8}, {8, 8, 1, 1}}};
     const int threads_before = compute_threads();
     for (const auto& [xs, ws] : shapes) {
-        const Tensor x = random_tensor(xs, 1), w = random_tensor(ws, 2);
+        const Tensor x = random_tensor(xs, 1), w = random_tensor(ws, 2), b = random_tensor({ws[0]}, 4);
         const Tensor dy = random_tensor({xs[0], xs[1], xs[2], ws[0]}, 3);
-        std::vector<std::vector<float>> y, dx, dw;
+        std::vector<std::vector<float>> y, dx, dw, db;
         for (int threads : {1, 2, 3}) {
             set_compute_threads(threads);
-            Variable xv(x, true), wv(w, true);
-            const Variable out = conv2d(xv, wv, Variable(), {1, 0, false, 1});
+            Variable xv(x, true), wv(w, true), bv(b, true);
+            const Variable out = conv2d(xv, wv, bv, {1, 0, false, 1});
             out.backward(dy);
             y.push_back(out.value().to_vector());
             dx.push_back(xv.grad().to_vector());
             dw.push_back(wv.grad().to_vector());
+            db.push_back(bv.grad().to_vector());
         }
         set_compute_threads(threads_before);
         CHECK(y[0] == y[1]);
@@ -249,5 +250,7 @@ TEST_CASE("pointwise conv2d: output, input and weight gradients do not depend on
         CHECK(dx[0] == dx[2]);
         CHECK(dw[0] == dw[1]);
         CHECK(dw[0] == dw[2]);
+        CHECK(db[0] == db[1]);
+        CHECK(db[0] == db[2]);
     }
 }
