@@ -21,6 +21,7 @@
 //   hfq_bench --models v1 --res 224 --steps 5
 //   hfq_bench --quants none,msqe,lsq            # float and 4-bit QAT on every layer
 //   hfq_bench --ops                             # per-op forward/backward times
+//   hfq_bench --profile --models v1 --res 224   # where a training step's time goes
 //   hfq_bench --machine                         # FMA peak and memory bandwidth first
 //   hfq_bench --json results.json
 #include <immintrin.h>
@@ -41,6 +42,7 @@
 #include "engine/check.h"
 #include "engine/dnnl_context.h"
 #include "engine/memory_pool.h"
+#include "engine/op_profile.h"
 #include "engine/ops.h"
 #include "layers/model.h"
 #include "layers/summary.h"
@@ -62,6 +64,7 @@ struct Settings {
     double min_time = 10;   // ... and at least this many seconds of them
     int max_steps = 1000;
     uint64_t seed = 0;
+    bool profile = false;   // after the timed steps, profile as many again op by op
 };
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -99,6 +102,40 @@ std::vector<double> time_steps(const Settings& s, const std::function<void()>& s
 double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
+}
+
+// Runs `steps` more steps with op_profile on (the timed steps ran without it:
+// the profile's own bookkeeping, a few microseconds an op, stays out of the
+// img/s) and returns, per entry, its forward and backward milliseconds per
+// step and its calls per step (forward calls, or backward calls of what has
+// no forward: the ops of one name and shape in the model, or 1 for a step
+// part), the most expensive first.
+json profile_steps(const std::function<void()>& step, size_t steps) {
+    op_profile::set_enabled(true);
+    for (size_t i = 0; i < steps; ++i) step();
+    const std::vector<op_profile::Entry> entries = op_profile::take();
+    op_profile::set_enabled(false);
+    json rows = json::array();
+    for (const op_profile::Entry& e : entries)
+        rows.push_back({{"name", e.name},
+                        {"forward_ms", 1e3 * e.seconds[0] / steps},
+                        {"backward_ms", 1e3 * e.seconds[1] / steps},
+                        {"calls_per_step", double(std::max(e.calls[0], e.calls[1])) / steps}});
+    return rows;
+}
+
+// Prints profile_steps' rows: time per step, share of the profiled step.
+void print_profile(const json& rows) {
+    double total = 0;
+    for (const json& r : rows) total += r["forward_ms"].get<double>() + r["backward_ms"].get<double>();
+    std::printf("  %-44s %8s %10s %10s %7s\n", "op and output shape (or step part)", "calls", "fwd ms", "bwd ms",
+                "share");
+    for (const json& r : rows) {
+        const double f = r["forward_ms"], b = r["backward_ms"];
+        std::printf("  %-44s %8.1f %10.2f %10.2f %6.1f%%\n", r["name"].get<std::string>().c_str(),
+                    r["calls_per_step"].get<double>(), f, b, 100 * (f + b) / total);
+    }
+    std::printf("  %-44s %8s %21.2f\n\n", "profiled step", "", total);
 }
 
 // The hfq method for a baseline quantizer name ("msqe", "lsq"), or the name
@@ -147,6 +184,7 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     const std::vector<double> train_times = time_steps(s, train_step, [&] { getrusage(RUSAGE_SELF, &ru0); });
     rusage ru1{};
     getrusage(RUSAGE_SELF, &ru1);
+    const json profile = s.profile ? profile_steps(train_step, train_times.size()) : json();
 
     model->eval();
     std::vector<double> infer_times;
@@ -181,7 +219,8 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
             {"first_loss", losses.front()},
             {"last_loss", losses.back()},
             {"pool_peak_mb", pool_stats().peak_in_use_bytes / 1048576.0},
-            {"peak_rss_mb", peak_rss_mb()}};
+            {"peak_rss_mb", peak_rss_mb()},
+            {"profile", profile}};
 }
 
 // Forward and backward time of single ops at the shapes of MobileNetV1 at
@@ -381,6 +420,9 @@ int main(int argc, char** argv) {
     app.add_option("--steps", s.steps, "Timed steps, at least")->check(CLI::PositiveNumber);
     app.add_option("--min-time", s.min_time, "Timed seconds, at least")->check(CLI::NonNegativeNumber);
     app.add_flag("--ops", ops, "Also time single ops at MobileNetV1-224 shapes");
+    app.add_flag("--profile", s.profile,
+                 "After each configuration's timed steps, profile as many more op by op and print where the time goes "
+                 "(ops merged by name and output shape)");
     app.add_flag("--machine", machine,
                  "First measure this machine's limits: FMA peak (AVX2, and AVX-512 if present) and memory copy");
     app.add_option("--json", json_path, "Write all results to this JSON file");
@@ -411,6 +453,7 @@ int main(int argc, char** argv) {
                                 r["train_img_s"].get<double>(), r["infer_img_s"].get<double>(),
                                 r["train_gflop_s"].get<double>(), 1e3 * r["train_step_median_s"].get<double>(),
                                 r["peak_rss_mb"].get<double>());
+                    if (s.profile) print_profile(r["profile"]);
                     std::fflush(stdout);
                     results["models"].push_back(r);
                 }

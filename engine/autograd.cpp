@@ -3,6 +3,7 @@
 #include <unordered_set>
 
 #include "engine/check.h"
+#include "engine/op_profile.h"
 #include "engine/tensor_math.h"
 
 namespace hfq {
@@ -53,6 +54,7 @@ Tensor gradient_buffer(const Tensor& dy) { return dy.sole_owner() ? dy : Tensor:
 
 Variable make_result(Tensor value, std::string op, std::vector<Variable> inputs, BackwardFn backward) {
     Variable out(std::move(value));
+    if (op_profile::enabled()) op_profile::charge(op_profile::kForward, op + " " + shape_str(out.node_->value.shape()));
     out.node_->op = std::move(op);
     if (!grad_enabled()) return out;
     bool any = false;
@@ -99,10 +101,14 @@ void Variable::backward(const Tensor& seed) const {
     }
 
     accumulate_grad(seed);
+    if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, "autograd bookkeeping");
     NoGradGuard no_grad;  // the closures compute with tensors, record nothing
     for (auto it = order.rbegin(); it != order.rend(); ++it) {
         Node* n = it->node();
-        if (n->backward && n->grad.defined()) n->backward(n->grad);
+        if (n->backward && n->grad.defined()) {
+            n->backward(n->grad);
+            if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, n->op + " " + shape_str(n->value.shape()));
+        }
         // Free the graph: drop the closure (and what it captured) and the
         // links to the inputs. Intermediate gradients are dropped too; leaves
         // (parameters) keep theirs for the optimizer.
@@ -114,6 +120,7 @@ void Variable::backward(const Tensor& seed) const {
         }
         *it = Variable();
     }
+    if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, "autograd bookkeeping");
 }
 
 }  // namespace hfq

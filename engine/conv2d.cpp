@@ -254,7 +254,9 @@ Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias,
     if (g.has_bias) args[DNNL_ARG_BIAS] = as_memory(g.bias(), bias.value());
     fwd.run("conv2d", std::move(args));
 
-    return make_result(y, "conv2d", {x, weight, bias}, [x, weight, bias, kernel_weights, &prims](const Tensor& dy) {
+    // The op's name tells the kinds apart in a profile (op_profile.h).
+    const char* name = g.groups == 1 ? "conv2d" : g.groups == g.cin && g.cout == g.cin ? "conv2d depthwise" : "conv2d grouped";
+    return make_result(y, name, {x, weight, bias}, [x, weight, bias, kernel_weights, &prims](const Tensor& dy) {
         if (x.requires_grad()) x.accumulate_grad(backward_data(prims, dy, kernel_weights, x.shape()));
         // One pass gives both dW and db; it runs if either is wanted.
         if (weight.requires_grad() || bias.requires_grad()) {

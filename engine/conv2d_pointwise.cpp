@@ -103,7 +103,7 @@ Variable pointwise_conv2d(const Variable& x, const Variable& weight, const Varia
     tiled_product(x.value().f32(), weight.value().f32(), 'T', bias.defined() ? bias.value().f32() : nullptr, y.f32(),
                   m, out, in);
 
-    return make_result(y, "conv2d", {x, weight, bias}, [x, weight, bias, m, in, out](const Tensor& dy) {
+    return make_result(y, "conv2d pointwise", {x, weight, bias}, [x, weight, bias, m, in, out](const Tensor& dy) {
         if (x.requires_grad()) {
             Tensor dx = Tensor::empty(x.shape());
             tiled_product(dy.f32(), weight.value().f32(), 'N', nullptr, dx.f32(), m, in, out);

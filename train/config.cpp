@@ -60,7 +60,8 @@ void visit_fields(Config& c, Visitor&& v) {
     v("min-lr-factor", c.min_lr_factor, T, "Lowest learning rate, as a fraction of the peak");
     v("label-smoothing", c.label_smoothing, T, "Label smoothing of the training loss");
     v("clip-grad-norm", c.clip_grad_norm, T, "Clip the gradients' global L2 norm to this (0: off)");
-    v("init-from", c.init_from, T, "Start from the weights of this checkpoint (e.g. a float run's float.safetensors)");
+    v("init-from", c.init_from, T, "Start from the weights of this checkpoint (e.g. a float-only run's final.safetensors, or the float.safetensors a "
+      "float + QAT run saves before QAT)");
     v("init-partial", c.init_partial, T, "With --init-from: skip tensors missing or of another shape "
       "(e.g. a classifier for another number of classes)");
 

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "engine/check.h"
+#include "engine/op_profile.h"
 #include "engine/ops.h"
 #include "train/adam.h"
 
@@ -34,12 +35,14 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
     if (!model_.is_training()) model_.train();
     main_->zero_grad();
     if (quantizer_) quantizer_->zero_grad();
+    if (op_profile::enabled()) op_profile::charge(op_profile::kForward, "zero-grad");
 
     StepStats stats;
     Variable logits = model_(Variable(images));
     Variable loss = cross_entropy(logits, labels, options_.label_smoothing);
     stats.loss = loss.value().item();
     stats.correct = count_correct(logits.value(), labels);
+    if (op_profile::enabled()) op_profile::charge(op_profile::kForward, "loss value, top-1 count");
     if (!std::isfinite(stats.loss)) return stats;
     loss.backward();
 
@@ -48,9 +51,11 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
         if (!std::isfinite(stats.grad_norm)) return stats;
         if (options_.clip_grad_norm > 0 && stats.grad_norm > options_.clip_grad_norm)
             scale_gradients(static_cast<float>(options_.clip_grad_norm / (stats.grad_norm + 1e-6)));
+        if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, "gradient norm, clipping");
     }
     main_->step();
     if (quantizer_) quantizer_->step();
+    if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, "optimizer update");
     stats.applied = true;
     return stats;
 }
