@@ -22,6 +22,8 @@
 //   hfq_bench --quants none,msqe,lsq            # float and 4-bit QAT on every layer
 //   hfq_bench --ops                             # per-op forward/backward times
 //   hfq_bench --profile --models v1 --res 224   # where a training step's time goes
+//   hfq_bench --trainer-qat --quants msqe       # QAT as train_mobilenet runs it
+//   hfq_bench --trainer-qat --bn-stats quantized-conv --quants msqe
 //   hfq_bench --machine                         # FMA peak and memory bandwidth first
 //   hfq_bench --json results.json
 #include <immintrin.h>
@@ -47,6 +49,7 @@
 #include "layers/model.h"
 #include "layers/summary.h"
 #include "quant/quantize_model.h"
+#include "train/config.h"
 #include "train/train_step.h"
 
 using namespace hfq;
@@ -65,6 +68,8 @@ struct Settings {
     int max_steps = 1000;
     uint64_t seed = 0;
     bool profile = false;   // after the timed steps, profile as many again op by op
+    bool trainer_qat = false;  // quantize as train_mobilenet's QAT does, not as the baseline
+    std::string bn_stats = "float-conv";  // with trainer_qat: the folded layers' batch statistics
 };
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -153,11 +158,16 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     auto model = build_model(config, s.seed);
     const int64_t macs = summarize(*model, {1, res, res, 3}).total_macs;
     if (quant != "none") {
-        quant::QuantPolicy policy;
-        policy.method = hfq_method(quant);
-        policy.options.bits = s.bits;
-        policy.first_layer_bits = policy.last_layer_bits = 0;  // every layer at `bits`
-        policy.fold_batch_norm = false;
+        TrainConfig trainer;  // train_mobilenet's defaults: per channel, batch norm folded, first and last 8 bits
+        trainer.quantizer = hfq_method(quant);
+        trainer.bits = s.bits;
+        trainer.bn_stats = s.bn_stats;
+        quant::QuantPolicy policy = trainer.quant_policy();
+        if (!s.trainer_qat) {  // as the baseline: per tensor, every layer at `bits`, batch norm not folded
+            policy.options.per_channel = false;
+            policy.first_layer_bits = policy.last_layer_bits = 0;
+            policy.fold_batch_norm = false;
+        }
         quant::quantize_model(*model, policy);
     }
 
@@ -420,6 +430,11 @@ int main(int argc, char** argv) {
     app.add_option("--steps", s.steps, "Timed steps, at least")->check(CLI::PositiveNumber);
     app.add_option("--min-time", s.min_time, "Timed seconds, at least")->check(CLI::NonNegativeNumber);
     app.add_flag("--ops", ops, "Also time single ops at MobileNetV1-224 shapes");
+    app.add_flag("--trainer-qat", s.trainer_qat,
+                 "Quantize as train_mobilenet's QAT does by default (per channel, batch norm folded, first and last "
+                 "layer 8 bits) instead of as the PyTorch baseline (per tensor, not folded, every layer at --bits)");
+    app.add_option("--bn-stats", s.bn_stats, "With --trainer-qat: the folded layers' batch statistics")
+        ->check(CLI::IsMember({"float-conv", "quantized-conv"}));
     app.add_flag("--profile", s.profile,
                  "After each configuration's timed steps, profile as many more op by op and print where the time goes "
                  "(ops merged by name and output shape)");

@@ -3,6 +3,8 @@
 // buffers running_mean, running_var and num_batches_tracked (int64, +1 per
 // training forward).
 #pragma once
+#include <typeinfo>
+
 #include "layers/module.h"
 
 namespace hfq {
@@ -14,8 +16,9 @@ public:
     Variable forward(const Variable& x) override;
     // ReLU6(forward(x)) as one op (engine batch_norm_relu6): the same values,
     // gradients and state updates, without keeping the normalised value alive
-    // until backward. Sequential uses it for a BatchNorm2d followed by a ReLU6.
-    Variable forward_relu6(const Variable& x);
+    // until backward. Exact type only: a subclass runs as itself.
+    bool fuses_relu6() const override { return typeid(*this) == typeid(BatchNorm2d); }
+    Variable forward_relu6(const Variable& x) override;
 
     int channels() const { return channels_; }
     float momentum() const { return momentum_; }

@@ -4,6 +4,7 @@
 #include <unordered_set>
 
 #include "engine/check.h"
+#include "engine/ops.h"
 
 namespace hfq {
 namespace {
@@ -50,6 +51,8 @@ std::string join_name(const std::string& prefix, const std::string& name) {
 
 CallRecorder::CallRecorder() : previous_(g_recorder) { g_recorder = this; }
 CallRecorder::~CallRecorder() { g_recorder = previous_; }
+
+Variable Module::forward_relu6(const Variable& x) { return relu6(forward(x)); }
 
 Variable Module::operator()(const Variable& x) {
     CallRecorder* rec = g_recorder;

@@ -71,6 +71,12 @@ public:
     // observe each layer's output shape.
     virtual Variable forward(const Variable& x) = 0;
     Variable operator()(const Variable& x);
+    // Whether forward_relu6 runs relu6(forward(x)) as fewer ops (batch norm
+    // and ReLU6 as one pass, holding less memory until backward): Sequential
+    // then calls it for this module and a ReLU6 after it, while gradients are
+    // recorded. Same values, gradients and state updates.
+    virtual bool fuses_relu6() const { return false; }
+    virtual Variable forward_relu6(const Variable& x);
 
     // Short type name ("Conv2d") and a one-line description with the
     // configuration ("Conv2d(16, 32, k=3, s=2, p=1, groups=1)").

@@ -4,7 +4,6 @@
 #include <typeinfo>
 
 #include "layers/activation.h"
-#include "layers/batch_norm.h"
 
 namespace hfq {
 
@@ -23,20 +22,20 @@ Sequential& Sequential::add(std::string name, std::shared_ptr<Module> layer) {
 
 namespace {
 
-// The BatchNorm2d at children[i] when a plain ReLU6 follows it. Exact types:
-// a subclass, or a quantizer put in place of the ReLU6, runs on its own.
-BatchNorm2d* bn_before_relu6(const std::vector<Module::Child>& children, size_t i) {
+// The module at children[i] when a plain ReLU6 follows it and it can run
+// both as one op (Module::fuses_relu6). Exact type for the ReLU6: a quantizer
+// put in its place runs on its own.
+Module* fuses_with_next_relu6(const std::vector<Module::Child>& children, size_t i) {
     if (i + 1 >= children.size()) return nullptr;
     Module& m = *children[i].module;
-    Module& next = *children[i + 1].module;
-    if (typeid(m) != typeid(BatchNorm2d) || typeid(next) != typeid(ReLU6)) return nullptr;
-    return static_cast<BatchNorm2d*>(&m);
+    if (!m.fuses_relu6() || typeid(*children[i + 1].module) != typeid(ReLU6)) return nullptr;
+    return &m;
 }
 
 }  // namespace
 
 Variable Sequential::forward(const Variable& x) {
-    // While gradients are recorded, a BatchNorm2d followed by a ReLU6 runs as
+    // While gradients are recorded, a batch norm followed by a ReLU6 runs as
     // one op: the normalised value between them is then not kept alive until
     // backward. Without recording there is nothing to save, and each child
     // runs as itself (summary() sees every layer).
@@ -44,8 +43,8 @@ Variable Sequential::forward(const Variable& x) {
     const auto& layers = children();
     Variable y = x;
     for (size_t i = 0; i < layers.size(); ++i) {
-        if (BatchNorm2d* bn = fuse ? bn_before_relu6(layers, i) : nullptr) {
-            y = bn->forward_relu6(y);
+        if (Module* m = fuse ? fuses_with_next_relu6(layers, i) : nullptr) {
+            y = m->forward_relu6(y);
             ++i;  // the ReLU6 is done
         } else {
             y = (*layers[i].module)(y);

@@ -28,47 +28,57 @@ std::vector<double> inverse_sigma(const Tensor& var, float eps) {
     return out;
 }
 
+// Checks a weight {O, ...} and the per-channel vectors that go with it; returns O.
+int64_t check_weight_and_channels(const char* op, const Tensor& w, const Tensor& gamma, const Tensor& running_var) {
+    HFQ_CHECK(w.dtype() == DType::f32 && w.rank() >= 2, op, ": weight must be f32 {O, ...}, got ",
+              shape_str(w.shape()));
+    check_channel_vector(op, "gamma", gamma, w.dim(0));
+    check_channel_vector(op, "running_var", running_var, w.dim(0));
+    return w.dim(0);
+}
+
+// w {O, ...} times factor[o] per output channel: the forward and the weight
+// gradient of fold_weight and unfold_weight.
+Tensor scale_output_channels(const Tensor& w, const std::vector<float>& factor) {
+    const int64_t channels = w.dim(0), per = w.numel() / channels;
+    Tensor out = Tensor::empty(w.shape());
+    const float* pw = w.f32();
+    float* po = out.f32();
+    for (int64_t c = 0; c < channels; ++c)
+        for (int64_t i = c * per; i < (c + 1) * per; ++i) po[i] = pw[i] * factor[c];
+    return out;
+}
+
+// sum_i a_i b_i over each output channel of two {O, ...} tensors, in double
+// times scale[o]: the gamma gradient of fold_weight and unfold_weight.
+Tensor scaled_channel_dots(const Tensor& a, const Tensor& b, const std::vector<double>& scale) {
+    const int64_t channels = a.dim(0), per = a.numel() / channels;
+    const float* pa = a.f32();
+    const float* pb = b.f32();
+    Tensor out = Tensor::empty({channels});
+    for (int64_t c = 0; c < channels; ++c) {
+        double s = 0;
+        for (int64_t i = c * per; i < (c + 1) * per; ++i) s += double(pa[i]) * pb[i];
+        out.f32()[c] = float(s * scale[c]);
+    }
+    return out;
+}
+
 }  // namespace
 
 Variable fold_weight(const Variable& weight, const Variable& gamma, const Tensor& running_var, float eps) {
-    const Tensor& w = weight.value();
-    HFQ_CHECK(w.dtype() == DType::f32 && w.rank() >= 2, "fold_weight: weight must be f32 {O, ...}, got ",
-              shape_str(w.shape()));
-    const int64_t channels = w.dim(0), per = w.numel() / channels;
-    check_channel_vector("fold_weight", "gamma", gamma.value(), channels);
-    check_channel_vector("fold_weight", "running_var", running_var, channels);
+    const int64_t channels = check_weight_and_channels("fold_weight", weight.value(), gamma.value(), running_var);
     const std::vector<double> inv_sigma = inverse_sigma(running_var, eps);
     // factor {O} = gamma / sigma_ema, rounded to float once: W_fold = W * factor.
     std::vector<float> factor(channels);
     for (int64_t c = 0; c < channels; ++c) factor[c] = float(gamma.value().f32()[c] * inv_sigma[c]);
-    Tensor out = Tensor::empty(w.shape());
-    {
-        const float* pw = w.f32();
-        float* po = out.f32();
-        for (int64_t c = 0; c < channels; ++c)
-            for (int64_t i = c * per; i < (c + 1) * per; ++i) po[i] = pw[i] * factor[c];
-    }
-    return make_result(out, "fold_weight", {weight, gamma}, [weight, gamma, factor, inv_sigma, channels, per](const Tensor& dy) {
-        // dW = dy * factor;  dgamma[c] = sum_i dy_i W_i / sigma_ema[c]
-        const float* pdy = dy.f32();
-        if (weight.requires_grad()) {
-            Tensor dw = Tensor::empty(dy.shape());
-            float* p = dw.f32();
-            for (int64_t c = 0; c < channels; ++c)
-                for (int64_t i = c * per; i < (c + 1) * per; ++i) p[i] = pdy[i] * factor[c];
-            weight.accumulate_grad(dw);
-        }
-        if (gamma.requires_grad()) {
-            Tensor dg = Tensor::empty({channels});
-            const float* pw = weight.value().f32();
-            for (int64_t c = 0; c < channels; ++c) {
-                double s = 0;
-                for (int64_t i = c * per; i < (c + 1) * per; ++i) s += double(pdy[i]) * pw[i];
-                dg.f32()[c] = float(s * inv_sigma[c]);
-            }
-            gamma.accumulate_grad(dg);
-        }
-    });
+    return make_result(scale_output_channels(weight.value(), factor), "fold_weight", {weight, gamma},
+                       [weight, gamma, factor, inv_sigma](const Tensor& dy) {
+                           // dW = dy * factor;  dgamma[c] = sum_i dy_i W_i / sigma_ema[c]
+                           if (weight.requires_grad()) weight.accumulate_grad(scale_output_channels(dy, factor));
+                           if (gamma.requires_grad())
+                               gamma.accumulate_grad(scaled_channel_dots(dy, weight.value(), inv_sigma));
+                       });
 }
 
 Variable fold_bias(const Variable& gamma, const Variable& beta, const Tensor& running_mean, const Tensor& running_var,
@@ -93,6 +103,36 @@ Variable fold_bias(const Variable& gamma, const Variable& beta, const Tensor& ru
             for (int64_t c = 0; c < channels; ++c) dg.f32()[c] = float(db.f32()[c] * dgamma_db[c]);
             gamma.accumulate_grad(dg);
         }
+    });
+}
+
+BatchStatistics parse_batch_statistics(const std::string& name) {
+    if (name == "float-conv") return BatchStatistics::float_conv;
+    if (name == "quantized-conv") return BatchStatistics::quantized_conv;
+    throw Error(cat("batch statistics must be float-conv or quantized-conv, got '", name, "'"));
+}
+
+const char* batch_statistics_name(BatchStatistics s) {
+    return s == BatchStatistics::float_conv ? "float-conv" : "quantized-conv";
+}
+
+Variable unfold_weight(const Variable& w_q, const Variable& gamma, const Tensor& running_var, float eps) {
+    const int64_t channels = check_weight_and_channels("unfold_weight", w_q.value(), gamma.value(), running_var);
+    const std::vector<double> inv_sigma = inverse_sigma(running_var, eps);
+    // factor {O} = sigma_ema / gamma, rounded to float once: U = Q(W_fold) * factor.
+    std::vector<float> factor(channels);
+    std::vector<double> minus_inv_gamma(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+        const double g = gamma.value().f32()[c];
+        const double safe_gamma = std::fabs(g) >= 1e-12 ? g : std::copysign(1e-12, g);
+        factor[c] = float(1.0 / (inv_sigma[c] * safe_gamma));
+        minus_inv_gamma[c] = -1.0 / safe_gamma;
+    }
+    const Tensor u = scale_output_channels(w_q.value(), factor);
+    return make_result(u, "unfold_weight", {w_q, gamma}, [w_q, gamma, u, factor, minus_inv_gamma](const Tensor& dy) {
+        // dQ = dy * factor;  dgamma[c] = -sum_i dy_i U_i / gamma[c]
+        if (w_q.requires_grad()) w_q.accumulate_grad(scale_output_channels(dy, factor));
+        if (gamma.requires_grad()) gamma.accumulate_grad(scaled_channel_dots(dy, u, minus_inv_gamma));
     });
 }
 
@@ -189,9 +229,10 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
 }
 
 FoldedConvBn::FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, std::shared_ptr<BatchNorm2d> bn,
-                           std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_after_steps)
+                           std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_after_steps,
+                           BatchStatistics statistics)
     : bn_(std::move(bn)), conv_name_(std::move(conv_name)), bn_name_(std::move(bn_name)),
-      freeze_after_steps_(freeze_after_steps) {
+      freeze_after_steps_(freeze_after_steps), statistics_(statistics) {
     HFQ_CHECK(conv != nullptr && bn_ != nullptr, "FoldedConvBn: null convolution or batch norm");
     HFQ_CHECK(!conv->bias().defined(), "FoldedConvBn: convolution '", conv_name_,
               "' has a bias; only a convolution without bias is folded with its batch norm");
@@ -222,17 +263,28 @@ Variable FoldedConvBn::folded_bias() {
     return fold_bias(bn_->weight(), bn_->bias(), bn_->running_mean(), bn_->running_var(), bn_->eps());
 }
 
-Variable FoldedConvBn::forward(const Variable& x) {
+Variable FoldedConvBn::forward(const Variable& x) { return run(x, false); }
+Variable FoldedConvBn::forward_relu6(const Variable& x) { return run(x, true); }
+
+Variable FoldedConvBn::run(const Variable& x, bool with_relu6) {
     const bool batch_stats = uses_batch_statistics();  // before the quantizer counts this step
     // W_fold and the correction use the moving variance as it is before this step's update.
     const Variable w_q = weight_quantizer().quantize(folded_weight());
-    if (!batch_stats) return conv2d(x, w_q, folded_bias(), conv().config().params);
-    const Variable y_q = conv().apply(x, w_q);             // conv(x, Q(W_fold))
-    const Variable y_f = conv().apply(x, conv().weight());  // conv(x, W): the batch statistics
-    Variable y = batch_stat_correction(y_q, y_f, bn_->weight(), bn_->bias(), bn_->running_mean(),
-                                       bn_->running_var(), bn_->momentum(), bn_->eps());
-    num_batches_tracked_->data<int64_t>()[0] += 1;
-    return y;
+    if (batch_stats && statistics_ == BatchStatistics::quantized_conv) {  // batch norm counts the batch itself
+        const Variable y = conv().apply(x, unfold_weight(w_q, bn_->weight(), bn_->running_var(), bn_->eps()));
+        return with_relu6 ? bn_->forward_relu6(y) : (*bn_)(y);
+    }
+    Variable y;
+    if (!batch_stats) {
+        y = conv2d(x, w_q, folded_bias(), conv().config().params);
+    } else {
+        const Variable y_q = conv().apply(x, w_q);             // conv(x, Q(W_fold))
+        const Variable y_f = conv().apply(x, conv().weight());  // conv(x, W): the batch statistics
+        y = batch_stat_correction(y_q, y_f, bn_->weight(), bn_->bias(), bn_->running_mean(), bn_->running_var(),
+                                  bn_->momentum(), bn_->eps());
+        num_batches_tracked_->data<int64_t>()[0] += 1;
+    }
+    return with_relu6 ? relu6(y) : y;
 }
 
 std::string FoldedConvBn::describe() const {

@@ -19,6 +19,15 @@
 // variance, num_batches_tracked + 1), after W_fold was formed with the values
 // they had at the start of the step.
 //
+// Or, with BatchStatistics::quantized_conv, as PyTorch's ConvBn2d: one
+// convolution, whose output rescaled to the float convolution's units gives
+// the statistics. U = Q(W_fold) * sigma_ema / gamma (unfold_weight), and
+//   y = batch_norm(conv(x, U))   (batch statistics, moving-statistics update)
+// which is the formula above with mu_B, var_B taken from conv(x, U) instead
+// of conv(x, W), and again batch norm of the float convolution when Q is the
+// identity. Half the convolution work of the float-convolution form; the
+// statistics then include the quantization error.
+//
 // Training once frozen, evaluation and export use the moving statistics:
 //   y = conv(x, Q(W_fold)) + b_fold
 // with no correction and no statistics update.
@@ -38,6 +47,18 @@
 
 namespace hfq::quant {
 
+// Where the batch statistics of a folded layer come from while in use.
+enum class BatchStatistics {
+    float_conv,      // "float-conv": a second, float convolution conv(x, W) (Jacob et al.)
+    quantized_conv,  // "quantized-conv": conv(x, Q(W_fold) * sigma_ema / gamma) (PyTorch's ConvBn2d)
+};
+BatchStatistics parse_batch_statistics(const std::string& name);  // throws naming the choices
+const char* batch_statistics_name(BatchStatistics s);
+
+// U = Q(W_fold) * sigma_ema / gamma per output channel (|gamma| below 1e-12
+// counts as 1e-12 of its sign), differentiable in Q(W_fold) and gamma.
+Variable unfold_weight(const Variable& w_q, const Variable& gamma, const Tensor& running_var, float eps);
+
 class FoldedConvBn : public QuantizedModule {
 public:
     // conv (without bias) and bn are the children `conv_name` and `bn_name`
@@ -45,9 +66,14 @@ public:
     // the convolution's weight shape. freeze_after_steps: the number of
     // training steps that use batch statistics (-1: until freeze()).
     FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, std::shared_ptr<BatchNorm2d> bn,
-                 std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_after_steps = -1);
+                 std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_after_steps = -1,
+                 BatchStatistics statistics = BatchStatistics::float_conv);
 
     Variable forward(const Variable& x) override;
+    // relu6(forward(x)); with quantized-conv statistics in use, batch norm and
+    // ReLU6 run as one op (engine batch_norm_relu6).
+    bool fuses_relu6() const override { return true; }
+    Variable forward_relu6(const Variable& x) override;
 
     // Batch statistics in use (training, not frozen, fewer steps than freeze_after_steps)?
     bool uses_batch_statistics() const;
@@ -71,10 +97,13 @@ public:
     int64_t macs(const Shape& input, const Shape& output) const override;
 
 private:
+    Variable run(const Variable& x, bool with_relu6);
+
     std::shared_ptr<QuantizedConv2d> quantized_conv_;  // conv inline + its weight quantizer
     std::shared_ptr<BatchNorm2d> bn_;
     std::string conv_name_, bn_name_;
     int64_t freeze_after_steps_;
+    BatchStatistics statistics_;
     Tensor frozen_ = Tensor::zeros({1}, DType::s32);
     Tensor* num_batches_tracked_ = nullptr;  // the bn's buffer
 };

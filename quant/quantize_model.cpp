@@ -69,6 +69,11 @@ void QuantPolicy::validate() const {
     check_bits("activation_bits", activation_bits, true);
     HFQ_CHECK(freeze_bn_after_steps >= -1, "quant policy: freeze_bn_after_steps must be >= -1 (-1: never), got ",
               freeze_bn_after_steps);
+    try {
+        parse_batch_statistics(batch_statistics);
+    } catch (const Error& e) {
+        throw Error(cat("quant policy: ", e.what()));
+    }
     make_quantizer(method, options, {1});  // the method name and the quantizer's own option checks
 }
 
@@ -96,6 +101,7 @@ std::string QuantPolicy::to_json() const {
     j["last_layer_bits"] = last_layer_bits;
     j["fold_batch_norm"] = fold_batch_norm;
     j["freeze_bn_after_steps"] = freeze_bn_after_steps;
+    j["batch_statistics"] = batch_statistics;
     j["activation_bits"] = activation_bits;
     return j.dump();
 }
@@ -146,6 +152,10 @@ QuantPolicy QuantPolicy::from_json(const std::string& text) {
         else if (key == "last_layer_bits") integer(p.last_layer_bits);
         else if (key == "fold_batch_norm") boolean(p.fold_batch_norm);
         else if (key == "freeze_bn_after_steps") integer(p.freeze_bn_after_steps);
+        else if (key == "batch_statistics") {
+            need(v.is_string(), "a string");
+            p.batch_statistics = v.get<std::string>();
+        }
         else if (key == "activation_bits") integer(p.activation_bits);
         else throw Error(cat("quant policy: unknown key '", key, "'"));
     }
@@ -188,7 +198,8 @@ void quantize_model(Model& model, const QuantPolicy& policy) {
                 auto bn = std::dynamic_pointer_cast<BatchNorm2d>(s.parent->child(s.bn_name));
                 s.parent->replace_children({s.name, s.bn_name},
                                            std::make_shared<FoldedConvBn>(conv, s.name, bn, s.bn_name, std::move(quantizers[k]),
-                                                                          policy.freeze_bn_after_steps));
+                                                                          policy.freeze_bn_after_steps,
+                                                                          parse_batch_statistics(policy.batch_statistics)));
             } else {
                 s.parent->replace_child(s.name, std::make_shared<QuantizedConv2d>(conv, std::move(quantizers[k])));
             }

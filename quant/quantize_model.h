@@ -54,6 +54,11 @@ struct QuantPolicy {
     // Training steps after which folded layers stop using batch statistics and
     // switch to the moving statistics (-1: never, until switched by hand).
     int64_t freeze_bn_after_steps = -1;
+    // Where folded layers take their batch statistics from until they freeze
+    // (quant/folded_conv_bn.h): "float-conv", a second float convolution
+    // (Jacob et al.), or "quantized-conv", the quantized convolution's output
+    // in float units (PyTorch's ConvBn2d: one convolution, about half the work).
+    std::string batch_statistics = "float-conv";
     // Optional activation quantization after ReLU/ReLU6 (unsigned grid,
     // learnable-po2), for W4A8-style simulation. 0 = off.
     int activation_bits = 0;
@@ -62,7 +67,8 @@ struct QuantPolicy {
     void validate() const;
     // {"method": "msqe-po2", "bits": 4, "signed": true, "per_channel": false,
     //  ... every QuantizerOptions field ..., "first_layer_bits": 8, "last_layer_bits": 8,
-    //  "fold_batch_norm": true, "freeze_bn_after_steps": -1, "activation_bits": 0}
+    //  "fold_batch_norm": true, "freeze_bn_after_steps": -1, "batch_statistics": "float-conv",
+    //  "activation_bits": 0}  (from_json: a missing key keeps its default)
     std::string to_json() const;                    // stored in checkpoint metadata
     static QuantPolicy from_json(const std::string& json);  // strict, errors name the key
 };

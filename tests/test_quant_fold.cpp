@@ -86,11 +86,32 @@ TEST_CASE("fold_weight and fold_bias: values and gradients (finite differences)"
     }
 }
 
+TEST_CASE("unfold_weight: U = Q(W_fold) * sigma_ema / gamma, undoing fold_weight up to rounding") {
+    const Tensor w = random_tensor({3, 2, 3, 3}, 1);
+    Tensor gamma = random_tensor({3}, 2);
+    const Tensor var = positive_tensor({3}, 5, 0.5f);
+    const float eps = 1e-3f;
+    NoGradGuard ng;
+    const Tensor wf = fold_weight(Variable(w), Variable(gamma), var, eps).value();
+    const Tensor u = unfold_weight(Variable(wf), Variable(gamma), var, eps).value();
+    CHECK(max_rel_diff(u, w) < 1e-6);
+    for (int c = 0; c < 3; ++c) {
+        const float factor = float(std::sqrt(double(var.f32()[c]) + eps) / gamma.f32()[c]);
+        for (int i = 0; i < 18; ++i) CHECK(u.f32()[c * 18 + i] == wf.f32()[c * 18 + i] * factor);
+    }
+    // gamma = 0 (W_fold = 0): U = 0, not 0 / 0.
+    gamma.f32()[1] = 0.0f;
+    const Tensor u0 = unfold_weight(fold_weight(Variable(w), Variable(gamma), var, eps), Variable(gamma), var, eps).value();
+    for (int i = 0; i < 18; ++i) CHECK(u0.f32()[18 + i] == 0.0f);
+}
+
 TEST_CASE("fold ops and the batch-statistics correction: gradients against finite differences") {
     const Tensor var = positive_tensor({3}, 5, 0.5f);
     const Tensor mean = random_tensor({3}, 4);
     check_gradients([&](const std::vector<Variable>& v) { return fold_weight(v[0], v[1], var, 1e-3f); },
                     {random_tensor({3, 2, 3, 3}, 1), random_tensor({3}, 2)});
+    check_gradients([&](const std::vector<Variable>& v) { return unfold_weight(v[0], v[1], var, 1e-3f); },
+                    {random_tensor({3, 2, 3, 3}, 1), positive_tensor({3}, 2, 0.5f)});
     check_gradients([&](const std::vector<Variable>& v) { return fold_bias(v[0], v[1], mean, var, 1e-3f); },
                     {random_tensor({3}, 2), random_tensor({3}, 3)});
     // y_q, y_f, gamma, beta; the running statistics are fresh copies at every call.
@@ -108,14 +129,16 @@ TEST_CASE("fold ops and the batch-statistics correction: gradients against finit
 }
 
 TEST_CASE("folded wrapper, training with batch statistics = conv then batch norm when Q(W_fold) = W_fold") {
-    for (const char* method : {"msqe-po2", "learnable-po2"}) {
-        INFO(std::string(method));
+    for (const char* method : {"msqe-po2", "learnable-po2"})
+    for (BatchStatistics statistics : {BatchStatistics::float_conv, BatchStatistics::quantized_conv}) {
+        INFO(std::string(method), " ", std::string(batch_statistics_name(statistics)));
         ExactPair p;
         ExactPair::Float ref = p.clone();
         QuantizerOptions opt;
         opt.per_channel = std::string(method) == "msqe-po2";
         opt.rounding = ExponentRounding::rint;
-        FoldedConvBn folded(p.conv, "0", p.bn, "1", make_quantizer(method, opt, p.conv->weight().shape()));
+        FoldedConvBn folded(p.conv, "0", p.bn, "1", make_quantizer(method, opt, p.conv->weight().shape()), -1,
+                            statistics);
         if (std::string(method) == "learnable-po2") {  // put e where the weights are on the grid: 2^-3
             folded.quantizer().named_parameters()[0].second->value().fill(-3.0f);
             hfq::testing::edit_state(folded.quantizer(), [](const std::string& name, Tensor& t) {
@@ -249,4 +272,111 @@ TEST_CASE("folded wrapper with real quantization: conv(x, Q(W_fold)) + b_fold; f
               FoldedConvBn(Conv2d::make(4, 6, 3, 1, 1, /*bias=*/true), "0", std::make_shared<BatchNorm2d>(6), "1",
                            make_quantizer("msqe-po2", opt, {6, 4, 3, 3}));
           }).find("has a bias") != std::string::npos);
+}
+
+TEST_CASE("folded wrapper, quantized-conv statistics with real quantization: batch norm of conv(x, U)") {
+    auto conv = Conv2d::make(4, 6, 3, 1, 1);
+    conv->initialize(21);
+    auto bn = std::make_shared<BatchNorm2d>(6);
+    bn->running_mean().copy_from(random_tensor({6}, 22, 0.2f));
+    bn->running_var().copy_from(positive_tensor({6}, 23, 0.5f));
+    bn->weight().value().copy_from(positive_tensor({6}, 24, 0.5f));
+    bn->bias().value().copy_from(random_tensor({6}, 25, 0.1f));
+    const Tensor w0 = conv->weight().value().clone(), gamma0 = bn->weight().value().clone();
+    const Tensor beta0 = bn->bias().value().clone(), mean0 = bn->running_mean().clone(), var0 = bn->running_var().clone();
+    QuantizerOptions opt;
+    opt.per_channel = true;
+    FoldedConvBn folded(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()), -1,
+                        BatchStatistics::quantized_conv);
+    folded.train();
+    const Tensor x = random_tensor({2, 6, 6, 4}, 26);
+    Variable xa(x, true);
+    Variable y = folded(xa);
+    CHECK(bn->num_batches_tracked() == 1);
+
+    // By hand: U from the quantizer's integer form of W_fold (the statistics as they were before the step).
+    Tensor w_fold = Tensor::empty(w0.shape());
+    Tensor u = Tensor::empty(w0.shape());
+    std::vector<float> unfold(6);
+    for (int c = 0; c < 6; ++c) {
+        const double inv_sigma = 1.0 / std::sqrt(double(var0.f32()[c]) + bn->eps());
+        const float factor = float(gamma0.f32()[c] * inv_sigma);
+        unfold[c] = float(1.0 / (inv_sigma * gamma0.f32()[c]));
+        for (int i = 0; i < 36; ++i) w_fold.f32()[c * 36 + i] = w0.f32()[c * 36 + i] * factor;
+    }
+    const Quantizer::IntegerForm f = folded.quantizer().integer_form(w_fold);
+    for (int64_t i = 0; i < u.numel(); ++i) u.f32()[i] = f.scale[i / 36] * float(f.codes[i]) * unfold[i / 36];
+    Tensor mean = mean0.clone(), var = var0.clone();
+    Variable xb(x, true), gamma(gamma0.clone(), true), beta(beta0.clone(), true);
+    Variable expect = batch_norm(conv2d(xb, Variable(u), Variable(), conv->config().params), gamma, beta, mean, var, true,
+                                 bn->momentum(), bn->eps());
+    CHECK(max_rel_diff(y.value(), expect.value()) < 1e-6);
+    CHECK(max_rel_diff(bn->running_mean(), mean, 1e-6) < 1e-6);  // statistics of conv(x, U), not of conv(x, W)
+    CHECK(max_rel_diff(bn->running_var(), var) < 1e-6);
+    // Quantization moves them: the float-conv form's running mean differs.
+    {
+        auto conv_f = Conv2d::make(4, 6, 3, 1, 1);
+        conv_f->weight().value().copy_from(w0);
+        auto bn_f = std::make_shared<BatchNorm2d>(6);
+        bn_f->running_mean().copy_from(mean0);
+        bn_f->running_var().copy_from(var0);
+        bn_f->weight().value().copy_from(gamma0);
+        bn_f->bias().value().copy_from(beta0);
+        FoldedConvBn float_form(conv_f, "0", bn_f, "1", make_quantizer("msqe-po2", opt, w0.shape()));
+        float_form.train();
+        float_form(Variable(x));
+        CHECK(max_rel_diff(bn_f->running_mean(), mean, 1e-6) > 1e-4);
+    }
+    // Gradients reach x, W (through Q's straight-through estimator), gamma and beta.
+    const Tensor g = random_tensor(y.shape(), 27);
+    y.backward(g);
+    expect.backward(g);
+    CHECK(max_rel_diff(xa.grad(), xb.grad()) < 1e-5);
+    CHECK(max_rel_diff(bn->bias().grad(), beta.grad()) < 1e-5);
+    CHECK(conv->weight().grad().defined());
+    CHECK(bn->weight().grad().defined());
+}
+
+TEST_CASE("batch statistics names") {
+    CHECK(parse_batch_statistics("float-conv") == BatchStatistics::float_conv);
+    CHECK(parse_batch_statistics("quantized-conv") == BatchStatistics::quantized_conv);
+    CHECK(std::string(batch_statistics_name(BatchStatistics::quantized_conv)) == "quantized-conv");
+    CHECK(hfq::testing::error_message([] { parse_batch_statistics("float"); }).find("float-conv or quantized-conv") !=
+          std::string::npos);
+}
+
+TEST_CASE("folded wrapper: forward_relu6 = relu6(forward), as one op with quantized-conv statistics") {
+    for (BatchStatistics statistics : {BatchStatistics::float_conv, BatchStatistics::quantized_conv}) {
+        INFO(std::string(batch_statistics_name(statistics)));
+        auto make = [&] {  // two identical layers: each forward updates the moving statistics
+            auto conv = Conv2d::make(4, 6, 3, 1, 1);
+            conv->initialize(31);
+            auto bn = std::make_shared<BatchNorm2d>(6);
+            bn->bias().value().copy_from(random_tensor({6}, 32, 0.5f));
+            QuantizerOptions opt;
+            opt.per_channel = true;
+            auto f = std::make_shared<FoldedConvBn>(conv, "0", bn, "1",
+                                                    make_quantizer("msqe-po2", opt, conv->weight().shape()), -1,
+                                                    statistics);
+            f->train();
+            return f;
+        };
+        auto fused = make(), plain = make();
+        CHECK(fused->fuses_relu6());
+        const Tensor x = random_tensor({2, 6, 6, 4}, 33);
+        Variable xa(x, true), xb(x, true);
+        Variable ya = fused->forward_relu6(xa);
+        Variable yb = relu6(plain->forward(xb));
+        CHECK(ya.op_name() == (statistics == BatchStatistics::quantized_conv ? "batch_norm_relu6" : "relu6"));
+        CHECK(same_bytes(ya.value(), yb.value()));
+        CHECK(same_bytes(fused->bn().running_mean(), plain->bn().running_mean()));
+        CHECK(same_bytes(fused->bn().running_var(), plain->bn().running_var()));
+        const Tensor g = random_tensor(ya.shape(), 34);
+        ya.backward(g);
+        yb.backward(g);
+        // The fused backward sums in another order than batch norm's and ReLU6's.
+        CHECK(max_rel_diff(xa.grad(), xb.grad()) < 1e-5);
+        CHECK(max_rel_diff(fused->conv().weight().grad(), plain->conv().weight().grad()) < 1e-5);
+        CHECK(max_rel_diff(fused->bn().weight().grad(), plain->bn().weight().grad()) < 1e-5);
+    }
 }

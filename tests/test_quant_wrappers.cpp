@@ -173,6 +173,9 @@ TEST_CASE("policy: bits 0 = same, fold off, learnable exponents in their own gro
     bad = {};
     bad.freeze_bn_after_steps = -2;
     CHECK(contains(error_message([&] { quantize_model(*fresh, bad); }), "freeze_bn_after_steps"));
+    bad = {};
+    bad.batch_statistics = "float";
+    CHECK(contains(error_message([&] { quantize_model(*fresh, bad); }), "float-conv or quantized-conv"));
     CHECK(!is_quantized(*fresh));  // a refused policy changes nothing
 
     // JSON round trip, strict parsing.
@@ -183,10 +186,13 @@ TEST_CASE("policy: bits 0 = same, fold off, learnable exponents in their own gro
     j.options.outlier_sigma = 2.5f;
     j.freeze_bn_after_steps = 100;
     j.activation_bits = 8;
+    j.batch_statistics = "quantized-conv";
     const QuantPolicy back = QuantPolicy::from_json(j.to_json());
     CHECK(back.to_json() == j.to_json());
     CHECK(back.options.rounding == ExponentRounding::ceil);
     CHECK(back.freeze_bn_after_steps == 100);
+    CHECK(back.batch_statistics == "quantized-conv");
+    CHECK(QuantPolicy::from_json(R"({"bits": 4})").batch_statistics == "float-conv");  // policies saved before the key
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"bitz": 4})"); }), "unknown key 'bitz'"));
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"bits": "4"})"); }), "'bits' must be an integer"));
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"rounding": "floor"})"); }), "unknown exponent rounding"));

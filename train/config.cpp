@@ -86,6 +86,9 @@ void visit_fields(Config& c, Visitor&& v) {
     v("qat-warmup-epochs", c.qat_warmup_epochs, T, "Linear warm-up of QAT, in epochs");
     v("freeze-bn-step", c.freeze_bn_step, T, "QAT step after which folded layers use the moving batch-norm "
       "statistics (-1: never)");
+    v("bn-stats", c.bn_stats, T, "Batch statistics of folded layers until they freeze: float-conv (a second, float "
+      "convolution; Jacob et al.) or quantized-conv (the quantized convolution's, in float units; PyTorch's "
+      "ConvBn2d: about half the convolution work)");
     v("stable-start-step", c.stable_start_step, T, "msqe-po2: QAT step at which the stable exponent starts "
       "averaging (-1: off)");
     v("stable-switch-step", c.stable_switch_step, T, "msqe-po2: QAT step at which layers switch to the "
@@ -276,6 +279,8 @@ void TrainConfig::validate() const {
     HFQ_CHECK(!init_partial || !init_from.empty(), "--init-partial needs --init-from");
 
     if (qat()) {
+        HFQ_CHECK(in_set(bn_stats, {"float-conv", "quantized-conv"}),
+                  "--bn-stats must be float-conv or quantized-conv, got '", bn_stats, "'");
         try {
             quant_policy().validate();
         } catch (const Error& e) {
@@ -324,6 +329,7 @@ quant::QuantPolicy TrainConfig::quant_policy() const {
     p.last_layer_bits = last_layer_bits;
     p.fold_batch_norm = fold_bn;
     p.freeze_bn_after_steps = freeze_bn_step;
+    p.batch_statistics = bn_stats;
     p.activation_bits = activation_bits;
     return p;
 }

@@ -80,6 +80,7 @@ struct TrainConfig {
     double qat_lr = 0.01;
     double qat_warmup_epochs = 0;
     int64_t freeze_bn_step = -1;       // QAT steps with batch statistics in folded layers (-1: never freeze)
+    std::string bn_stats = "float-conv";  // their source: float-conv or quantized-conv (quant::QuantPolicy)
     int64_t stable_start_step = -1;    // QAT step at which the stable exponent starts averaging (-1: off)
     int64_t stable_switch_step = -1;   // QAT step at which layers switch to it (-1: never)
     std::string quantizer_optimizer = "adam";  // for learnable scales: adam or sgd
