@@ -34,8 +34,6 @@ void set_enabled(bool on) {
 
 bool enabled() { return state().on && state().owner == std::this_thread::get_id(); }
 
-void restart_clock() { state().last = Clock::now(); }
-
 void charge(Phase phase, const std::string& name) {
     State& s = state();
     if (!enabled()) return;

@@ -21,7 +21,7 @@ namespace hfq::op_profile {
 enum Phase { kForward = 0, kBackward = 1 };
 
 struct Entry {
-    std::string name;                   // e.g. "conv2d [32, 56, 56, 128]" or "optimizer update"
+    std::string name;                   // e.g. "conv2d pointwise [32, 56, 56, 128]" or "optimizer update"
     std::array<double, 2> seconds{};    // forward (or the named part), backward
     std::array<int64_t, 2> calls{};
     double total() const { return seconds[0] + seconds[1]; }
@@ -30,9 +30,6 @@ struct Entry {
 // Starts (and clears) or stops profiling on the calling thread.
 void set_enabled(bool on);
 bool enabled();
-
-// Restarts the span without charging it (e.g. before the first step timed).
-void restart_clock();
 
 void charge(Phase phase, const std::string& name);
 
