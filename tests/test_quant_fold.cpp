@@ -66,6 +66,29 @@ struct ExactPair {
     }
 };
 
+// A conv (4 -> 6 channels, 3x3, padding 1) without bias and a batch norm
+// with random moving statistics and affine parameters; the same seed gives
+// the same pair.
+struct RandomPair {
+    std::shared_ptr<Conv2d> conv;
+    std::shared_ptr<BatchNorm2d> bn;
+};
+RandomPair random_pair(uint64_t seed, int stride = 1) {
+    RandomPair p{Conv2d::make(4, 6, 3, stride, 1), std::make_shared<BatchNorm2d>(6)};
+    p.conv->initialize(seed);
+    p.bn->running_mean().copy_from(random_tensor({6}, seed + 1, 0.2f));
+    p.bn->running_var().copy_from(positive_tensor({6}, seed + 2, 0.5f));
+    p.bn->weight().value().copy_from(positive_tensor({6}, seed + 3, 0.5f));
+    p.bn->bias().value().copy_from(random_tensor({6}, seed + 4, 0.1f));
+    return p;
+}
+
+QuantizerOptions per_channel_options() {
+    QuantizerOptions opt;
+    opt.per_channel = true;
+    return opt;
+}
+
 }  // namespace
 
 TEST_CASE("fold_weight and fold_bias: values and gradients (finite differences)") {
@@ -197,15 +220,8 @@ TEST_CASE("folded wrapper, evaluation = conv then batch norm in evaluation (Q(W_
 }
 
 TEST_CASE("folded wrapper with real quantization: conv(x, Q(W_fold)) + b_fold; freezing after N steps or by hand") {
-    auto conv = Conv2d::make(4, 6, 3, 2, 1);
-    conv->initialize(13);
-    auto bn = std::make_shared<BatchNorm2d>(6);
-    bn->running_mean().copy_from(random_tensor({6}, 14, 0.2f));
-    bn->running_var().copy_from(positive_tensor({6}, 15, 0.5f));
-    bn->weight().value().copy_from(positive_tensor({6}, 16, 0.5f));
-    bn->bias().value().copy_from(random_tensor({6}, 17, 0.1f));
-    QuantizerOptions opt;
-    opt.per_channel = true;
+    auto [conv, bn] = random_pair(13, /*stride=*/2);
+    const QuantizerOptions opt = per_channel_options();
     auto folded = std::make_shared<FoldedConvBn>(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()),
                                                  /*freeze_after_steps=*/2);
     const Tensor x = random_tensor({2, 7, 7, 4}, 18);
@@ -275,17 +291,10 @@ TEST_CASE("folded wrapper with real quantization: conv(x, Q(W_fold)) + b_fold; f
 }
 
 TEST_CASE("folded wrapper, quantized-conv statistics with real quantization: batch norm of conv(x, U)") {
-    auto conv = Conv2d::make(4, 6, 3, 1, 1);
-    conv->initialize(21);
-    auto bn = std::make_shared<BatchNorm2d>(6);
-    bn->running_mean().copy_from(random_tensor({6}, 22, 0.2f));
-    bn->running_var().copy_from(positive_tensor({6}, 23, 0.5f));
-    bn->weight().value().copy_from(positive_tensor({6}, 24, 0.5f));
-    bn->bias().value().copy_from(random_tensor({6}, 25, 0.1f));
+    auto [conv, bn] = random_pair(21);
     const Tensor w0 = conv->weight().value().clone(), gamma0 = bn->weight().value().clone();
     const Tensor beta0 = bn->bias().value().clone(), mean0 = bn->running_mean().clone(), var0 = bn->running_var().clone();
-    QuantizerOptions opt;
-    opt.per_channel = true;
+    const QuantizerOptions opt = per_channel_options();
     FoldedConvBn folded(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()), -1,
                         BatchStatistics::quantized_conv);
     folded.train();
@@ -315,13 +324,7 @@ TEST_CASE("folded wrapper, quantized-conv statistics with real quantization: bat
     CHECK(max_rel_diff(bn->running_var(), var) < 1e-6);
     // Quantization moves them: the float-conv form's running mean differs.
     {
-        auto conv_f = Conv2d::make(4, 6, 3, 1, 1);
-        conv_f->weight().value().copy_from(w0);
-        auto bn_f = std::make_shared<BatchNorm2d>(6);
-        bn_f->running_mean().copy_from(mean0);
-        bn_f->running_var().copy_from(var0);
-        bn_f->weight().value().copy_from(gamma0);
-        bn_f->bias().value().copy_from(beta0);
+        auto [conv_f, bn_f] = random_pair(21);  // the same layers, fresh
         FoldedConvBn float_form(conv_f, "0", bn_f, "1", make_quantizer("msqe-po2", opt, w0.shape()));
         float_form.train();
         float_form(Variable(x));
@@ -349,15 +352,10 @@ TEST_CASE("folded wrapper: forward_relu6 = relu6(forward), as one op with quanti
     for (BatchStatistics statistics : {BatchStatistics::float_conv, BatchStatistics::quantized_conv}) {
         INFO(std::string(batch_statistics_name(statistics)));
         auto make = [&] {  // two identical layers: each forward updates the moving statistics
-            auto conv = Conv2d::make(4, 6, 3, 1, 1);
-            conv->initialize(31);
-            auto bn = std::make_shared<BatchNorm2d>(6);
-            bn->bias().value().copy_from(random_tensor({6}, 32, 0.5f));
-            QuantizerOptions opt;
-            opt.per_channel = true;
-            auto f = std::make_shared<FoldedConvBn>(conv, "0", bn, "1",
-                                                    make_quantizer("msqe-po2", opt, conv->weight().shape()), -1,
-                                                    statistics);
+            auto [conv, bn] = random_pair(31);
+            auto f = std::make_shared<FoldedConvBn>(
+                conv, "0", bn, "1", make_quantizer("msqe-po2", per_channel_options(), conv->weight().shape()), -1,
+                statistics);
             f->train();
             return f;
         };
