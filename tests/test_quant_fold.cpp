@@ -372,9 +372,12 @@ TEST_CASE("folded wrapper: forward_relu6 = relu6(forward), as one op with quanti
         const Tensor g = random_tensor(ya.shape(), 34);
         ya.backward(g);
         yb.backward(g);
-        // The fused backward sums in another order than batch norm's and ReLU6's.
-        CHECK(max_rel_diff(xa.grad(), xb.grad()) < 1e-5);
-        CHECK(max_rel_diff(fused->conv().weight().grad(), plain->conv().weight().grad()) < 1e-5);
-        CHECK(max_rel_diff(fused->bn().weight().grad(), plain->bn().weight().grad()) < 1e-5);
+        // The fused backward sums in another order than batch norm's and ReLU6's
+        // (and builds may contract other multiply-adds): relative to 1e-2 at
+        // least, as test_batch_norm_relu6 compares them, since the convolution's
+        // backward sums these into elements near zero.
+        CHECK(max_rel_diff(xa.grad(), xb.grad(), 1e-2) < 1e-5);
+        CHECK(max_rel_diff(fused->conv().weight().grad(), plain->conv().weight().grad(), 1e-2) < 1e-5);
+        CHECK(max_rel_diff(fused->bn().weight().grad(), plain->bn().weight().grad(), 1e-2) < 1e-5);
     }
 }
