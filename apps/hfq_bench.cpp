@@ -430,11 +430,12 @@ int main(int argc, char** argv) {
     app.add_option("--steps", s.steps, "Timed steps, at least")->check(CLI::PositiveNumber);
     app.add_option("--min-time", s.min_time, "Timed seconds, at least")->check(CLI::NonNegativeNumber);
     app.add_flag("--ops", ops, "Also time single ops at MobileNetV1-224 shapes");
-    app.add_flag("--trainer-qat", s.trainer_qat,
+    CLI::Option* trainer_qat = app.add_flag("--trainer-qat", s.trainer_qat,
                  "Quantize as train_mobilenet's QAT does by default (per channel, batch norm folded, first and last "
                  "layer 8 bits) instead of as the PyTorch baseline (per tensor, not folded, every layer at --bits)");
     app.add_option("--bn-stats", s.bn_stats, "With --trainer-qat: the folded layers' batch statistics")
-        ->check(CLI::IsMember({"float-conv", "quantized-conv"}));
+        ->check(CLI::IsMember({"float-conv", "quantized-conv"}))
+        ->needs(trainer_qat);  // the baseline's configuration does not fold
     app.add_flag("--profile", s.profile,
                  "After each configuration's timed steps, profile as many more op by op and print where the time goes "
                  "(ops merged by name and output shape)");

@@ -196,7 +196,7 @@ TEST_CASE("Config: defaults, command line, config file layering, errors") {
     fails({"--stable-switch-step", "10"}, "--stable-switch-step (10) needs --stable-start-step");
     fails({"--quantizer", "lsq", "--stable-start-step", "3"}, "only msqe-po2 keeps a stable exponent");
     fails({"--progress", "loud"}, "--progress must be");
-    fails({"--bn-stats", "quantized"}, "--bn-stats must be float-conv or quantized-conv, got 'quantized'");
+    fails({"--bn-stats", "quantized"}, "--bn-stats: batch statistics must be float-conv or quantized-conv, got 'quantized'");
     fails({"--config", (dir / "missing.json").c_str()}, "cannot open");
     {
         std::ofstream(file) << R"({"lr": 0.3, "speed": 11})";

@@ -9,6 +9,7 @@
 
 #include "engine/check.h"
 #include "layers/model.h"
+#include "quant/folded_conv_bn.h"
 #include "train/lr_schedule.h"
 
 namespace hfq {
@@ -279,8 +280,11 @@ void TrainConfig::validate() const {
     HFQ_CHECK(!init_partial || !init_from.empty(), "--init-partial needs --init-from");
 
     if (qat()) {
-        HFQ_CHECK(in_set(bn_stats, {"float-conv", "quantized-conv"}),
-                  "--bn-stats must be float-conv or quantized-conv, got '", bn_stats, "'");
+        try {
+            quant::parse_batch_statistics(bn_stats);  // the one list of the names
+        } catch (const Error& e) {
+            throw Error(cat("--bn-stats: ", e.what()));
+        }
         try {
             quant_policy().validate();
         } catch (const Error& e) {
