@@ -39,7 +39,12 @@ std::vector<float> load(const Dataset& ds, int64_t index, uint64_t seed = 0) {
     return out;
 }
 
-// Every pixel within `tolerance` (8-bit levels) of the colour rgb.
+// Every pixel within `tolerance` (8-bit levels) of the colour rgb. A solid
+// colour survives JPEG (quality 95, 4:4:4) up to the rounding of its DC
+// coefficients and the YCbCr <-> RGB conversions (within 1 level here), and
+// libjpeg-turbo's integer IDCT gives the same bits on every SIMD path, so 3
+// levels holds on any CPU. A lossless PNG is exact: 0.5 level covers only the
+// float32 normalization (~1e-6). A wrong channel order is off by 100+ levels.
 bool all_pixels_near(const std::vector<float>& out, int r, int g, int b, float tolerance = 3.f) {
     const int rgb[3] = {r, g, b};
     const float std_min = 0.224f;
