@@ -84,6 +84,22 @@ inline void check_within_bound(const std::string& what, const Tensor& a, const T
     CHECK(ratio <= 1.0);
 }
 
+// Checks that a deliberately broken variant lies at least 100 times its bound
+// away (its worst ratio to the bound): the bound separates right from wrong
+// by orders of magnitude. HFQ_SHOW_ERRORS=1 prints the ratio.
+inline void check_far_outside(const std::string& what, double ratio) {
+    INFO(what);
+    if (std::getenv("HFQ_SHOW_ERRORS")) MESSAGE(what, ": worst |a - b| / bound = ", ratio);
+    CHECK(ratio >= 100.0);
+}
+
+// gamma(n) of a sum in double, n 2^-53 / (1 - n 2^-53): hfq's statistics and
+// the tests' references sum in double.
+inline double gamma_double_n(double n) {
+    const double nu = n * 0x1p-53;
+    return nu / (1 - nu);
+}
+
 // Kind 2. Norm-wise error of `ours` against the float64 truth:
 // max |ours - truth| / max |truth|.
 inline double normwise_error(const Tensor& ours, const Tensor& truth) {

@@ -23,6 +23,12 @@ Variable square(const Variable& x) {
     return make_result(y, "square", {x}, [x](const Tensor& dy) { x.accumulate_grad(scale(mul(x.value(), dy), 2)); });
 }
 
+// y = x * x with the factor 2 of its gradient forgotten.
+Variable wrong_square(const Variable& x) {
+    return make_result(mul(x.value(), x.value()), "wrong_square", {x},
+                       [x](const Tensor& dy) { x.accumulate_grad(mul(x.value(), dy)); });
+}
+
 // y = a * b, element-wise.
 Variable times(const Variable& a, const Variable& b) {
     return make_result(mul(a.value(), b.value()), "times", {a, b}, [a, b](const Tensor& dy) {
@@ -105,7 +111,8 @@ TEST_CASE("a diamond graph: every path contributes exactly once") {
     Variable c = plus(a, b);         // x^2 + x^3
     Variable d = times(c, a);        // x^4 + x^5
     d.backward();
-    CHECK(x.grad().item() == doctest::Approx(4 * 8 + 5 * 16));
+    // Products and sums of small integers: exact in float.
+    CHECK(x.grad().item() == 4 * 8 + 5 * 16);
 }
 
 TEST_CASE("no-grad mode records nothing, constants get no gradient") {
@@ -137,9 +144,14 @@ TEST_CASE("backward frees the graph; a second backward is a clear error") {
     CHECK_THROWS_AS(square(v).backward(), Error);  // two elements, no seed
 }
 
-TEST_CASE("the gradient checker agrees with a correct backward") {
-    testing::check_gradients([](const std::vector<Variable>& in) { return times(square(in[0]), in[1]); },
-                             {testing::random_tensor({3, 4}, 1), testing::random_tensor({3, 4}, 2)});
+TEST_CASE("the gradient checker agrees with a correct backward and rejects a wrong one by orders of magnitude") {
+    const std::vector<Tensor> inputs{testing::random_tensor({3, 4}, 1), testing::random_tensor({3, 4}, 2)};
+    testing::check_gradients([](const std::vector<Variable>& in) { return times(square(in[0]), in[1]); }, inputs);
+    // Half the gradient of x: |a - q| = |q| / 2, against a bound of about
+    // 1e-3 |q| (tolerance) where q is not near 0.
+    const auto wrong = testing::gradient_points(
+        [](const std::vector<Variable>& in) { return times(wrong_square(in[0]), in[1]); }, inputs);
+    testing::check_far_outside("gradient check of a wrong backward", testing::worst_ratio(wrong));
 }
 
 TEST_CASE("a deep chain does not overflow the stack") {
