@@ -38,6 +38,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "engine/tensor.h"
 
@@ -98,6 +99,54 @@ inline void check_far_outside(const std::string& what, double ratio) {
 inline double gamma_double_n(double n) {
     const double nu = n * 0x1p-53;
     return nu / (1 - nu);
+}
+
+// The bound factor * magnitude, element by element. The magnitudes are sums
+// of nonnegative terms computed in float: one that went through k roundings
+// (its sums, and the stores of its terms) is at least 1 - gamma(k) times its
+// exact value, so the bound, rounded once more, is divided by 1 - gamma(k + 1).
+inline Tensor bound_from(const Tensor& magnitude, double factor, int64_t roundings) {
+    const double f = factor / (1 - gamma_n(double(roundings + 1)));
+    Tensor b = Tensor::empty(magnitude.shape());
+    for (int64_t i = 0; i < b.numel(); ++i) b.f32()[i] = float(f * magnitude.f32()[i]);
+    return b;
+}
+
+// Per-channel mean and biased variance of an {N,H,W,C} tensor, two passes in
+// double: what batch norm normalises with in training.
+struct ChannelStats {
+    std::vector<double> mean, var;
+};
+inline ChannelStats channel_stats(const Tensor& x) {
+    const int64_t channels = x.dim(3), rows = x.numel() / channels;
+    ChannelStats s{std::vector<double>(channels, 0.0), std::vector<double>(channels, 0.0)};
+    for (int64_t i = 0; i < x.numel(); ++i) s.mean[i % channels] += x.f32()[i] / double(rows);
+    for (int64_t i = 0; i < x.numel(); ++i) {
+        const double d = x.f32()[i] - s.mean[i % channels];
+        s.var[i % channels] += d * d / double(rows);
+    }
+    return s;
+}
+
+// Batch norm's output y = s (x - mean) + beta, s = gamma / sqrt(var + eps),
+// in magnitudes: |s| (|x - mean| + |mean|) + |beta|, element by element, for
+// the statistics it normalises with. hfq's float32 output is within
+// gamma_n(6) times this of the exact value: s comes from two roundings
+// (1 / sqrt(var + eps) to float, its product with gamma), x - mean, the
+// product and the sum add three, so s (x - mean) carries 5; the mean's
+// rounding to float costs u |s mean|, the sum u |beta|; the statistics'
+// double sums, E[x^2] - mean^2 included, lose less than one more u while
+// rows (mean / std)^2 < 2^29.
+inline Tensor batch_norm_magnitude(const Tensor& x, const Tensor& gamma, const Tensor& beta, const ChannelStats& st,
+                                   float eps) {
+    const int64_t channels = x.dim(3);
+    Tensor m = Tensor::empty(x.shape());
+    for (int64_t i = 0; i < x.numel(); ++i) {
+        const int64_t c = i % channels;
+        const double s = std::fabs(gamma.f32()[c]) / std::sqrt(st.var[c] + eps);
+        m.f32()[i] = float(s * (std::fabs(x.f32()[i] - st.mean[c]) + std::fabs(st.mean[c])) + std::fabs(beta.f32()[c]));
+    }
+    return m;
 }
 
 // Kind 2. Norm-wise error of `ours` against the float64 truth:
