@@ -101,6 +101,19 @@ inline double gamma_double_n(double n) {
     return nu / (1 - nu);
 }
 
+// A float the code computes in double and rounds to float once, against the
+// test's own double evaluation `ref` of the same quantity: within u |ref| for
+// the rounding, plus `slack`, a bound of how far the two double evaluations
+// may be apart (sums in other orders: gamma_double_n of their length times
+// the sum of the terms' magnitudes; a multiply-add contracted on one side
+// only: 2^-53 of the product). HFQ_SHOW_ERRORS=1 prints the ratio.
+inline void check_rounded_once(const std::string& what, double value, double ref, double slack = 0) {
+    const double bound = kUnitRoundoff * (std::fabs(ref) + slack) + slack;
+    INFO(what, ": ", value, " against ", ref, ", bound ", bound);
+    if (std::getenv("HFQ_SHOW_ERRORS")) MESSAGE(what, ": |a - b| / bound = ", std::fabs(value - ref) / bound);
+    CHECK(std::fabs(value - ref) <= bound);
+}
+
 // The bound factor * magnitude, element by element. The magnitudes are sums
 // of nonnegative terms computed in float: one that went through k roundings
 // (its sums, and the stores of its terms) is at least 1 - gamma(k) times its

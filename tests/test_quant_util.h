@@ -2,12 +2,14 @@
 #pragma once
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <functional>
 #include <string>
 
 #include "engine/autograd.h"
 #include "engine/check.h"
 #include "quant/quantizer.h"
+#include "tests/float_error.h"
 
 namespace hfq::testing {
 
@@ -35,6 +37,17 @@ std::string error_message(F&& f) {
         return e.what();
     }
     return "";
+}
+
+// The second-moment update M' = d M + (1 - d) m g^2 (spec 3.2; m = 1 where
+// the code is in range, else 0), which the quantizer evaluates in double from
+// the float M, g and decay d and rounds to float once: checked against the
+// same expression evaluated here, where a multiply-add contracted on one side
+// only moves the double by at most 2^-53 of each product.
+inline void check_second_moment(const std::string& what, float value, float decay, float m_before, float g,
+                                bool in_range) {
+    const double kept = double(decay) * m_before, added = (1.0 - double(decay)) * (in_range ? double(g) * g : 0.0);
+    check_rounded_once(what, value, kept + added, gamma_double_n(2) * (std::fabs(kept) + std::fabs(added)));
 }
 
 // L = mean((y - target)^2), a {1} tensor; target is a constant.
