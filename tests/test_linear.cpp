@@ -2,12 +2,15 @@
 // finite-difference gradients, bad arguments.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "engine/check.h"
 #include "engine/dnnl_context.h"
 #include "engine/ops.h"
 #include "engine/tensor_math.h"
+#include "tests/float_error.h"
 #include "tests/gradcheck.h"
 
 using namespace hfq;
@@ -40,8 +43,19 @@ TEST_CASE("linear on a hand example") {
 
 TEST_CASE("linear matches a direct loop and finite differences") {
     const Tensor x = random_tensor({5, 7}, 1), w = random_tensor({3, 7}, 2), b = random_tensor({3}, 3);
-    CHECK(max_rel_diff(linear(Variable(x), Variable(w), Variable(b)).value(), reference_linear(x, w, &b)) < 1e-5);
-    CHECK(max_rel_diff(linear(Variable(x), Variable(w), Variable()).value(), reference_linear(x, w, nullptr)) < 1e-5);
+    // Each output is b + a dot product of length 7: in float, in any order,
+    // within gamma(7 + 2) of its magnitude |b| + sum |x| |w| (the loop on
+    // magnitudes); the loop's double sum is rounded once (one more), the
+    // magnitude too (bound_from).
+    const Tensor ax = testing::abs_of(x), aw = testing::abs_of(w), ab = testing::abs_of(b);
+    const Tensor bound = testing::bound_from(reference_linear(ax, aw, &ab), testing::gamma_n(7 + 3), 1);
+    const Tensor bound_no_bias = testing::bound_from(reference_linear(ax, aw, nullptr), testing::gamma_n(7 + 3), 1);
+    const Tensor y = linear(Variable(x), Variable(w), Variable(b)).value();
+    testing::check_within_bound("linear vs the loop", y, reference_linear(x, w, &b), bound);
+    testing::check_within_bound("linear without bias vs the loop", linear(Variable(x), Variable(w), Variable()).value(),
+                                reference_linear(x, w, nullptr), bound_no_bias);
+    testing::check_far_outside("linear vs the loop with the bias left out",
+                               testing::worst_bound_ratio(y, reference_linear(x, w, nullptr), bound));
     testing::check_gradients([](const std::vector<Variable>& in) { return linear(in[0], in[1], in[2]); }, {x, w, b});
     testing::check_gradients([](const std::vector<Variable>& in) { return linear(in[0], in[1], Variable()); }, {x, w});
 }
@@ -53,12 +67,23 @@ TEST_CASE("linear gradients only where needed, and a larger layer") {
     Variable y = linear(xv, wv, bv);
     y.backward(Tensor::full({4, 10}, 1.0f));
     CHECK(!xv.grad().defined());
-    // With dy = 1: db[o] = N, dW[o, i] = sum_n x[n, i].
+    // With dy = 1: db[o] = N exactly (a sum of ones), dW[o, i] = sum_n x[n, i],
+    // 4 exact products dy x: within gamma(4 + 1) of sum_n |x[n, i]| (the
+    // double sum here errs by 3 2^-53 of it, inside gamma's slack).
     for (int64_t o = 0; o < 10; ++o) CHECK(bv.grad().f32()[o] == 4.0f);
+    double worst = 0, worst_three_samples = 0;
     for (int64_t i = 0; i < 64; ++i) {
-        const double col = double(x.f32()[i]) + x.f32()[64 + i] + x.f32()[128 + i] + x.f32()[192 + i];
-        CHECK(wv.grad().f32()[3 * 64 + i] == doctest::Approx(col).epsilon(1e-5));
+        double col = 0, magnitude = 0;
+        for (int64_t n = 0; n < 3; ++n) col += x.f32()[n * 64 + i];
+        const double three_samples = col;  // a wrong sum: the last sample left out
+        col += x.f32()[3 * 64 + i];
+        for (int64_t n = 0; n < 4; ++n) magnitude += std::fabs(x.f32()[n * 64 + i]);
+        const double dw = wv.grad().f32()[3 * 64 + i], bound = testing::gamma_n(4 + 1) * magnitude;
+        worst = std::max(worst, std::fabs(dw - col) / bound);
+        worst_three_samples = std::max(worst_three_samples, std::fabs(dw - three_samples) / bound);
     }
+    CHECK(worst <= 1.0);
+    testing::check_far_outside("dW against the sum of three of the four samples", worst_three_samples);
     testing::check_gradients([](const std::vector<Variable>& in) { return linear(in[0], in[1], in[2]); },
                              {random_tensor({8, 100}, 7), random_tensor({20, 100}, 8, 0.1f), random_tensor({20}, 9)});
 }
