@@ -8,7 +8,6 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -24,6 +23,7 @@
 using namespace hfq;
 using namespace hfq::quant;
 using hfq::testing::abs_of;
+using hfq::testing::bound_from;
 using hfq::testing::check_gradients;
 using hfq::testing::check_within_bound;
 using hfq::testing::gamma_n;
@@ -146,17 +146,11 @@ struct Normalisation {
 };
 
 Normalisation batch_normalisation(const Tensor& c, const Tensor& gamma, float eps) {
-    const int64_t channels = c.dim(3), rows = c.numel() / channels;
-    Normalisation n{std::vector<double>(channels, 0.0), std::vector<double>(channels, 0.0),
-                    std::vector<double>(channels)};
-    for (int64_t i = 0; i < c.numel(); ++i) n.mu[i % channels] += c.f32()[i] / double(rows);
-    for (int64_t i = 0; i < c.numel(); ++i) {
-        const double d = c.f32()[i] - n.mu[i % channels];
-        n.sigma[i % channels] += d * d / double(rows);  // the biased variance, as batch norm normalises
-    }
-    for (int64_t ch = 0; ch < channels; ++ch) {
-        n.sigma[ch] = std::sqrt(n.sigma[ch] + eps);
-        n.s[ch] = gamma.f32()[ch] / n.sigma[ch];
+    const hfq::testing::ChannelStats st = hfq::testing::channel_stats(c);  // the biased variance, as batch norm
+    Normalisation n{st.mean, {}, {}};
+    for (size_t ch = 0; ch < st.var.size(); ++ch) {
+        n.sigma.push_back(std::sqrt(st.var[ch] + eps));
+        n.s.push_back(gamma.f32()[ch] / n.sigma.back());
     }
     return n;
 }
@@ -183,17 +177,6 @@ ConvMagnitudes conv_magnitudes(const Tensor& x, const Tensor& w, const Tensor& d
     Variable out = conv2d(ax, aw, Variable(), p);
     out.backward(d);
     return {out.value(), ax.grad(), aw.grad()};
-}
-
-// The bound factor * magnitude, element by element. The magnitudes are sums
-// of nonnegative terms computed in float: one that went through k roundings
-// (its sums, and the stores of its terms) is at least 1 - gamma(k) times its
-// exact value, so the bound, rounded once more, is divided by 1 - gamma(k + 1).
-Tensor bound_from(const Tensor& magnitude, double factor, int64_t roundings) {
-    const double f = factor / (1 - gamma_n(double(roundings + 1)));
-    Tensor b = Tensor::empty(magnitude.shape());
-    for (int64_t i = 0; i < b.numel(); ++i) b.f32()[i] = float(f * magnitude.f32()[i]);
-    return b;
 }
 
 // What the comparisons compare: the output, and the gradients of x, W and
@@ -295,11 +278,8 @@ Bounds training_bounds(const Tensor& x, const Tensor& c, const Tensor& w, const 
 }
 
 // The four comparisons of one side (y, dx, dW, dgamma) with a reference:
-// within the bounds, or, for a deliberately broken reference, at least
-// kBrokenRatio times outside them (the bounds separate right from wrong). A
-// wrong statistic changes results by about their own size; the bounds are a
-// few float32 roundings of them (1e-6 relative or less).
-constexpr double kBrokenRatio = 100;
+// within the bounds, or, for a deliberately broken reference, far outside
+// them (check_far_outside: the bounds separate right from wrong).
 void check_within(const std::string& what, const Side& a, const Side& b, const Bounds& bound) {
     check_within_bound(what + " y", a.y, b.y, bound.y);
     check_within_bound(what + " dx", a.dx, b.dx, bound.dx);
@@ -307,16 +287,12 @@ void check_within(const std::string& what, const Side& a, const Side& b, const B
     check_within_bound(what + " dgamma", a.dgamma, b.dgamma, bound.dgamma);
 }
 void check_separates(const std::string& what, const Side& a, const Side& wrong, const Bounds& bound) {
+    using hfq::testing::check_far_outside;
     using hfq::testing::worst_bound_ratio;
-    INFO(what);
-    for (const auto& [name, ratio] : {std::pair<const char*, double>{"y", worst_bound_ratio(a.y, wrong.y, bound.y)},
-                                      {"dx", worst_bound_ratio(a.dx, wrong.dx, bound.dx)},
-                                      {"dW", worst_bound_ratio(a.dw, wrong.dw, bound.dw)},
-                                      {"dgamma", worst_bound_ratio(a.dgamma, wrong.dgamma, bound.dgamma)}}) {
-        if (std::getenv("HFQ_SHOW_ERRORS"))
-            MESSAGE(what, " (broken) ", std::string(name), ": worst |a - b| / bound = ", ratio);
-        CHECK(ratio >= kBrokenRatio);
-    }
+    check_far_outside(what + " (broken) y", worst_bound_ratio(a.y, wrong.y, bound.y));
+    check_far_outside(what + " (broken) dx", worst_bound_ratio(a.dx, wrong.dx, bound.dx));
+    check_far_outside(what + " (broken) dW", worst_bound_ratio(a.dw, wrong.dw, bound.dw));
+    check_far_outside(what + " (broken) dgamma", worst_bound_ratio(a.dgamma, wrong.dgamma, bound.dgamma));
 }
 
 }  // namespace
@@ -353,7 +329,7 @@ TEST_CASE("unfold_weight: U = Q(W_fold) * sigma_ema / gamma, undoing fold_weight
     check_within_bound("unfold(fold(w))", u, w, bound);
     // Broken: unfolding with another eps (2e-3) moves u by ~ 1e-3 / (2 var) relative.
     const Tensor u_eps = unfold_weight(Variable(wf), Variable(gamma), var, 2 * eps).value();
-    CHECK(hfq::testing::worst_bound_ratio(u_eps, w, bound) >= kBrokenRatio);
+    hfq::testing::check_far_outside("unfold with eps 2e-3", hfq::testing::worst_bound_ratio(u_eps, w, bound));
     for (int c = 0; c < 3; ++c) {
         const float factor = float(std::sqrt(double(var.f32()[c]) + eps) / gamma.f32()[c]);
         for (int i = 0; i < 18; ++i) CHECK(u.f32()[c * 18 + i] == wf.f32()[c * 18 + i] * factor);
