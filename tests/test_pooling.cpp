@@ -3,12 +3,14 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "engine/check.h"
 #include "engine/dnnl_context.h"
 #include "engine/ops.h"
 #include "engine/tensor_math.h"
+#include "tests/float_error.h"
 #include "tests/gradcheck.h"
 
 using namespace hfq;
@@ -16,8 +18,9 @@ using testing::random_tensor;
 
 namespace {
 
-// Average pooling on {N,H,W,C}, counting only the positions inside the image.
-Tensor reference_avg_pool(const Tensor& x, int k, int stride, int pad) {
+// Average pooling on {N,H,W,C}, counting only the positions inside the image
+// (or, for a broken variant, the padded ones too).
+Tensor reference_avg_pool(const Tensor& x, int k, int stride, int pad, bool count_padding = false) {
     const int64_t n = x.dim(0), h = x.dim(1), w = x.dim(2), c = x.dim(3);
     const int64_t ho = (h + 2 * pad - k) / stride + 1, wo = (w + 2 * pad - k) / stride + 1;
     Tensor y = Tensor::empty({n, ho, wo, c});
@@ -33,7 +36,7 @@ Tensor reference_avg_pool(const Tensor& x, int k, int stride, int pad) {
                                 s += x.f32()[((b * h + u) * w + v) * c + ch];
                                 ++count;
                             }
-                    y.f32()[((b * ho + i) * wo + j) * c + ch] = static_cast<float>(s / count);
+                    y.f32()[((b * ho + i) * wo + j) * c + ch] = static_cast<float>(s / (count_padding ? k * k : count));
                 }
     return y;
 }
@@ -45,9 +48,12 @@ TEST_CASE("avg_pool2d leaves padding out of the count") {
     const Tensor x = Tensor::from_vector({1, 3, 3, 1}, {1, 2, 3, 4, 5, 6, 7, 8, 9});
     const Tensor y = avg_pool2d(Variable(x), 3, 1, 1).value();
     REQUIRE(y.shape() == Shape{1, 3, 3, 1});
-    CHECK(y.f32()[0] == doctest::Approx((1 + 2 + 4 + 5) / 4.0));  // corner: 4 real values, not 9
-    CHECK(y.f32()[1] == doctest::Approx((1 + 2 + 3 + 4 + 5 + 6) / 6.0));
-    CHECK(y.f32()[4] == doctest::Approx(5.0));
+    // Sums of small integers are exact; the average adds a division (or a
+    // reciprocal and a product): within gamma(2) of the exact value.
+    auto near = [](float v, double exact) { return std::fabs(v - exact) <= testing::gamma_n(2) * exact; };
+    CHECK(near(y.f32()[0], (1 + 2 + 4 + 5) / 4.0));  // corner: 4 real values, not 9
+    CHECK(near(y.f32()[1], (1 + 2 + 3 + 4 + 5 + 6) / 6.0));
+    CHECK(near(y.f32()[4], 5.0));
 }
 
 TEST_CASE("avg_pool2d matches a direct loop and finite differences") {
@@ -63,7 +69,17 @@ TEST_CASE("avg_pool2d matches a direct loop and finite differences") {
         const Tensor y = avg_pool2d(Variable(x), c.kernel, c.stride, c.padding).value();
         const Tensor expected = reference_avg_pool(x, c.kernel, c.stride, c.padding);
         REQUIRE(y.shape() == expected.shape());
-        CHECK(max_rel_diff(y, expected) < 1e-6);
+        // A sum of at most k^2 terms and the division (at most 2 roundings),
+        // and the loop's rounding to float: within gamma(k^2 + 2) of the
+        // average of |x| over the window.
+        const Tensor bound = testing::bound_from(
+            reference_avg_pool(testing::abs_of(x), c.kernel, c.stride, c.padding),
+            testing::gamma_n(c.kernel * c.kernel + 2), 1);
+        testing::check_within_bound("avg_pool2d vs the loop", y, expected, bound);
+        if (c.padding > 0)
+            testing::check_far_outside(
+                "avg_pool2d vs the loop counting the padding",
+                testing::worst_bound_ratio(y, reference_avg_pool(x, c.kernel, c.stride, c.padding, true), bound));
         testing::check_gradients(
             [&](const std::vector<Variable>& in) { return avg_pool2d(in[0], c.kernel, c.stride, c.padding); }, {x});
     }
@@ -73,12 +89,23 @@ TEST_CASE("global_avg_pool: per-channel means as {N,C}") {
     const Tensor x = random_tensor({2, 3, 5, 4}, 2);  // H != W
     const Tensor y = global_avg_pool(Variable(x)).value();
     REQUIRE(y.shape() == Shape{2, 4});
+    // A sum of 15 terms and the division: within gamma(16) of the mean of
+    // |x| (the double sums here err far less).
+    double worst = 0, worst_neighbour = 0;
     for (int64_t n = 0; n < 2; ++n)
         for (int64_t c = 0; c < 4; ++c) {
-            double s = 0;
-            for (int64_t p = 0; p < 15; ++p) s += x.f32()[(n * 15 + p) * 4 + c];
-            CHECK(y.f32()[n * 4 + c] == doctest::Approx(s / 15).epsilon(1e-6));
+            double s = 0, magnitude = 0, neighbour = 0;  // neighbour: channel c + 1, a wrong stride
+            for (int64_t p = 0; p < 15; ++p) {
+                s += x.f32()[(n * 15 + p) * 4 + c];
+                magnitude += std::fabs(x.f32()[(n * 15 + p) * 4 + c]);
+                neighbour += x.f32()[(n * 15 + p) * 4 + (c + 1) % 4];
+            }
+            const double bound = testing::gamma_n(16) * magnitude / 15;
+            worst = std::max(worst, std::fabs(y.f32()[n * 4 + c] - s / 15) / bound);
+            worst_neighbour = std::max(worst_neighbour, std::fabs(y.f32()[n * 4 + c] - neighbour / 15) / bound);
         }
+    CHECK(worst <= 1.0);
+    testing::check_far_outside("global_avg_pool vs the means of the neighbouring channels", worst_neighbour);
     testing::check_gradients([](const std::vector<Variable>& in) { return global_avg_pool(in[0]); }, {x});
 }
 
