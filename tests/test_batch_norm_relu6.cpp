@@ -87,8 +87,8 @@ Bounds fused_vs_unfused(const Tensor& x, const Tensor& dy, const Tensor& gamma, 
         const double inv_std = 1 / std::sqrt(st.var[c] + 1e-4), s = std::fabs(gamma.f32()[c]) * inv_std;
         const double gated = f.y.f32()[i] > 0 && f.y.f32()[i] < 6 ? std::fabs(dy.f32()[i]) : 0.0;
         const double xhat = std::fabs(x.f32()[i] - st.mean[c]) * inv_std;
-        const double terms = training ? gated + (std::fabs(f.dbeta.f32()[c]) + xhat * std::fabs(f.dgamma.f32()[c])) / rows
-                                      : gated;
+        const double statistics = (std::fabs(f.dbeta.f32()[c]) + xhat * std::fabs(f.dgamma.f32()[c])) / rows;
+        const double terms = training ? gated + statistics : gated;
         b.dx.f32()[i] = float(s * terms);
     }
     b.dx = testing::bound_from(b.dx, 2 * testing::gamma_n(6), 1);
