@@ -20,13 +20,13 @@
 //   sum |R| over the moved outputs (rounding errors of many outputs add
 //   like a random walk, far less), plus the double sums' own error; q by
 //   that over h+ + h-. This term is computed at every point.
-// The analytic gradient carries its own float32 error, not divided by h:
-// gamma(n) relative for a sum of n terms of one sign, below 1e-3 up to
-// n = 16000 (longer sums here run in double). Hence
+// The analytic gradient carries its own float32 error, not divided by h: a
+// sum of n terms is within gamma(n) of their magnitudes, first order
+// (blocked sums, errors of either sign) far less. Hence
 //   |a - q| <= tolerance |q| + rounding + abs_tolerance,
-// tolerance = 1e-3 covering the truncation and the analytic rounding;
-// abs_tolerance is for an op whose forward error the model above does not
-// cover.
+// tolerance = 1e-3 covering the truncation and the analytic rounding (all
+// of gamma(n) up to n = 16000 for terms of one sign); abs_tolerance is for
+// an op whose forward error the model above does not cover.
 #pragma once
 #include <doctest/doctest.h>
 
