@@ -102,7 +102,9 @@ bool named_in(const char* list, const char* name) {
 // HFQ_ARCH_FLAGS, and an initialiser can use AVX2 (an inlined, vectorised
 // loop, or just VEX-encoded copies). Shared libraries (libc, libstdc++,
 // oneDNN, oneTBB, OpenCV) initialise before the executable, but they are
-// Debian's builds for the baseline.
+// Debian's builds for the baseline. (Sanitizer builds give every file a
+// start-up function of a lower priority, which only registers the file's
+// globals: a few moves and calls into the sanitizer runtime.)
 __attribute__((constructor(101))) void check_cpu_at_startup() {
     const char* missing = missing_cpu_features();
     if (*missing == '\0') return;
