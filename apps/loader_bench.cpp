@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
     std::vector<std::string> pipelines = {"train", "eval"};
     std::vector<std::string> dct_modes = {"on", "off"};
     int size = 224, batch = 32, prefetch = 4, min_trials = 3;
-    double min_time = 10, trial_time = 2;
+    double min_time = 10, trial_time = 2, max_bad_fraction = kDefaultMaxBadFraction;
     app.add_option("root", root, "class-folder tree ROOT/<class>/<image>")->required();
     app.add_option("--threads", threads, "loader thread counts to measure");
     app.add_option("--pipelines", pipelines, "train (random resized crop + flip) and/or eval (resize + centre crop)")
@@ -117,6 +117,8 @@ int main(int argc, char** argv) {
     app.add_option("--min-time", min_time, "minimum timed seconds per configuration");
     app.add_option("--trial-time", trial_time, "seconds per trial");
     app.add_option("--min-trials", min_trials, "minimum trials per configuration");
+    app.add_option("--max-bad-fraction", max_bad_fraction, "unreadable images allowed, as a fraction of the corpus")
+        ->check(CLI::Range(0.0, 1.0));
     CLI11_PARSE(app, argc, argv);
 
     try {
@@ -153,6 +155,7 @@ int main(int argc, char** argv) {
         LoaderOptions base;
         base.batch_size = batch;
         base.prefetch_batches = prefetch;
+        base.max_bad_fraction = max_bad_fraction;
         int round = 0;
         auto done = [&](const Config& c) { return int(c.rates.size()) >= min_trials && c.wall >= min_time; };
         while (!std::all_of(configs.begin(), configs.end(), done)) {

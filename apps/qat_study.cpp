@@ -73,6 +73,9 @@ int main(int argc, char** argv) {
         ->capture_default_str()->group(data);
     app.add_option("--test-limit", t.test_limit, "Evaluate on this many samples, evenly spaced (0: all)")
         ->capture_default_str()->group(data);
+    app.add_option("--max-bad-fraction", t.max_bad_fraction, "Unreadable images (corrupt or truncated files) "
+                   "allowed, as a fraction of the training or test set; more stop the run")
+        ->capture_default_str()->group(data);
     app.add_option("--width", t.width, "Width multiplier of the float models trained here")
         ->capture_default_str()->group(data);
 

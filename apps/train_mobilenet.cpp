@@ -10,7 +10,8 @@
 //
 // Exit status: 0 when the run finished or stopped (--stop-after-steps) with
 // a checkpoint, 128 + the signal after SIGINT / SIGTERM (checkpoint saved),
-// 1 for a failure (bad data or checkpoint, divergence), 2 for bad options.
+// 1 for a failure (bad data or checkpoint, divergence, a CPU without the
+// features the build uses: startup/cpu_check.h), 2 for bad options.
 #include <cstdio>
 
 #include "train/config.h"

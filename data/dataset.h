@@ -23,6 +23,11 @@ struct UnreadableSample : Error {
     using Error::Error;
 };
 
+// How many unreadable samples the Loader tolerates by default, as a fraction
+// of the dataset (LoaderOptions::max_bad_fraction; train_mobilenet's
+// --max-bad-fraction).
+inline constexpr double kDefaultMaxBadFraction = 0.01;
+
 class Dataset {
 public:
     virtual ~Dataset() = default;

@@ -37,12 +37,14 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, const LoaderOptions& opti
     HFQ_CHECK(o.batch_size > 0, "Loader: batch_size must be positive, got ", o.batch_size);
     HFQ_CHECK(o.threads >= 1, "Loader: threads must be at least 1, got ", o.threads);
     HFQ_CHECK(o.prefetch_batches >= 1, "Loader: prefetch_batches must be at least 1, got ", o.prefetch_batches);
-    HFQ_CHECK(o.max_skip_fraction >= 0 && o.max_skip_fraction <= 1, "Loader: max_skip_fraction must be in [0, 1], got ",
-              o.max_skip_fraction);
+    HFQ_CHECK(o.max_bad_fraction >= 0 && o.max_bad_fraction <= 1, "Loader: max_bad_fraction must be in [0, 1], got ",
+              o.max_bad_fraction);
     batches_per_epoch_ = o.drop_last ? n / o.batch_size : (n + o.batch_size - 1) / o.batch_size;
     HFQ_CHECK(batches_per_epoch_ > 0, "Loader: with drop_last, a dataset of ", n, " samples has no full batch of ",
               o.batch_size);
-    max_unreadable_ = static_cast<int64_t>(o.max_skip_fraction * static_cast<double>(n));
+    // The 1e-9 keeps a product such as 0.29 * 100 (28.999999999999996 in
+    // binary) from losing a sample. At least one sample must load.
+    max_unreadable_ = std::min(n - 1, static_cast<int64_t>(o.max_bad_fraction * static_cast<double>(n) + 1e-9));
     end_epoch_ = end_epoch < 0 ? start.epoch + 1 : end_epoch;
     HFQ_CHECK(start.epoch >= 0 && start.batch >= 0 && start.batch < batches_per_epoch_, "Loader: start position (epoch ",
               start.epoch, ", batch ", start.batch, ") is outside an epoch of ", batches_per_epoch_, " batches");
@@ -130,10 +132,10 @@ void Loader::load_slot(int64_t epoch, int64_t index, float* out, Batch& batch, i
             return;
         } catch (const UnreadableSample& error) {
             skipped.push_back({candidate, error.what()});
-            HFQ_CHECK(attempt < max_unreadable_ && attempt + 1 < n, "Loader: ", attempt + 1,
-                      " unreadable samples in a row from index ", index, ", more than max_skip_fraction ",
-                      options_.max_skip_fraction, " of ", n, " samples allows (", max_unreadable_,
-                      "); the last: ", error.what());
+            // Give up: these max_unreadable_ + 1 distinct samples are more
+            // than allowed, so next() stops the run before the batch (its
+            // slot unfilled) is handed out.
+            if (attempt == max_unreadable_) return;
         }
     }
 }
@@ -151,18 +153,22 @@ std::optional<Batch> Loader::next() {
         std::rethrow_exception(error_);
     }
     Batch& batch = *item.batch;
+    const int64_t n = dataset_->size();
     for (const SkippedSample& s : batch.skipped) {
         ++stats_.replaced;
-        if (unreadable_.insert(s.index).second)
-            std::cerr << "hfq Loader: skipping unreadable sample " << s.index << ": " << s.reason << " ("
-                      << unreadable_.size() << " unreadable so far, at most " << max_unreadable_ << " allowed)\n";
+        if (!unreadable_.insert(s.index).second) continue;
+        if (first_unreadable_.empty()) first_unreadable_ = s.reason;
+        const bool skipping = static_cast<int64_t>(unreadable_.size()) <= max_unreadable_;  // else: stopping below
+        std::cerr << (skipping ? "hfq: skipping unreadable image " : "hfq: unreadable image ") << s.reason << " ("
+                  << unreadable_.size() << " so far; --max-bad-fraction " << options_.max_bad_fraction << " allows "
+                  << max_unreadable_ << " of " << n << ")\n";
     }
     stats_.unreadable = static_cast<int64_t>(unreadable_.size());
     if (stats_.unreadable > max_unreadable_) {
         error_ = std::make_exception_ptr(Error(cat(
-            "Loader: ", stats_.unreadable, " of the ", dataset_->size(), " samples are unreadable, more than ",
-            "max_skip_fraction ", options_.max_skip_fraction, " allows (", max_unreadable_,
-            "); the latest: ", batch.skipped.back().reason)));
+            "stopping: ", stats_.unreadable, " of the ", n, " images could not be read (the first: ",
+            first_unreadable_, "); --max-bad-fraction ", options_.max_bad_fraction, " allows ", max_unreadable_,
+            " of ", n, ". Fix or remove the files, or raise --max-bad-fraction.")));
         std::rethrow_exception(error_);
     }
     ++stats_.batches;

@@ -16,9 +16,12 @@
 // Unreadable samples (corrupt or truncated files): the sample is replaced by
 // the next dataset index that loads (with its own random numbers), the batch
 // records it in Batch::skipped, and the Loader logs its path to stderr the
-// first time. Once more than max_skip_fraction of the dataset has proved
-// unreadable, next() throws hfq::Error: a broken dataset stops the run.
-// (The count starts afresh in each Loader.)
+// first time. Once more than max_bad_fraction of the dataset has proved
+// unreadable, next() throws hfq::Error saying so in plain words: a broken
+// dataset stops the run. The message names the command-line option that
+// raises the limit, --max-bad-fraction, which every program that runs a
+// Loader on files has (train_mobilenet, qat_study, loader_bench). (The count
+// starts afresh in each Loader.)
 //
 // Errors: any other exception while loading reaches the consumer, in batch
 // order, as an hfq::Error thrown by next(). The destructor stops the producer
@@ -29,6 +32,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <string>
 #include <thread>
 #include <unordered_set>
 #include <vector>
@@ -47,7 +51,7 @@ struct LoaderOptions {
     uint64_t seed = 0;
     int threads = 1;                  // loader threads (the producer included)
     int prefetch_batches = 4;         // finished batches kept ready
-    double max_skip_fraction = 0.01;  // of the dataset; more unreadable samples stop the run
+    double max_bad_fraction = kDefaultMaxBadFraction;  // of the dataset; more unreadable samples stop the run
 };
 
 // A batch position: batch `batch` of epoch `epoch`.
@@ -103,7 +107,7 @@ private:
     const std::shared_ptr<const Dataset> dataset_;
     const LoaderOptions options_;
     int64_t batches_per_epoch_ = 0;
-    int64_t max_unreadable_ = 0;  // floor(max_skip_fraction * dataset size)
+    int64_t max_unreadable_ = 0;  // floor(max_bad_fraction * dataset size), at most size - 1
     const LoaderPosition start_;
     int64_t end_epoch_ = 0;
 
@@ -111,6 +115,7 @@ private:
     LoaderPosition position_;
     LoaderStats stats_;
     std::unordered_set<int64_t> unreadable_;
+    std::string first_unreadable_;  // the reason of the first, for the message that stops the run
     std::exception_ptr error_;
     bool finished_ = false;
 

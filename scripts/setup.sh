@@ -1,17 +1,41 @@
 #!/usr/bin/env bash
 # Installs, with apt, whatever of hfq's Debian 12 packages is missing.
 # Idempotent: when everything is present it only checks and returns.
+#
+#   bash scripts/setup.sh          # install what is missing
+#   bash scripts/setup.sh --list   # print the packages, one a line
+#
+# `packages` is the one list of what a fresh Debian 12 needs for
+# scripts/train.sh and scripts/test.sh, a reason per package. The README's
+# table shows it; the ctest setup_packages_in_readme checks that the table
+# names exactly these packages.
 set -euo pipefail
 
 packages=(
-  cmake g++ ninja-build pkg-config
-  libdnnl-dev ocl-icd-opencl-dev          # oneDNN 2.6.3 (its CMake config needs OpenCL's)
-  libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev
-  libturbojpeg0-dev libtbb-dev zlib1g-dev
-  doctest-dev libcli11-dev nlohmann-json3-dev
-  clang libclang-rt-14-dev                # libFuzzer target for the safetensors reader
-  dataset-fashion-mnist                   # the default data set
+  cmake                    # configures the builds; its ctest runs the tests
+  ninja-build              # builds them (-G Ninja in scripts/build.sh and scripts/fuzz.sh)
+  g++                      # compiles the Release and sanitizer builds (GCC 12, its ASan and UBSan)
+  libdnnl-dev              # oneDNN 2.6.3: the convolution, pooling and matrix-product kernels
+  ocl-icd-opencl-dev       # OpenCL, which oneDNN's CMake config requires
+  libopencv-core-dev       # OpenCV's core: matrices for decoding, resizing and the plots
+  libopencv-imgproc-dev    # OpenCV: resizing, colour conversion, drawing the study's figures
+  libopencv-imgcodecs-dev  # OpenCV: decoding non-JPEG images, writing PNG figures
+  libturbojpeg0-dev        # libjpeg-turbo: JPEG decoding at a reduced DCT scale
+  libtbb-dev               # oneTBB: the data loader's threads
+  zlib1g-dev               # reads Fashion-MNIST's gzip files
+  doctest-dev              # the test framework
+  libcli11-dev             # every program's command-line options
+  nlohmann-json3-dev       # JSON: safetensors headers, configs, metrics
+  clang                    # the fuzz build (scripts/fuzz.sh): libFuzzer comes with clang
+  libclang-rt-14-dev       # libFuzzer and clang's ASan and UBSan runtimes
+  libomp-14-dev            # clang's OpenMP runtime (the fuzz build's configure needs OpenMP_CXX)
+  dataset-fashion-mnist    # the default data set (scripts/train.sh, the Fashion-MNIST tests)
 )
+
+if [ "${1:-}" = --list ]; then
+  printf '%s\n' "${packages[@]}"
+  exit 0
+fi
 
 missing=()
 for p in "${packages[@]}"; do

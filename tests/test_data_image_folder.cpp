@@ -281,7 +281,7 @@ TEST_CASE("corrupt and truncated files are skipped, counted, logged once, and re
 
     LoaderOptions options;
     options.batch_size = 4;
-    options.max_skip_fraction = 0.2;  // 2 of 10 allowed
+    options.max_bad_fraction = 0.2;  // 2 of 10 allowed
     std::ostringstream log;
     std::streambuf* saved = std::cerr.rdbuf(log.rdbuf());
     std::vector<Batch> batches;
@@ -320,7 +320,7 @@ TEST_CASE("corrupt and truncated files are skipped, counted, logged once, and re
     CHECK(replaced_slots == 4);
 
     // With at most 1 of 10 allowed, the second unreadable file stops the run.
-    options.max_skip_fraction = 0.1;
+    options.max_bad_fraction = 0.1;
     saved = std::cerr.rdbuf(log.rdbuf());
     std::string error;
     {
@@ -334,5 +334,8 @@ TEST_CASE("corrupt and truncated files are skipped, counted, logged once, and re
         CHECK_THROWS_AS(loader.next(), Error);  // and stays failed
     }
     std::cerr.rdbuf(saved);
-    CHECK(error.find("2 of the 10 samples are unreadable") != std::string::npos);
+    INFO(error);
+    CHECK(error.starts_with("stopping: 2 of the 10 images could not be read (the first: "));
+    CHECK(error.find("; --max-bad-fraction 0.1 allows 1 of 10. Fix or remove the files, or raise --max-bad-fraction.") !=
+          std::string::npos);
 }

@@ -147,7 +147,7 @@ TEST_CASE("unreadable samples are replaced by the next index and counted; too ma
     LoaderOptions options;
     options.batch_size = 6;
     options.shuffle = false;
-    options.max_skip_fraction = 0.1;  // 2 of 20 allowed
+    options.max_bad_fraction = 0.1;  // 2 of 20 allowed
     CaptureStderr log;
     {
         Loader loader(ds, options);
@@ -166,32 +166,65 @@ TEST_CASE("unreadable samples are replaced by the next index and counted; too ma
         CHECK(loader.stats().unreadable == 2);
         CHECK(loader.stats().replaced == 2);
     }
-    CHECK(log.text.str().find("skipping unreadable sample 4: sample4: bad bytes") != std::string::npos);
-    CHECK(log.text.str().find("skipping unreadable sample 11") != std::string::npos);
+    CHECK(log.text.str().find("hfq: skipping unreadable image sample4: bad bytes (1 so far; --max-bad-fraction "
+                              "0.1 allows 2 of 20)\n") != std::string::npos);
+    CHECK(log.text.str().find("hfq: skipping unreadable image sample11: bad bytes (2 so far") != std::string::npos);
 
     ds->unreadable = {4, 11, 17};  // 3 of 20: over the limit at the batch holding 17
     {
         Loader loader(ds, options);
         CHECK(loader.next().has_value());
         CHECK(loader.next().has_value());
-        CHECK_THROWS_WITH_AS(loader.next(), doctest::Contains("3 of the 20 samples are unreadable"), Error);
-        CHECK_THROWS_AS(loader.next(), Error);
+        CHECK_THROWS_WITH_AS(loader.next(),
+                             "stopping: 3 of the 20 images could not be read (the first: sample4: bad bytes); "
+                             "--max-bad-fraction 0.1 allows 2 of 20. Fix or remove the files, or raise "
+                             "--max-bad-fraction.",
+                             Error);
+        CHECK_THROWS_AS(loader.next(), Error);  // and stays failed
     }
 
-    ds->unreadable = {6, 7, 8};  // a run longer than the limit fails inside the batch
+    ds->unreadable = {6, 7, 8};  // a run of more than the limit in a row: the batch holding 6 stops the run
     {
         Loader loader(ds, options);
         CHECK(loader.next().has_value());
-        CHECK_THROWS_WITH_AS(loader.next(), doctest::Contains("3 unreadable samples in a row from index 6"), Error);
+        CHECK_THROWS_WITH_AS(loader.next(), doctest::Contains("stopping: 3 of the 20 images could not be read (the "
+                                                              "first: sample6: bad bytes)"),
+                             Error);
     }
 
-    options.max_skip_fraction = 0;  // no tolerance
+    options.max_bad_fraction = 0;  // no tolerance
     ds->unreadable = {19};
-    Loader strict(ds, options);
-    CHECK(strict.next().has_value());
-    CHECK(strict.next().has_value());
-    CHECK(strict.next().has_value());
-    CHECK_THROWS_WITH_AS(strict.next(), doctest::Contains("sample19: bad bytes"), Error);
+    {
+        Loader strict(ds, options);
+        CHECK(strict.next().has_value());
+        CHECK(strict.next().has_value());
+        CHECK(strict.next().has_value());
+        CHECK_THROWS_WITH_AS(strict.next(), doctest::Contains("1 of the 20 images could not be read (the first: "
+                                                              "sample19: bad bytes); --max-bad-fraction 0 allows 0 of 20"),
+                             Error);
+    }
+
+    // Every image unreadable: even a limit of 1 lets one fewer go, so the
+    // run stops instead of searching forever.
+    options.max_bad_fraction = 1;
+    for (int64_t i = 0; i < 20; ++i) ds->unreadable.insert(i);
+    {
+        Loader hopeless(ds, options);
+        CHECK_THROWS_WITH_AS(hopeless.next(), doctest::Contains("20 of the 20 images could not be read (the first: "
+                                                                "sample0: bad bytes); --max-bad-fraction 1 allows 19 of 20"),
+                             Error);
+    }
+
+    // The allowed count is the fraction of the size rounded down, without
+    // binary rounding losing one: 0.29 * 100 is 28.999999999999996.
+    auto hundred = std::make_shared<RecordingDataset>(100);
+    for (int64_t i = 0; i < 30; ++i) hundred->unreadable.insert(i);
+    options.batch_size = 100;
+    options.max_bad_fraction = 0.29;
+    {
+        Loader loader(hundred, options);
+        CHECK_THROWS_WITH_AS(loader.next(), doctest::Contains("--max-bad-fraction 0.29 allows 29 of 100"), Error);
+    }
 }
 
 TEST_CASE("an exception in a loader thread reaches the consumer in order, as hfq::Error") {
@@ -232,7 +265,9 @@ TEST_CASE("bad loader settings fail clearly") {
     CHECK_THROWS_WITH_AS(make({.batch_size = 0}), doctest::Contains("batch_size must be positive"), Error);
     CHECK_THROWS_WITH_AS(make({.threads = 0}), doctest::Contains("threads must be at least 1"), Error);
     CHECK_THROWS_WITH_AS(make({.prefetch_batches = 0}), doctest::Contains("prefetch_batches"), Error);
-    CHECK_THROWS_WITH_AS(make({.max_skip_fraction = 1.5}), doctest::Contains("max_skip_fraction"), Error);
+    CHECK_THROWS_WITH_AS(make({.max_bad_fraction = 1.5}), doctest::Contains("max_bad_fraction must be in [0, 1], got 1.5"),
+                         Error);
+    CHECK_THROWS_WITH_AS(make({.max_bad_fraction = -0.1}), doctest::Contains("max_bad_fraction"), Error);
     CHECK_THROWS_WITH_AS(make({.batch_size = 11, .drop_last = true}), doctest::Contains("no full batch"), Error);
     CHECK_THROWS_WITH_AS(make({.batch_size = 4}, {0, 3}), doctest::Contains("outside an epoch of 3 batches"), Error);
     CHECK_THROWS_WITH_AS(Loader(nullptr, {}), doctest::Contains("no dataset"), Error);

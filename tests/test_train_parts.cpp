@@ -302,6 +302,7 @@ TEST_CASE("Config: defaults, command line, config file layering, errors") {
     CHECK(help.message.find("--lr FLOAT=0.2") != std::string::npos);
     CHECK(help.message.find("--fold-bn, --no-fold-bn") != std::string::npos);
     CHECK(help.message.find("(default: on)") != std::string::npos);
+    CHECK(help.message.find("--max-bad-fraction FLOAT=0.01") != std::string::npos);
 
     auto fails = [&](std::vector<const char*> args, const char* message) {
         const ParsedArgs r = parse(args);
@@ -320,6 +321,9 @@ TEST_CASE("Config: defaults, command line, config file layering, errors") {
     fails({"--stable-switch-step", "10"}, "--stable-switch-step (10) needs --stable-start-step");
     fails({"--quantizer", "lsq", "--stable-start-step", "3"}, "only msqe-po2 keeps a stable exponent");
     fails({"--progress", "loud"}, "--progress must be");
+    fails({"--max-bad-fraction", "1.5"}, "--max-bad-fraction must be in [0, 1], got 1.5");
+    fails({"--max-bad-fraction", "-0.01"}, "--max-bad-fraction must be in [0, 1], got -0.01");
+    fails({"--max-bad-fraction", "nan"}, "option 'max-bad-fraction' must be a number");  // NaN is null in JSON
     fails({"--bn-stats", "quantized"}, "--bn-stats: batch statistics must be float-conv or quantized-conv, got 'quantized'");
     fails({"--config", (dir / "missing.json").c_str()}, "cannot open");
     {
@@ -356,6 +360,11 @@ TEST_CASE("Config: --resume takes the run's config; only run-control options may
     CHECK(r.config.threads == 1);
     CHECK(r.config.log_every == 3);
     CHECK(r.config.out == run);
+
+    // A run stopped by unreadable files can continue with a higher limit.
+    const ParsedArgs raised = parse({"--resume", run.c_str(), "--max-bad-fraction", "0.05"});
+    REQUIRE(raised.run);
+    CHECK(raised.config.max_bad_fraction == 0.05);
 
     const ParsedArgs same = parse({"--resume", run.c_str(), "--lr", "0.123"});
     CHECK(same.run);  // repeating a saved value is fine

@@ -1,11 +1,16 @@
 // Whole runs of the trainer, a few steps each: on a generated image folder
 // and on a subset of Fashion-MNIST (loss falls, files written, metrics lines
 // parse, the saved models reproduce the reported accuracy); SIGINT; a
-// diverging run; bad input (missing data, unreadable checkpoints, an
-// occupied output folder: clear errors, nothing written or overwritten).
+// diverging run; corrupt images (skipped and counted, or too many: a plain
+// message); bad input (missing data, unreadable checkpoints, an occupied
+// output folder: clear errors, nothing written or overwritten).
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -43,6 +48,28 @@ std::vector<nlohmann::json> of_type(const std::vector<nlohmann::json>& lines, co
         if (j.at("type") == type) out.push_back(j);
     return out;
 }
+
+std::string read_text(const std::string& path) {
+    const std::vector<uint8_t> bytes = test::read_bytes(path);
+    return {bytes.begin(), bytes.end()};
+}
+
+// Sends what the program prints to standard output to a file, while it lives.
+struct CaptureStdout {
+    explicit CaptureStdout(const std::string& path) {
+        std::fflush(stdout);
+        const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        REQUIRE(fd >= 0);
+        ::dup2(fd, STDOUT_FILENO);
+        ::close(fd);
+    }
+    ~CaptureStdout() {
+        std::fflush(stdout);
+        ::dup2(saved, STDOUT_FILENO);
+        ::close(saved);
+    }
+    int saved = ::dup(STDOUT_FILENO);
+};
 
 // Rebuilds a saved model (float, or quantized by its metadata's policy) and
 // evaluates it on the run's test set.
@@ -221,6 +248,62 @@ TEST_CASE("A diverging run stops with a clear message; the last good checkpoint 
     CHECK(test::file_bytes(c.out + "/checkpoint.safetensors") == last_saved);
     CHECK(read_training_checkpoint(c.out + "/checkpoint.safetensors").state.global_step == last_step);
     CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "diverged").size() == 1);
+}
+
+TEST_CASE("Corrupt images: skipped and counted in the epoch line and metrics.jsonl, or too many stop the run") {
+    test::TempDir dir;
+    test::make_image_folder(dir / "images");  // 48 training, 18 test images
+    const std::string bad_train = dir / "images/train/class1/img3.jpg", bad_test = dir / "images/val/class2/img0.jpg";
+    test::write_bytes(bad_train, std::vector<uint8_t>(300, 0x5A));
+    TrainConfig c = test::tiny_config(dir / "images", dir / "run");
+    c.quantizer = "none";
+
+    // The default, 1 %, allows none of 48: the first epoch stops.
+    try {
+        run_training(c);
+        FAIL("the corrupt image should have stopped the run");
+    } catch (const Error& e) {
+        CHECK(std::string(e.what()) == cat("stopping: 1 of the 48 images could not be read (the first: ", bad_train,
+                                           ": neither a JPEG nor an image OpenCV can decode (corrupt, truncated or "
+                                           "unknown format)); --max-bad-fraction 0.01 allows 0 of 48. Fix or remove "
+                                           "the files, or raise --max-bad-fraction."));
+    }
+
+    // 10 % allows 4 of 48 training and 1 of 18 test images: each is replaced
+    // by the next image, once per epoch and once per evaluation.
+    test::write_bytes(bad_test, std::vector<uint8_t>(300, 0x5A));
+    c.out = dir / "run2";
+    c.max_bad_fraction = 0.1;
+    c.progress = "lines";
+    RunResult r;
+    {
+        CaptureStdout out(dir / "stdout.txt");
+        r = run_training(c);
+    }
+    CHECK(r.status == RunStatus::finished);
+    const auto epochs = of_type(read_metrics(c.out + "/metrics.jsonl"), "epoch");
+    REQUIRE(epochs.size() == 2);
+    for (const auto& e : epochs) {
+        CHECK(e.at("skipped_unreadable") == 1);
+        CHECK(e.at("test").at("skipped_unreadable") == 1);
+        CHECK(e.at("test").at("samples") == 18);
+    }
+    const std::string printed = read_text(dir / "stdout.txt");
+    INFO(printed);
+    CHECK(printed.find("float epoch 2/2: train loss ") != std::string::npos);
+    CHECK(printed.find(" img/s, 1 unreadable training image skipped, 1 unreadable test image skipped)\n") !=
+          std::string::npos);
+
+    // A clean data set says nothing about skipping, and counts 0.
+    fs::remove(bad_train);
+    fs::remove(bad_test);
+    c.out = dir / "run3";
+    {
+        CaptureStdout out(dir / "stdout.txt");
+        run_training(c);
+    }
+    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "epoch")[0].at("skipped_unreadable") == 0);
+    CHECK(read_text(dir / "stdout.txt").find("unreadable") == std::string::npos);
 }
 
 TEST_CASE("Bad input: clear errors, and nothing written or overwritten") {

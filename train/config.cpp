@@ -35,6 +35,10 @@ void visit_fields(Config& c, Visitor&& v) {
       "ImageNet: random resized crop)");
     v("train-limit", c.train_limit, T, "Train on this many samples, evenly spaced over the set (0: all)");
     v("test-limit", c.test_limit, T, "Evaluate on this many samples, evenly spaced (0: all)");
+    // Run control: the limit decides only whether a run stops, never what a
+    // batch holds, so a resumed run may change it.
+    v("max-bad-fraction", c.max_bad_fraction, C, "Unreadable images (corrupt or truncated files) allowed, as a "
+      "fraction of the training or test set; each is replaced by the next image, more stop the run");
     v("threads", c.threads, C, "Compute threads (oneDNN / OpenMP)");
     v("loader-threads", c.loader_threads, C, "Data-loading threads");
 
@@ -252,6 +256,8 @@ void TrainConfig::validate() const {
     HFQ_CHECK(threads >= 1 && threads <= 1024, "--threads must be in 1..1024, got ", threads);
     HFQ_CHECK(loader_threads >= 1 && loader_threads <= 1024, "--loader-threads must be in 1..1024, got ",
               loader_threads);
+    HFQ_CHECK(max_bad_fraction >= 0 && max_bad_fraction <= 1, "--max-bad-fraction must be in [0, 1], got ",
+              max_bad_fraction);
 
     parse_arch(arch);
     parse_activation(activation);
@@ -385,8 +391,8 @@ ParsedArgs parse_args(int argc, const char* const* argv) {
             const std::vector<std::string> changed = TrainConfig::training_differences(result, base);
             std::set<std::string> names(changed.begin(), changed.end());
             HFQ_CHECK(names.empty(), "--resume: ", option_list(names), " would change what the run computes; "
-                      "only run-control options (threads, logging, checkpointing, stopping) can differ when "
-                      "resuming");
+                      "only run-control options (threads, logging, checkpointing, stopping, --max-bad-fraction) "
+                      "can differ when resuming");
         }
         result.validate();
         c = result;

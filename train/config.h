@@ -10,8 +10,9 @@
 //      keyed by option names without the dashes;
 //   3. the command line.
 // When resuming, only the run-control options (threads, logging,
-// checkpointing, stopping, paths of the data) may differ from the run's saved
-// config: anything else would change the result of the training.
+// checkpointing, stopping, paths of the data, the limit on unreadable files)
+// may differ from the run's saved config: anything else would change the
+// result of the training.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -19,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "data/dataset.h"
 #include "quant/quantize_model.h"
 
 namespace hfq {
@@ -31,6 +33,9 @@ struct TrainConfig {
     bool augment = true;
     int64_t train_limit = 0;          // use this many training samples (0: all), evenly spaced
     int64_t test_limit = 0;           // likewise for the test set
+    // Unreadable images (corrupt or truncated files) tolerated, as a fraction
+    // of the training or test set; each is replaced by the next image.
+    double max_bad_fraction = kDefaultMaxBadFraction;
     int loader_threads = 1;
     int threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 

@@ -40,9 +40,11 @@ EvalResult evaluate(const LogitsFn& logits, std::shared_ptr<const Dataset> data,
     lo.batch_size = options.batch_size;
     lo.shuffle = false;
     lo.threads = options.loader_threads;
+    lo.max_bad_fraction = options.max_bad_fraction;
     Loader loader(std::move(data), lo);
     EvalResult r;
     while (std::optional<Batch> b = loader.next()) accumulate_eval(logits(b->images), b->labels, r);
+    r.skipped = loader.stats().replaced;
     HFQ_CHECK(r.samples > 0, "evaluate: the dataset is empty");
     r.loss /= r.samples;
     r.top1 /= r.samples;

@@ -17,12 +17,14 @@ struct EvalResult {
     double top1 = 0;   // fractions in [0, 1]
     double top5 = 0;
     int64_t samples = 0;
+    int64_t skipped = 0;  // unreadable samples, each replaced by the next one
     double seconds = 0;
 };
 
 struct EvalOptions {
     int64_t batch_size = 256;
     int loader_threads = 1;
+    double max_bad_fraction = kDefaultMaxBadFraction;  // LoaderOptions::max_bad_fraction
 };
 
 // images {N, H, W, C} -> logits {N, K}

@@ -76,6 +76,7 @@ struct Tally {
     double loss = 0;  // sum of batch means times batch sizes
     int64_t correct = 0, samples = 0, steps = 0;
     double wait = 0;    // seconds spent waiting for the loader
+    int64_t skipped = 0;  // unreadable samples, each replaced by the next one
     double paused = 0;  // seconds spent evaluating and saving (not training)
     Clock::time_point t0 = Clock::now();
 
@@ -92,7 +93,14 @@ struct Tally {
 };
 
 Json eval_json(const EvalResult& r) {
-    return {{"loss", r.loss}, {"top1", r.top1}, {"top5", r.top5}, {"samples", r.samples}, {"seconds", r.seconds}};
+    return {{"loss", r.loss},       {"top1", r.top1},       {"top5", r.top5},
+            {"samples", r.samples}, {"skipped_unreadable", r.skipped}, {"seconds", r.seconds}};
+}
+
+// For the epoch line: "" when none, else e.g. ", 1 unreadable training image skipped".
+std::string skipped_note(int64_t count, const char* set) {
+    if (count == 0) return "";
+    return cat(", ", count, " unreadable ", set, count == 1 ? " image" : " images", " skipped");
 }
 
 bool all_parameters_finite(Model& model) {
@@ -144,7 +152,7 @@ private:
     void save(const NamedOptimizers& optimizers);
     [[noreturn]] void diverged(int64_t step, const std::string& what);
     Json finish();
-    EvalOptions eval_options() const { return {cfg_.batch_size, cfg_.loader_threads}; }
+    EvalOptions eval_options() const { return {cfg_.batch_size, cfg_.loader_threads, cfg_.max_bad_fraction}; }
     Json evaluate_export();
     void say(const std::string& text) { progress_.message(text); }
     bool stopping() const { return stop_ != RunStatus::finished || g_signal.load() != 0; }
@@ -349,7 +357,8 @@ void Trainer::end_epoch(const Stage& stage, int64_t epoch, const Tally& epoch_ta
               {"train_loss", epoch_tally.mean_loss()},
               {"train_top1", epoch_tally.accuracy()},
               {"images_per_second", epoch_tally.images_per_second()},
-              {"data_wait_fraction", epoch_tally.wait / epoch_tally.busy()}};
+              {"data_wait_fraction", epoch_tally.wait / epoch_tally.busy()},
+              {"skipped_unreadable", epoch_tally.skipped}};
     std::string line = cat(stage.name, " epoch ", epoch, "/", stage.epochs, ": train loss ",
                            fixed(epoch_tally.mean_loss(), 4), ", top-1 ", fixed(100 * epoch_tally.accuracy(), 2),
                            " %");
@@ -366,7 +375,9 @@ void Trainer::end_epoch(const Stage& stage, int64_t epoch, const Tally& epoch_ta
     }
     if (stage.name == "qat") j["quantizers"] = quantizer_diagnostics(*model_);
     log_->write(j);
-    say(cat(line, " (", static_cast<int64_t>(epoch_tally.images_per_second()), " img/s)"));
+    const int64_t test_skipped = j.contains("test") ? j["test"]["skipped_unreadable"].get<int64_t>() : 0;
+    say(cat(line, " (", static_cast<int64_t>(epoch_tally.images_per_second()), " img/s",
+            skipped_note(epoch_tally.skipped, "training"), skipped_note(test_skipped, "test"), ")"));
 }
 
 // Exports the quantized model (export.safetensors: integer codes, exponents,
@@ -430,6 +441,7 @@ void Trainer::run_stage(const Stage& stage) {
         lo.drop_last = true;  // every step sees a full batch
         lo.seed = loader_seed_;
         lo.threads = cfg_.loader_threads;
+        lo.max_bad_fraction = cfg_.max_bad_fraction;
         Loader loader(data_.train, lo, state_.next_batch = {stage.first_epoch + state_.stage_step / bpe,
                                                             state_.stage_step % bpe},
                       stage.first_epoch + stage.epochs);
@@ -442,6 +454,7 @@ void Trainer::run_stage(const Stage& stage) {
             const double waited = seconds_since(wait0);
             window.wait += waited;
             epoch_tally.wait += waited;
+            epoch_tally.skipped += static_cast<int64_t>(batch->skipped.size());
 
             if (stage.name == "qat") {
                 if (state_.stage_step == cfg_.stable_start_step) quant::set_stable_updating(*model_, true);
@@ -526,6 +539,7 @@ Json Trainer::finish() {
         LoaderOptions lo;
         lo.batch_size = std::min<int64_t>(16, data_.test->size());
         lo.shuffle = false;
+        lo.max_bad_fraction = cfg_.max_bad_fraction;
         const Tensor sample = Loader(data_.test, lo).next()->images;
         audit = quant::audit_export(*model_, path("export.safetensors"), sample);
         summary["audit"] = {{"passed", audit.passed()},
