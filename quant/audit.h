@@ -15,9 +15,17 @@
 //     independent of oneDNN - and the export's IntegerLayer (what
 //     build_model_from_export runs) are compared with the training graph's
 //     evaluation-mode output of that layer on the same input (random normal
-//     values, {2, 9, 9, C} for a convolution, {2, in} for a linear layer):
-//     max |difference| / max |training output|, the float rounding of the
-//     accumulation.
+//     values, {2, 9, 9, C} for a convolution, {2, in} for a linear layer).
+//     Each output must lie within what float rounding allows, whatever the
+//     order of the sums: with n products per output and the magnitude
+//     M = sum |x code| s + |bias|, the training graph's float convolution is
+//     within gamma(n + 2) M of the exact value (n products and the bias
+//     summed, Q(W) = code * s rounded once), the direct loop within u M (one
+//     rounding of a double), the IntegerLayer within gamma(n + 3) M (bias / s
+//     rounded, the sum, the product with s); gamma(n) = n u / (1 - n u),
+//     u = 2^-24. So the direct loop is held to gamma(n + 3) M, the
+//     IntegerLayer to 2 gamma(n + 3) M (the bound ratios), and the largest
+//     |difference| / max |training output| is reported as well.
 // Activation quantizers: the stored exponent must be the one evaluation uses.
 // With a sample input, the whole rebuilt model's logits are compared with the
 // training graph's (evaluation mode) too.
@@ -38,6 +46,9 @@ struct LayerAudit {
     bool bias_exact = false;
     double reference_rel_diff = 0;   // direct double loop vs training graph
     double integer_layer_rel_diff = 0;  // IntegerLayer vs training graph
+    // The worst |difference| / its rounding bound (<= 1: within).
+    double reference_bound_ratio = 0;
+    double integer_layer_bound_ratio = 0;
 };
 
 struct AuditReport {
@@ -47,10 +58,11 @@ struct AuditReport {
     double top1_agreement = std::numeric_limits<double>::quiet_NaN();   // fraction of equal argmax
 
     int64_t weight_mismatches() const;
-    double max_rel_diff() const;  // over layers, both comparisons
+    double max_rel_diff() const;     // over layers, both comparisons
+    double max_bound_ratio() const;  // over layers, both comparisons
     // Weights and biases exact, activation exponents equal, layer outputs
-    // within `tolerance` (relative to each layer's largest output).
-    bool passed(double tolerance = 1e-5) const;
+    // within their rounding bounds.
+    bool passed() const;
     // One line per layer and a summary.
     std::string to_string() const;
 };
