@@ -2,6 +2,7 @@
 // model rebuilt from the export alone, bit-exact weights, layer outputs equal
 // up to the rounding of the accumulation, and an audit that notices tampering.
 #include <doctest/doctest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -37,8 +38,10 @@ namespace {
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
+// Named per process: ctest runs this test's thread and ISA variants at once.
 std::string temp_path(const std::string& name) {
-    return (std::filesystem::temp_directory_path() / ("hfq_test_export_" + name)).string();
+    return (std::filesystem::temp_directory_path() / ("hfq_test_export_" + std::to_string(::getpid()) + "_" + name))
+        .string();
 }
 
 ModelConfig small_config(Arch arch) {

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -273,7 +274,10 @@ TEST_CASE("checkpoints restore the quantizer state exactly: same exponents, M, s
         const Tensor x = random_tensor({4, 16, 16, 3}, 8);
         for (int s = 0; s < 3; ++s) train_step(*model, x, kLabels, opt);
 
-        const std::string path = (std::filesystem::temp_directory_path() / "hfq_quant_ckpt.safetensors").string();
+        // Named per process: ctest runs this test's thread and ISA variants at once.
+        const std::string path =
+            (std::filesystem::temp_directory_path() / ("hfq_quant_ckpt_" + std::to_string(::getpid()) + ".safetensors"))
+                .string();
         save_checkpoint(path, *model, std::nullopt, {{kQuantPolicyKey, p.to_json()}});
 
         // A fresh model, quantized by the stored policy, loaded.
