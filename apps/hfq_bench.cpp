@@ -1,6 +1,7 @@
 // hfq_bench: training-step throughput of MobileNets and of the single ops they
-// are made of, measured the way ../shared/bench/torch_baseline.py measures
-// PyTorch, so the two can be compared side by side:
+// are made of, measured the way the workplace's PyTorch baseline script
+// (torch_baseline.py, not part of this repository) measures PyTorch, so the
+// two can be compared side by side:
 //
 //   train img/s = images / seconds over the timed steps; a step is the
 //                 trainer's TrainStep: zero_grad + forward + cross-entropy +

@@ -1,5 +1,5 @@
 // quantize_weights: post-training quantization of a safetensors file with any
-// quantizer of the spec (see quant/quantize_weights.h for the output format).
+// quantizer of docs/quantizers.md (see quant/quantize_weights.h for the output format).
 //
 //   quantize_weights --method msqe-po2 --bits 4 [--per-channel] IN.safetensors OUT.safetensors
 //   quantize_weights --method learnable-po2 --rounding ceil --bits 3 in.safetensors out.safetensors

@@ -1,6 +1,6 @@
 // Activation quantization (optional, for W4A8-style simulation): the output
 // of a ReLU / ReLU6 fake-quantized on an unsigned grid (0 .. 2^b - 1) with a
-// learnable power-of-two scale, as learnable-po2 (spec 4.1) does for weights:
+// learnable power-of-two scale, as learnable-po2 (docs/quantizers.md, 4.1) does for weights:
 //
 //   e        trained continuous log2-scale ("log2_scale", ParamGroup::quantizer),
 //            initialised at the first training step to log2(max(3 std(x) / qp, min_init_scale))

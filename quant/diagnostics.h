@@ -1,4 +1,4 @@
-// What a quantizer reports about itself (spec section 5): the quantities the
+// What a quantizer reports about itself (docs/quantizers.md, 5): the quantities the
 // paper uses to tell outlier sensitivity (large error, many clipped weights)
 // from scale instability (flips, codes that keep changing).
 #pragma once

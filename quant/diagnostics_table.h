@@ -1,4 +1,4 @@
-// The per-layer quantization diagnostics of a model (spec section 5), as
+// The per-layer quantization diagnostics of a model (docs/quantizers.md, 5), as
 // data for the trainer's JSON log and as a readable table:
 //
 //   auto rows = collect_diagnostics(model);      // calls every quantizer's report()

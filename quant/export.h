@@ -25,7 +25,7 @@
 //   "hfq.preprocessing" when given
 //
 // The exported values are those of the training graph in evaluation mode:
-// Q(W_fold) with the moving statistics (spec section 6), the exponent the
+// Q(W_fold) with the moving statistics (docs/quantizers.md, 6), the exponent the
 // quantizer evaluates with. quant/audit.h proves it.
 #pragma once
 #include <memory>

@@ -1,4 +1,4 @@
-// A convolution with its following batch norm folded in (spec section 6),
+// A convolution with its following batch norm folded in (docs/quantizers.md, 6),
 // weights fake-quantized: what a fixed-point accelerator runs is one integer
 // weight tensor, one power-of-two exponent (per tensor or channel) and one
 // float bias.

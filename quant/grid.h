@@ -1,4 +1,4 @@
-// The pieces every weight quantizer shares (spec section 2): the integer
+// The pieces every weight quantizer shares (docs/quantizers.md, 2): the integer
 // grid, rounding, power-of-two scales, codes, the in-range mask, the
 // weighted quantization error E(s) and the weighted least-squares scale.
 //
@@ -14,7 +14,7 @@
 //     (the tail after the last full eight goes to lanes 0, 1, ...), and the
 //     chunk's sum is lane 0 + lane 1 + ... + lane 7, added in that order;
 //   * the group's sum is chunk 0 + chunk 1 + ..., added in chunk order.
-// A group of at most kChunk elements (every reference value of the spec) is
+// A group of at most kChunk elements (every reference value of docs/quantizers.md, 7) is
 // one chunk. Threads split the work two ways, neither of which changes a
 // sum: across groups (for_each_group, per-channel scales) and, for a group
 // of several chunks when no outer loop is parallel already, across its
@@ -81,7 +81,7 @@ inline bool in_range(float x, float s, const Grid& g) {
     const float r = rint_even(x / s);
     return r >= -g.qn && r <= g.qp;
 }
-// The straight-through scale-gradient term of one element (spec 4.1), with
+// The straight-through scale-gradient term of one element (docs/quantizers.md, 4.1), with
 // u = x / s: rint(u) - u in range, -qn below the grid, qp above it.
 inline float scale_gradient_term(float x, float s, const Grid& g) {
     const float u = x / s;
@@ -160,7 +160,7 @@ constexpr int kErrorsPerPass = 3;
 void weighted_errors(const float* x, const float* w, int64_t n, const float* scales, int count, const Grid& g,
                      double* errors);
 
-// Round-to-lower-MSQE (spec 4.1) of a continuous log2-scale e: floor(e) or
+// Round-to-lower-MSQE (docs/quantizers.md, 4.1) of a continuous log2-scale e: floor(e) or
 // ceil(e), whichever has the lower E(2^k) with weights w; ties go to ceil.
 int msqe_rounded_exponent(const float* x, const float* w, int64_t n, double e, const Grid& g);
 
@@ -175,7 +175,7 @@ float max_abs(const float* x, int64_t n);
 // How many elements are NaN or infinite.
 int64_t count_non_finite(const float* x, int64_t n);
 
-// The per-element weights of the error and of least squares (spec 3.2, 4.1):
+// The per-element weights of the error and of least squares (docs/quantizers.md, 3.2, 4.1):
 //   w_i = (sqrt(M_i) if take_sqrt, else M_i; 1 if M is null) * 1[|x_i| <= limit]
 void group_element_weights(const float* x, const float* second_moments, bool take_sqrt, double limit, int64_t n,
                            float* w);
@@ -200,7 +200,7 @@ struct PassStats {
 PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n,
                          float code_scale, float out_scale, const Grid& g, Rounding rounding);
 
-// The backward pass over one group (spec 2, 3.2, 4.1, 4.2), g = dL/dy:
+// The backward pass over one group (docs/quantizers.md, 2, 3.2, 4.1, 4.2), g = dL/dy:
 //   dx_i = g_i * m_i * gate_i       (m_i = 1 when identity_ste; gate_i =
 //                                    1[x_i > 0] on the unsigned grid: the ReLU)
 //   M_i  = decay M_i + (1 - decay) m_i g_i^2   (if M is not null)

@@ -1,4 +1,4 @@
-// learnable-po2 (spec 4.1): a TQT-style quantizer whose continuous log2-scale
+// learnable-po2 (docs/quantizers.md, 4.1): a TQT-style quantizer whose continuous log2-scale
 // e (one per scale group) is trained by back-propagation. The forward pass
 // uses the integer exponent k = ceil(e), rint(e) or - the paper's fix -
 // msqe-round (Round-to-Lower-MSQE: floor(e) if that gives a strictly lower

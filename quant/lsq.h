@@ -1,4 +1,4 @@
-// lsq (spec 4.2; Esser et al. 2019, "Learned Step Size Quantization"): a real,
+// lsq (docs/quantizers.md, 4.2; Esser et al. 2019, "Learned Step Size Quantization"): a real,
 // not power-of-two, scale s per group trained by back-propagation, included
 // as the most common learned-scale quantizer to compare against:
 //   s initialised to 2 mean|x| / sqrt(qp) from the first weights seen,

@@ -1,4 +1,4 @@
-// msqe-baseline (spec 3.1): the traditional power-of-two MSQE quantizer.
+// msqe-baseline (docs/quantizers.md, 3.1): the traditional power-of-two MSQE quantizer.
 // Stateless: every forward pass starts again from s = po2(max|x| / qp) and
 // runs a fixed number of least-squares iterations with codes rounded half
 // away from zero. Without memory or best-keeping the exponent can flip

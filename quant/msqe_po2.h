@@ -1,4 +1,4 @@
-// msqe-po2 (spec 3.2): the paper's improved MSQE quantizer. The power-of-two
+// msqe-po2 (docs/quantizers.md, 3.2): the paper's improved MSQE quantizer. The power-of-two
 // exponent of every scale group is chosen by minimising the weighted
 // quantization error E, warm-started from the previous step's exponent:
 //   w = sqrt(M) * 1[|x| <= sigma std(x)]          (M: second moments of dL/dx)

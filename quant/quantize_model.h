@@ -49,7 +49,7 @@ struct QuantPolicy {
     // precision; 0 means "same as options.bits".
     int first_layer_bits = 8;
     int last_layer_bits = 8;
-    // Fold each convolution's following batch norm into it (spec section 6).
+    // Fold each convolution's following batch norm into it (docs/quantizers.md, 6).
     bool fold_batch_norm = true;
     // Training steps after which folded layers stop using batch statistics and
     // switch to the moving statistics (-1: never, until switched by hand).
@@ -98,7 +98,7 @@ std::vector<QuantizedActivationSite> quantized_activations(Model& model);
 // Whether quantize_model has wrapped anything in this model.
 bool is_quantized(Model& model);
 
-// Batch-norm freezing of the folded layers (spec section 6), by hand.
+// Batch-norm freezing of the folded layers (docs/quantizers.md, 6), by hand.
 void freeze_batch_norm(Model& model, bool frozen = true);
 // The stable-exponent schedule of msqe-po2 quantizers that keep one.
 void set_stable_updating(Model& model, bool on);

@@ -1,5 +1,5 @@
 // Post-training quantization of a weights file (the quantize_weights program):
-// any quantizer of the spec applied to every float tensor of rank 2 or more,
+// any quantizer of docs/quantizers.md applied to every float tensor of rank 2 or more,
 // in the state a fresh quantizer has at its first step (no gradient
 // statistics yet: second moments all 1).
 //

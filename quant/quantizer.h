@@ -7,7 +7,7 @@
 //   ... loss.backward();                  // dL/dweight (straight-through), M updated
 //   for (auto& [name, p] : q->named_parameters()) optimizer.add(*p);  // learnable-po2 / lsq
 //
-// Methods (spec sections 3 and 4):
+// Methods (docs/quantizers.md, sections 3 and 4):
 //   "msqe-baseline"  po2 scale recomputed from scratch each step (3.1)
 //   "msqe-po2"       the paper's MSQE quantizer: warm start, weighted LS, line search (3.2)
 //   "learnable-po2"  trained log2-scale e, rounded by ceil / rint / msqe-round (4.1)

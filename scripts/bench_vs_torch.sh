@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Training throughput of hfq and of the PyTorch baseline
-# (../shared/bench/torch_baseline.py with its tuned settings: channels-last,
-# jemalloc, OpenBLAS), run one after the other on this machine, and the
-# ratio hfq / PyTorch for every configuration. Run it on a quiet machine.
+# Training throughput of hfq and of the PyTorch baseline, the workplace's
+# script torch_baseline.py (in ../shared/bench, not part of this repository;
+# run with its tuned settings: channels-last, jemalloc, OpenBLAS), one after
+# the other on this machine, and the ratio hfq / PyTorch for every
+# configuration. Run it on a quiet machine.
 #
 #   bash scripts/bench_vs_torch.sh [--models v1,v2] [--res 224,32] [--quants none,msqe,lsq]
 #

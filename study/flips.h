@@ -1,4 +1,4 @@
-// Exponent flips (spec section 5): how often a scale group's power-of-two
+// Exponent flips (docs/quantizers.md, 5): how often a scale group's power-of-two
 // exponent changed from one training step to the next. The paper reads
 // scale instability from them, and from their count late in training, when
 // the learning rate is small and a flip is no longer an adjustment but noise.

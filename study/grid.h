@@ -3,14 +3,14 @@
 //
 // Methods, the paper's two quantizer classes in their traditional and
 // improved forms, plus LSQ for reference:
-//   msqe-baseline              po2 scale recomputed from scratch each step (spec 3.1)
+//   msqe-baseline              po2 scale recomputed from scratch each step (docs/quantizers.md, 3.1)
 //   msqe-po2                   the paper's MSQE quantizer (3.2)
 //   learnable-po2-ceil         TQT: learned log2-scale rounded up (4.1, rounding ceil)
 //   learnable-po2-msqe-round   the paper's fix, Round-to-Lower-MSQE (4.1)
 //   lsq                        learned real scale (4.2)
 // Fixes, for the ablations, each switched on alone on top of the method
 // with every fix off:
-//   default          the method as the spec defines it (msqe-po2: outlier mask,
+//   default          the method as docs/quantizers.md defines it (msqe-po2: outlier mask,
 //                    second moments and line search on, stable exponent off)
 //   none             every fix off
 //   outlier-mask     msqe-po2, learnable-po2-msqe-round

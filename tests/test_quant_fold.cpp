@@ -1,4 +1,4 @@
-// Batch-norm folding (spec section 6): the folding ops against finite
+// Batch-norm folding (docs/quantizers.md, 6): the folding ops against finite
 // differences, the folded wrapper against a float convolution followed by
 // batch norm (training and evaluation), the moving-statistics update, and
 // freezing. Where the two sides round differently they are held to bounds

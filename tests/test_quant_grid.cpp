@@ -1,5 +1,5 @@
-// The shared pieces of the quantizers (spec section 2) and the reference
-// values of spec section 7 that concern them and the MSQE search.
+// The shared pieces of the quantizers (docs/quantizers.md, 2) and the reference
+// values of its section 7 that concern them and the MSQE search.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -34,9 +34,9 @@ RandomGroup random_group(int64_t n, uint64_t seed, float sd) {
     return g;
 }
 
-// The spec's E(s) = sum w (x - s q)^2 is for decimal inputs; x and w here
+// E(s) = sum w (x - s q)^2 of docs/quantizers.md (2) is for decimal inputs; x and w here
 // are the decimals rounded to float, each within u of it (relatively), and
-// none lies near a rounding boundary of x / s, so q is the spec's. That moves
+// none lies near a rounding boundary of x / s, so q is the decimals'. That moves
 // each term by at most |w| (u (x - s q)^2 + 2 u |x - s q| |x| + u^2 x^2) (to
 // first order in the differences, the float and decimal values alike); E
 // itself is summed in double, within gamma_double(n + 3) of its value.
@@ -140,7 +140,7 @@ TEST_CASE("reference 3: E(1) = 0.30 (a sum), and weighted") {
     // Zero weights remove elements.
     const std::vector<float> w0{1, 1, 1, 0, 1, 1};
     CHECK(std::fabs(weighted_error(x.data(), w0.data(), 6, 1.0f, g4) - 0.14) <= spec_error_slack(x, &w0, 1.0f, 0.14));
-    // Broken: E at s = 2 instead of 1 is far from the spec's.
+    // Broken: E at s = 2 instead of 1 is far from the reference value.
     hfq::testing::check_far_outside(
         "E(2) against E(1) = 0.30",
         std::fabs(weighted_error(x.data(), nullptr, 6, 2.0f, g4) - 0.30) / spec_error_slack(x, nullptr, 1.0f, 0.30));

@@ -1,4 +1,4 @@
-// The gradient-based quantizers (spec section 4): learnable-po2's
+// The gradient-based quantizers (docs/quantizers.md, 4): learnable-po2's
 // initialisation, exponent rounding and exponent gradient (reference values
 // 4 and 6), lsq's scale gradient, both against closed forms computed here and
 // finite differences of the smooth surrogate the straight-through estimator
@@ -89,7 +89,7 @@ TEST_CASE("reference 4: learnable-po2 initialisation e = log2(max(3 std / qp, 1e
         q->fake_quantize(Variable(Tensor::from_vector({6}, values)), true);
         CHECK(q->initialized());
         const float e = log2_scale(*q).value().f32()[0];
-        // The spec gives e to 7 decimals (half a unit of the last: 5e-8); the
+        // docs/quantizers.md (7.4) gives e to 7 decimals (half a unit of the last: 5e-8); the
         // quantizer computes it in double and rounds it to float once.
         const double exact = initial_exponent(values, 7);
         CHECK(std::fabs(exact - expected) <= 0.5e-7);
@@ -130,14 +130,14 @@ TEST_CASE("reference 6: dL/de = ln 2 in rint mode; SGD steps to 0.306853 and 0.4
     loss.backward();
     check_rounded_once("dL/de from the initial e", e.grad().f32()[0], ln2, grad_slack);
     e.value().f32()[0] -= 1.0f * e.grad().f32()[0];  // SGD, learning rate 1
-    // The spec's 0.459674 = e0 - ln 2 to 6 decimals (5e-7); e0 and the
+    // The reference 0.459674 (7.6) = e0 - ln 2 to 6 decimals (5e-7); e0 and the
     // gradient were rounded to float (their slack), then their difference.
     CHECK(std::fabs((e0 - ln2) - 0.459674) <= 0.5e-6);
     check_rounded_once("e after one step", e.value().f32()[0], e0 - ln2,
                        kUnitRoundoff * std::fabs(e0) + initial_exponent_slack(xv.size(), e0) + 2 * grad_slack);
 
     // From e = 1 exactly: 1 - dL/de is exact in float (Sterbenz), so within
-    // the gradient's bound of the spec's 1 - ln 2 = 0.306853 (6 decimals).
+    // the gradient's bound of the reference 1 - ln 2 = 0.306853 (6 decimals).
     e.zero_grad();
     e.value().f32()[0] = 1.0f;
     mse_loss(q->fake_quantize(Variable(x), true), x).backward();

@@ -1,4 +1,4 @@
-// The MSQE quantizers (spec section 3): msqe-po2's state (second moments,
+// The MSQE quantizers (docs/quantizers.md, 3): msqe-po2's state (second moments,
 // stable exponent, warm start), its straight-through backward, evaluation
 // mode, and msqe-baseline's instability.
 #include <doctest/doctest.h>

@@ -39,7 +39,7 @@ std::string error_message(F&& f) {
     return "";
 }
 
-// The second-moment update M' = d M + (1 - d) m g^2 (spec 3.2; m = 1 where
+// The second-moment update M' = d M + (1 - d) m g^2 (docs/quantizers.md, 3.2; m = 1 where
 // the code is in range, else 0), which the quantizer evaluates in double from
 // the float M, g and decay d and rounds to float once: checked against the
 // same expression evaluated here, where a multiply-add contracted on one side

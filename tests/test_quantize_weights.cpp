@@ -1,6 +1,6 @@
 // quantize_weights (post-training quantization of a weights file): the
 // library function against a fresh quantizer's first training step, the
-// spec's reference value 1 through the whole pipeline, the output layout,
+// reference value 7.1 of docs/quantizers.md through the whole pipeline, the output layout,
 // errors, and the program itself.
 #include <doctest/doctest.h>
 
@@ -43,7 +43,7 @@ std::string read_bytes(const fs::path& p) {
     return s.str();
 }
 
-// The input: two weight tensors, the spec's reference tensor, and tensors that are not quantized.
+// The input: two weight tensors, the tensor of reference value 7.1, and tensors that are not quantized.
 std::string make_input(const fs::path& dir) {
     Tensor steps = Tensor::zeros({}, DType::s64);
     Tensor big = random_tensor({6, 10}, 3, 0.1f);
@@ -122,7 +122,7 @@ TEST_CASE("quantize_weights: every method, per tensor and per channel, = a fresh
     fs::remove_all(dir);
 }
 
-TEST_CASE("quantize_weights: the spec's reference value 1 through the file (msqe-po2, w = 1: s = 2)") {
+TEST_CASE("quantize_weights: reference value 7.1 of docs/quantizers.md through the file (msqe-po2, w = 1: s = 2)") {
     const fs::path dir = temp_dir();
     const std::string in = make_input(dir), out = (dir / "out.safetensors").string();
     QuantizerOptions opt;

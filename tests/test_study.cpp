@@ -76,7 +76,7 @@ TEST_CASE("count_flips: exponent changes from step to step, and those in the las
     CHECK_THROWS_AS(study::count_flips(std::vector<int64_t>{1, 1}, std::vector<int>{1, 2}, 10, 0.2), Error);
 }
 
-TEST_CASE("count_flips agrees with the quantizer's own flip count (spec section 5)") {
+TEST_CASE("count_flips agrees with the quantizer's own flip count (docs/quantizers.md, 5)") {
     // msqe-baseline's scale follows the weights' magnitude: weights 2^k w use
     // the exponent of w plus k. A scripted k makes a known exponent sequence.
     const Shape shape{8, 4, 3, 3};
