@@ -1,5 +1,5 @@
 // The Module API (names, groups, modes, replacing and wrapping layers),
-// initialisation, the layers themselves, the model config, and SGD.
+// initialisation, the layers themselves and the model config.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -14,10 +14,8 @@
 #include "layers/linear.h"
 #include "layers/mobilenet_v1.h"
 #include "layers/mobilenet_v2.h"
-#include "layers/optimizer.h"
 #include "layers/pooling.h"
 #include "layers/sequential.h"
-#include "engine/safetensors.h"
 #include "tests/float_error.h"
 #include "tests/gradcheck.h"
 
@@ -425,150 +423,4 @@ TEST_CASE("small-input variants and input channels") {
     CHECK(m->forward(Variable(Tensor::zeros({2, 28, 28, 1}))).shape() == Shape{2, 10});
     CHECK_THROWS_WITH_AS(m->forward(Variable(Tensor::zeros({2, 28, 28, 3}))),
                          doctest::Contains("expected input {N, H, W, 1}"), Error);
-}
-
-// SGD's update on magnitudes: p, the gradients and the momentum buffer in
-// absolute value, every term added. It returns, after each step, the sum of
-// |terms| of the parameter's value written out from the initial value, the
-// gradients and the constants. hfq's float value after t steps is within
-// gamma(10 t) of it: in one step a term goes through at most 10 roundings
-// (the worst, Nesterov's mu buf: the buffer's 4 (wd, wd p, + g, + mu buf),
-// then mu, mu buf, the sum, lr, lr (.), p - (.)), the constants' own
-// roundings to float (0.1, 0.9, 0.01) counted.
-std::vector<double> sgd_magnitudes(double p, const std::vector<double>& grads, double lr, double momentum,
-                                   bool nesterov, double weight_decay) {
-    std::vector<double> out;
-    double buf = 0;
-    for (size_t t = 0; t < grads.size(); ++t) {
-        const double d = std::fabs(grads[t]) + weight_decay * p;
-        buf = t == 0 ? d : momentum * buf + d;
-        p += lr * (momentum == 0 ? d : nesterov ? d + momentum * buf : buf);
-        out.push_back(p);
-    }
-    return out;
-}
-
-TEST_CASE("SGD: PyTorch's update rule, per-group weight decay, state round trip") {
-    // Two steps by hand: p = 1, grads 0.5 then -0.25, lr 0.1, momentum 0.9, wd 0.01.
-    auto run = [](bool nesterov, ParamGroup group, int steps) {
-        Variable p(Tensor::full({1}, 1.0f), true);
-        SGD sgd({{"p", p, group}}, {.lr = 0.1f, .momentum = 0.9f, .nesterov = nesterov, .weight_decay = 0.01f});
-        const float grads[] = {0.5f, -0.25f};
-        for (int s = 0; s < steps; ++s) {
-            sgd.zero_grad();
-            p.accumulate_grad(Tensor::full({1}, grads[s]));
-            sgd.step();
-        }
-        return double(p.value().item());
-    };
-    // Within gamma(10 t) of the magnitudes (sgd_magnitudes) of the exact
-    // decimal results.
-    auto near = [](double value, double exact, bool nesterov, bool decay, int steps) {
-        const double m = sgd_magnitudes(1, {0.5, -0.25}, 0.1, 0.9, nesterov, decay ? 0.01 : 0)[steps - 1];
-        return std::fabs(value - exact) <= gamma_n(10 * steps) * m;
-    };
-    // Plain momentum: d1 = 0.5 + 0.01 = 0.51, p1 = 1 - 0.051 = 0.949;
-    // d2 = -0.25 + 0.00949, buf2 = 0.9 * 0.51 + d2 = 0.21849, p2 = p1 - 0.021849.
-    CHECK(near(run(false, ParamGroup::weight, 1), 0.949, false, true, 1));
-    CHECK(near(run(false, ParamGroup::weight, 2), 0.949 - 0.021849, false, true, 2));
-    // Nesterov: step uses d + 0.9 buf: p1 = 1 - 0.1 (0.51 + 0.459) = 0.9031;
-    // d2 = -0.25 + 0.009031, buf2 = 0.459 - 0.240969 = 0.218031,
-    // p2 = p1 - 0.1 (d2 + 0.9 buf2) = p1 - 0.1 * (-0.0447411).
-    CHECK(near(run(true, ParamGroup::weight, 1), 0.9031, true, true, 1));
-    CHECK(near(run(true, ParamGroup::weight, 2), 0.9031 + 0.00447411, true, true, 2));
-    // No decay on batch norm parameters, biases, quantizer parameters; the
-    // decayed value, 0.949, is off by 1e-3, far outside.
-    CHECK(near(run(false, ParamGroup::bn, 1), 0.95, false, false, 1));
-    CHECK(near(run(false, ParamGroup::bias, 1), 0.95, false, false, 1));
-    CHECK(near(run(false, ParamGroup::quantizer, 1), 0.95, false, false, 1));
-    CHECK(!near(run(false, ParamGroup::weight, 1), 0.95, false, false, 1));
-
-    // Without a gradient a parameter (and its momentum) is left alone.
-    Variable a(Tensor::full({2}, 1.0f), true), b(Tensor::full({2}, 1.0f), true);
-    SGD sgd({{"a", a, ParamGroup::weight}, {"b", b, ParamGroup::weight}}, {.lr = 0.5f, .momentum = 0.9f});
-    a.accumulate_grad(Tensor::full({2}, 1.0f));
-    sgd.step();
-    CHECK(a.value().to_vector() == std::vector<float>{0.5f, 0.5f});
-    CHECK(b.value().to_vector() == std::vector<float>{1.0f, 1.0f});
-    const auto state = sgd.state();
-    REQUIRE(state.size() == 1);
-    CHECK(state[0].first == "a.momentum_buffer");
-
-    // Saving and restoring the state continues exactly.
-    Variable c(Tensor::full({2}, 0.5f), true);
-    SGD resumed({{"a", c, ParamGroup::weight}, {"b", b, ParamGroup::weight}}, {.lr = 0.5f, .momentum = 0.9f});
-    resumed.load_state(state);
-    a.zero_grad();
-    a.accumulate_grad(Tensor::full({2}, 1.0f));
-    c.accumulate_grad(Tensor::full({2}, 1.0f));
-    sgd.step();
-    resumed.step();
-    CHECK(same_values(a.value(), c.value()));
-    CHECK_THROWS_WITH_AS(resumed.load_state({{"z.momentum_buffer", Tensor::zeros({2})}}),
-                         doctest::Contains("unknown state tensor 'z.momentum_buffer'"), Error);
-    CHECK_THROWS_WITH_AS(resumed.load_state({{"a.momentum_buffer", Tensor::zeros({3})}}),
-                         doctest::Contains("expected f32 [2]"), Error);
-
-    auto model = build_model({.arch = Arch::mobilenet_v2, .width = 0.25, .classes = 3});
-    const auto all = model->named_parameters();
-    const auto bn = select_params(all, {ParamGroup::bn});
-    const auto weights = select_params(all, {ParamGroup::weight, ParamGroup::bias});
-    CHECK(bn.size() + weights.size() == all.size());
-    CHECK(bn[0].name == "features.0.1.weight");
-}
-
-TEST_CASE("SGD matches torch.optim.SGD over three steps: plain, momentum, Nesterov, decay by group") {
-    // tests/fixtures/make_model_fixtures.py: lr 0.5, weight decay 0.1 on the
-    // "weight" group only, momentum 0.9; float64 results rounded to float32.
-    const SafetensorsFile f = read_safetensors(HFQ_TEST_DATA_DIR "/sgd_reference.safetensors");
-    const std::vector<std::pair<std::string, ParamGroup>> names = {
-        {"w", ParamGroup::weight}, {"bn", ParamGroup::bn}, {"b", ParamGroup::bias}};
-    // hfq's value after t steps is within gamma(10 t) of its magnitudes
-    // (sgd_magnitudes), the fixture's float64 value rounded to float within
-    // u of it: gamma(10 t + 1). As a broken variant, the weight decay on
-    // every group (bn and b decay too: 0.05 |p| per step, far outside).
-    double worst = 0, worst_decay_everywhere = 0;
-    for (const std::string kind : {"plain", "momentum", "nesterov"}) {
-        const float momentum = kind == "plain" ? 0.0f : 0.9f;
-        const bool nesterov = kind == "nesterov";
-        std::vector<NamedParameter> params, decayed;
-        for (const auto& [name, group] : names) {
-            params.push_back({name, Variable(f.get("initial." + name).clone(), true), group});
-            decayed.push_back({name, Variable(f.get("initial." + name).clone(), true), ParamGroup::weight});
-        }
-        const SgdOptions options{.lr = 0.5f, .momentum = momentum, .nesterov = nesterov, .weight_decay = 0.1f};
-        SGD sgd(params, options), sgd_decayed(decayed, options);
-        for (int step = 1; step <= 3; ++step) {
-            sgd.zero_grad();
-            sgd_decayed.zero_grad();
-            for (size_t k = 0; k < params.size(); ++k) {
-                params[k].var.accumulate_grad(f.get(cat("grad", step, ".", params[k].name)));
-                decayed[k].var.accumulate_grad(f.get(cat("grad", step, ".", params[k].name)));
-            }
-            sgd.step();
-            sgd_decayed.step();
-            for (size_t k = 0; k < params.size(); ++k) {
-                const std::string& name = params[k].name;
-                INFO(kind, " step ", step, " ", name);
-                const Tensor& expected = f.get(cat(kind, ".step", step, ".", name));
-                for (int64_t i = 0; i < expected.numel(); ++i) {
-                    std::vector<double> grads;
-                    for (int s = 1; s <= step; ++s) grads.push_back(f.get(cat("grad", s, ".", name)).f32()[i]);
-                    const double wd = params[k].group == ParamGroup::weight ? 0.1 : 0.0;
-                    const double bound =
-                        gamma_n(10 * step + 1) *
-                        sgd_magnitudes(std::fabs(f.get("initial." + name).f32()[i]), grads, 0.5, momentum, nesterov,
-                                       wd)
-                            .back();
-                    const double e = expected.f32()[i];
-                    worst = std::max(worst, std::fabs(params[k].var.value().f32()[i] - e) / bound);
-                    if (wd == 0)
-                        worst_decay_everywhere =
-                            std::max(worst_decay_everywhere, std::fabs(decayed[k].var.value().f32()[i] - e) / bound);
-                }
-            }
-        }
-    }
-    CHECK(worst <= 1.0);
-    check_far_outside("SGD with weight decay on every group", worst_decay_everywhere);
 }

@@ -1,23 +1,19 @@
-// The trainer's pieces: Adam against PyTorch, the learning-rate schedules,
-// the configuration (command line, config file, resume rules), the training
-// step (optimizer groups, clipping, non-finite loss), evaluation counts and
-// dataset subsets.
+// The trainer's pieces: the learning-rate schedules, the configuration
+// (command line, config file, resume rules), the training step (optimizer
+// groups, clipping, non-finite loss), evaluation counts and dataset subsets.
+// The optimizers themselves: tests/test_optimizer.cpp.
 #include <doctest/doctest.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <tuple>
 
 #include "engine/check.h"
 #include "engine/ops.h"
-#include "engine/safetensors.h"
 #include "layers/model.h"
 #include "quant/quantize_model.h"
 #include "tests/float_error.h"
 #include "tests/test_data_util.h"
-#include "train/adam.h"
 #include "train/config.h"
 #include "train/datasets.h"
 #include "train/evaluate.h"
@@ -32,202 +28,12 @@ bool same_bits(const Tensor& a, const Tensor& b) {
     return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
-// Adam's recurrence in exact arithmetic (double) from the same float inputs,
-// with a running error analysis (Higham, Accuracy and Stability, section
-// 3.3) of one float32 evaluation of it: each float operation rounds its
-// result once (within u; a fused multiply-add rounds less), and earlier
-// errors propagate through the recurrence.
-//
-// The constants are what each implementation multiplies with. hfq's options
-// are floats: it multiplies by beta and 1 - beta (exact in float) and takes
-// the bias corrections 1 - beta^t in double from the float beta. PyTorch
-// (1.13, single-tensor Adam) is given doubles: its float kernels multiply by
-// beta and 1 - beta each rounded to float, its bias corrections and
-// lr / (1 - beta1^t) are doubles from the double beta and lr. For beta2 =
-// 0.999, 1 - 0.999f and float(1 - 0.999) differ by 1.3e-5 relative, far more
-// than a rounding: each side is held to the recurrence with its own
-// constants.
-struct AdamConstants {
-    double beta1, beta2, one_minus_beta1, one_minus_beta2;  // the float kernels' multipliers
-    double correction_beta1, correction_beta2;               // the betas of 1 - beta^t
-    double lr, weight_decay, eps;
-};
-AdamConstants hfq_constants(const AdamOptions& o) {
-    return {o.beta1, o.beta2, 1.0f - o.beta1, 1.0f - o.beta2, o.beta1, o.beta2, o.lr, o.weight_decay, o.eps};
-}
-AdamConstants torch_constants(double lr, double beta1, double beta2, double weight_decay) {
-    return {float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), beta1, beta2, lr, float(weight_decay),
-            float(1e-8)};
-}
-
-struct AdamTrace {
-    std::vector<double> p, m, v;     // exact values
-    std::vector<double> ep, em, ev;  // error bounds of a float32 evaluation
-    int64_t steps = 0;
-};
-AdamTrace adam_trace(const Tensor& init) {
-    const size_t n = size_t(init.numel());
-    return {std::vector<double>(init.f32(), init.f32() + n), std::vector<double>(n, 0.0), std::vector<double>(n, 0.0),
-            std::vector<double>(n, 0.0),  std::vector<double>(n, 0.0), std::vector<double>(n, 0.0)};
-}
-void adam_trace_step(AdamTrace& t, const Tensor& grad, const AdamConstants& c) {
-    using hfq::testing::gamma_n;
-    const double u = hfq::testing::kUnitRoundoff;
-    ++t.steps;
-    // Both round these to float once for their float kernels.
-    const double step_size = c.lr / (1 - std::pow(c.correction_beta1, double(t.steps)));
-    const double cs = std::sqrt(1 - std::pow(c.correction_beta2, double(t.steps)));
-    for (size_t k = 0; k < t.p.size(); ++k) {
-        const double g = grad.f32()[k];
-        // d = g + wd p: the product and the sum.
-        const double d = g + c.weight_decay * t.p[k];
-        const double ed =
-            c.weight_decay * t.ep[k] + gamma_n(2) * (std::fabs(g) + std::fabs(c.weight_decay * t.p[k]));
-        // m = beta1 m + (1 - beta1) d: a product and the sum on each term.
-        const double m = c.beta1 * t.m[k] + c.one_minus_beta1 * d;
-        t.em[k] = c.beta1 * t.em[k] + (1 + gamma_n(2)) * c.one_minus_beta1 * ed +
-                  gamma_n(2) * (c.beta1 * std::fabs(t.m[k]) + c.one_minus_beta1 * std::fabs(d));
-        // v = beta2 v + (1 - beta2) d^2: two products and the sum on d^2.
-        const double v = c.beta2 * t.v[k] + c.one_minus_beta2 * d * d;
-        t.ev[k] = c.beta2 * t.ev[k] + (1 + gamma_n(3)) * c.one_minus_beta2 * (2 * std::fabs(d) * ed + ed * ed) +
-                  gamma_n(3) * (c.beta2 * t.v[k] + c.one_minus_beta2 * d * d);
-        // D = sqrt(v) / cs + eps: |sqrt(v') - sqrt(v)| <= |v' - v| / sqrt(v),
-        // the root's rounding, then cs's, the quotient's and the sum's.
-        const double root = std::sqrt(v), e_root = t.ev[k] / root + u * (root + t.ev[k] / root);
-        const double D = root / cs + c.eps, eD = (1 + gamma_n(3)) * e_root / cs + gamma_n(3) * D;
-        // step_size * m / D: step_size's rounding, the product, the quotient;
-        // a quotient of perturbed values moves by (em + |m / D| eD) / (D - eD).
-        const double r = m / D, er = (t.em[k] + std::fabs(r) * eD) / (D - eD);
-        const double U = step_size * r, eU = step_size * er * (1 + gamma_n(3)) + gamma_n(3) * std::fabs(U);
-        // p - U: one more rounding.
-        t.ep[k] += eU + u * (std::fabs(t.p[k]) + std::fabs(U));
-        t.p[k] -= U;
-        t.m[k] = m;
-        t.v[k] = v;
-    }
-}
-
-// The float32 tensor got against the exact values, within the bounds: the
-// worst |got - exact| / bound.
-double trace_ratio(const Tensor& got, const std::vector<double>& exact, const std::vector<double>& bound) {
-    REQUIRE(size_t(got.numel()) == exact.size());
-    double worst = 0;
-    for (size_t k = 0; k < exact.size(); ++k) worst = std::max(worst, std::fabs(got.f32()[k] - exact[k]) / bound[k]);
-    return worst;
-}
-void check_trace(const std::string& what, const Tensor& got, const std::vector<double>& exact,
-                 const std::vector<double>& bound) {
-    INFO(what);
-    const double ratio = trace_ratio(got, exact, bound);
-    if (std::getenv("HFQ_SHOW_ERRORS")) MESSAGE(what, ": worst |a - b| / bound = ", ratio);
-    CHECK(ratio <= 1.0);
-}
-
 ParsedArgs parse(std::vector<const char*> args) {
     args.insert(args.begin(), "train_mobilenet");
     return parse_args(static_cast<int>(args.size()), args.data());
 }
 
 }  // namespace
-
-TEST_CASE("Adam: PyTorch's torch.optim.Adam, step by step, with a skipped gradient") {
-    const SafetensorsFile f = read_safetensors(HFQ_TEST_DATA_DIR "/train_adam.safetensors");
-    // tests/fixtures/make_train_fixtures.py: w with lr 0.01, weight decay
-    // 0.01 and the default betas (0.9, 0.999); e with lr 0.05, betas (0.8, 0.99).
-    const AdamOptions ow{.lr = 0.01f, .weight_decay = 0.01f}, oe{.lr = 0.05f, .beta1 = 0.8f, .beta2 = 0.99f};
-    const AdamConstants torch_w = torch_constants(0.01, 0.9, 0.999, 0.01), torch_e = torch_constants(0.05, 0.8, 0.99, 0);
-    // Broken: no weight decay for w, the default betas for e.
-    const AdamOptions broken_w{.lr = 0.01f}, broken_e{.lr = 0.05f};
-    struct Run {
-        Variable w, e;
-        Adam adam_w, adam_e;
-    };
-    auto start = [&](const AdamOptions& a, const AdamOptions& b) {
-        Variable w(f.get("init.w").clone(), true), e(f.get("init.e").clone(), true);
-        return Run{w, e, Adam({{"w", w, ParamGroup::weight}}, a), Adam({{"e", e, ParamGroup::quantizer}}, b)};
-    };
-    Run run = start(ow, oe), broken = start(broken_w, broken_e);
-    // The exact recurrences: hfq's constants (h) and PyTorch's (t).
-    AdamTrace hw = adam_trace(f.get("init.w")), he = adam_trace(f.get("init.e"));
-    AdamTrace tw = hw, te = he;
-    double broken_ratio = 0;
-    for (int k = 0; k < 6; ++k) {
-        for (Run* r : {&run, &broken})
-            for (auto [v, name] : {std::pair{&r->w, "w"}, std::pair{&r->e, "e"}}) {
-                v->zero_grad();
-                const std::string g = cat("grad.", name, ".", k);
-                if (f.has(g)) v->accumulate_grad(f.get(g));
-            }
-        for (Run* r : {&run, &broken}) {
-            r->adam_w.step();
-            r->adam_e.step();
-        }
-        adam_trace_step(hw, f.get(cat("grad.w.", k)), hfq_constants(ow));
-        adam_trace_step(tw, f.get(cat("grad.w.", k)), torch_w);
-        if (f.has(cat("grad.e.", k))) {  // no gradient: both leave e and its state alone
-            adam_trace_step(he, f.get(cat("grad.e.", k)), hfq_constants(oe));
-            adam_trace_step(te, f.get(cat("grad.e.", k)), torch_e);
-        }
-        check_trace(cat("hfq w after step ", k), run.w.value(), hw.p, hw.ep);
-        check_trace(cat("hfq e after step ", k), run.e.value(), he.p, he.ep);
-        // PyTorch's own float32 results follow the same recurrence with its
-        // constants: the recurrence is PyTorch's Adam.
-        check_trace(cat("PyTorch w after step ", k), f.get(cat("after.w.", k)), tw.p, tw.ep);
-        check_trace(cat("PyTorch e after step ", k), f.get(cat("after.e.", k)), te.p, te.ep);
-        broken_ratio = std::max({broken_ratio, trace_ratio(broken.w.value(), hw.p, hw.ep),
-                                 trace_ratio(broken.e.value(), he.p, he.ep)});
-    }
-    hfq::testing::check_far_outside("Adam without weight decay, default betas", broken_ratio);
-    for (auto [opt, name, h, t] : {std::tuple{&run.adam_w, "w", &hw, &tw}, std::tuple{&run.adam_e, "e", &he, &te}}) {
-        const auto state = opt->state();
-        REQUIRE(state.size() == 3);
-        check_trace(cat("hfq exp_avg.", name), state[0].second, h->m, h->em);
-        check_trace(cat("hfq exp_avg_sq.", name), state[1].second, h->v, h->ev);
-        check_trace(cat("PyTorch exp_avg.", name), f.get(cat("exp_avg.", name)), t->m, t->em);
-        check_trace(cat("PyTorch exp_avg_sq.", name), f.get(cat("exp_avg_sq.", name)), t->v, t->ev);
-        CHECK(same_bits(state[2].second, f.get(cat("step.", name))));  // e skipped a step: 5, w: 6
-    }
-}
-
-TEST_CASE("Adam: state round trip continues bit for bit; bad state is rejected without change") {
-    auto make = [] { return Variable(Tensor::from_vector({3}, {0.5f, -1.0f, 2.0f}), true); };
-    auto grad = [](int k) { return Tensor::from_vector({3}, {0.1f * k, -0.3f, 1.0f / (k + 1)}); };
-    Variable a = make(), b = make();
-    Adam straight({{"p", a, ParamGroup::quantizer}}, {.lr = 0.1f});
-    Adam first({{"p", b, ParamGroup::quantizer}}, {.lr = 0.1f});
-    for (int k = 0; k < 3; ++k) {
-        for (auto [v, o] : {std::pair{&a, &straight}, std::pair{&b, &first}}) {
-            v->zero_grad();
-            v->accumulate_grad(grad(k));
-            o->step();
-        }
-    }
-    // A fresh optimizer restored from first's state continues like the uninterrupted one.
-    Adam resumed({{"p", b, ParamGroup::quantizer}}, {.lr = 0.1f});
-    std::vector<std::pair<std::string, Tensor>> saved;
-    for (auto& [n, t] : first.state()) saved.emplace_back(n, t.clone());
-    resumed.load_state(saved);
-    for (int k = 3; k < 6; ++k) {
-        for (auto [v, o] : {std::pair{&a, &straight}, std::pair{&b, &resumed}}) {
-            v->zero_grad();
-            v->accumulate_grad(grad(k));
-            o->step();
-        }
-    }
-    CHECK(same_bits(a.value(), b.value()));
-    CHECK(same_bits(straight.state()[0].second, resumed.state()[0].second));
-
-    CHECK_THROWS_WITH_AS(resumed.load_state({{"q.exp_avg", Tensor::zeros({3})}}),
-                         doctest::Contains("unknown state tensor 'q.exp_avg'"), Error);
-    CHECK_THROWS_WITH_AS(resumed.load_state({{"p.exp_avg", Tensor::zeros({3})}}),
-                         doctest::Contains("incomplete state for 'p'"), Error);
-    CHECK_THROWS_WITH_AS(resumed.load_state({{"p.exp_avg", Tensor::zeros({3})},
-                                             {"p.exp_avg_sq", Tensor::zeros({3})},
-                                             {"p.step", Tensor::zeros({1})}}),
-                         doctest::Contains("'p.step' is f32 [1], expected s64 [1]"), Error);
-    CHECK(same_bits(resumed.state()[0].second, straight.state()[0].second));  // unchanged by the failures
-    CHECK_THROWS_WITH_AS(Adam({{"p", a, ParamGroup::quantizer}}, {.beta1 = 1.0f}), doctest::Contains("betas"), Error);
-}
 
 TEST_CASE("Learning-rate schedules: warm-up, cosine, step, constant, floor") {
     // In double, as written here: (t + 1) / warm-up, then 0.5 (1 + cos(pi s /

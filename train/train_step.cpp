@@ -5,7 +5,6 @@
 #include "engine/check.h"
 #include "engine/op_profile.h"
 #include "engine/ops.h"
-#include "train/adam.h"
 
 namespace hfq {
 
