@@ -142,7 +142,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     CHECK(summary.at("layers")[1].at("exponents").size() == groups_1);
 
     const TrainingCheckpoint last = read_training_checkpoint(c.out + "/checkpoint.safetensors");
-    CHECK(last.state.stage == "done");
+    CHECK(last.state.stage == Stage::done);
     CHECK(last.state.global_step == steps);
     return lines;
 }
@@ -202,7 +202,7 @@ TEST_CASE("SIGINT: the step finishes, a checkpoint is saved, the run stops and r
     CHECK(r.global_step == 4);
     CHECK(calls == 4);  // the step in progress finished, no further one started
     const TrainingCheckpoint saved = read_training_checkpoint(c.out + "/checkpoint.safetensors");
-    CHECK(saved.state.stage == "float");
+    CHECK(saved.state.stage == Stage::float_training);
     CHECK(saved.state.global_step == 4);
     CHECK(saved.state.next_batch.epoch == 0);
     CHECK(saved.state.next_batch.batch == 4);

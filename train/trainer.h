@@ -51,6 +51,9 @@ struct RunHooks {
     // Called after every training step with the run's step count (tests use
     // it to raise a signal at a chosen step).
     std::function<void(int64_t global_step)> after_step;
+    // Called after each epoch's record is written to metrics.jsonl, with the
+    // run folder (train_mobilenet redraws curves.png there).
+    std::function<void(const std::string& out_dir)> after_epoch;
 };
 
 RunResult run_training(const TrainConfig& config, const RunHooks& hooks = {});

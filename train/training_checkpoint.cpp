@@ -6,7 +6,7 @@ namespace hfq {
 
 std::string TrainState::to_json() const {
     Json j;
-    j["stage"] = stage;
+    j["stage"] = stage_name(stage);
     j["stage_step"] = stage_step;
     j["global_step"] = global_step;
     j["next_batch"] = {{"epoch", next_batch.epoch}, {"batch", next_batch.batch}};
@@ -23,7 +23,7 @@ TrainState TrainState::from_json(const std::string& text, const std::string& sou
     HFQ_CHECK(j.is_object(), where, ": not a JSON object");
     TrainState s;
     try {
-        s.stage = j.at("stage").get<std::string>();
+        s.stage = parse_stage(j.at("stage").get<std::string>(), where);
         s.stage_step = j.at("stage_step").get<int64_t>();
         s.global_step = j.at("global_step").get<int64_t>();
         s.next_batch.epoch = j.at("next_batch").at("epoch").get<int64_t>();
@@ -34,7 +34,6 @@ TrainState TrainState::from_json(const std::string& text, const std::string& sou
     } catch (const nlohmann::json::exception& e) {
         throw Error(cat(where, ": ", e.what()));
     }
-    HFQ_CHECK(s.stage == "float" || s.stage == "qat" || s.stage == "done", where, ": unknown stage '", s.stage, "'");
     HFQ_CHECK(s.stage_step >= 0 && s.global_step >= s.stage_step && s.next_batch.epoch >= 0 && s.next_batch.batch >= 0,
               where, ": inconsistent step counts");
     HFQ_CHECK(s.results.is_object(), where, ": 'results' must be an object");
@@ -77,8 +76,9 @@ TrainingCheckpoint read_training_checkpoint(const std::string& path) {
             throw Error(cat(path, ": metadata '", quant::kQuantPolicyKey, "': ", e.what()));
         }
     }
-    HFQ_CHECK(c.policy.has_value() == (c.state.stage == "qat" || (c.state.stage == "done" && c.config.qat())), path,
-              ": the quantization policy does not match the stage '", c.state.stage, "'");
+    const bool quantized = c.state.stage == Stage::qat || (c.state.stage == Stage::done && c.config.qat());
+    HFQ_CHECK(c.policy.has_value() == quantized, path, ": the quantization policy does not match the stage '",
+              stage_name(c.state.stage), "'");
     return c;
 }
 

@@ -29,6 +29,7 @@
 #include "quant/quantize_model.h"
 #include "train/config.h"
 #include "train/metrics.h"
+#include "train/stages.h"
 
 namespace hfq {
 
@@ -38,7 +39,7 @@ inline constexpr const char* kOptimizerPrefix = "optimizer/";
 
 // Where a run is.
 struct TrainState {
-    std::string stage = "float";  // the stage in progress: "float", "qat", or "done"
+    Stage stage = Stage::float_training;  // the stage in progress (saved by its name: "float", "qat", "done")
     int64_t stage_step = 0;       // steps done in that stage
     int64_t global_step = 0;      // steps done in the run
     LoaderPosition next_batch;    // the batch the next step trains on
