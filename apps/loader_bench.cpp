@@ -1,8 +1,7 @@
 // loader_bench: decoded-and-augmented images per second, per core, of the
 // ImageFolder + Loader pipeline on a folder of full-size JPEGs, with and
-// without JPEG DCT scaling. The counterpart of
-// /work/shared/bench/torch_loader_bench.py (torchvision's DataLoader); run
-// both on the same folder.
+// without JPEG DCT scaling. The counterpart of torchvision's DataLoader as
+// measured in docs/speed.md ("Loader speed"); run both on the same folder.
 //
 //   loader_bench ROOT [--threads 1 2] [--pipelines train eval] [--size 224]
 //

@@ -1,5 +1,5 @@
-// MobileNetV1 (Howard et al. 2017), structured and named like the shared
-// benchmark's PyTorch model (/work/shared/bench/torch_baseline.py):
+// MobileNetV1 (Howard et al. 2017), structured and named like the PyTorch
+// model of the speed comparison (docs/speed.md), so state dicts map one to one:
 //
 //   features.0          Sequential(Conv2d 3x3 s2 -> 32a, BatchNorm2d, act)   stem
 //   features.{2i-1}     Sequential(depthwise 3x3 conv, BatchNorm2d, act)     block i = 1..13
