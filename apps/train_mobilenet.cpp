@@ -3,6 +3,11 @@
 // integer accuracy. Everything is in the trainer library (train/); this is
 // its command line.
 //
+// The run folder also gets curves.png (study/run_curves.h: loss and top-1
+// per epoch of both stages, the exponents of the layers that flip most
+// during QAT), redrawn after every epoch and once more at the end. A picture
+// that cannot be drawn is a warning, never a failed run.
+//
 //   train_mobilenet                                   # Fashion-MNIST: float, then 4-bit msqe-po2 QAT
 //   train_mobilenet --help                            # every option, with its default
 //   train_mobilenet --config run.json --lr 0.1        # options from a file, the command line wins
@@ -13,9 +18,27 @@
 // 1 for a failure (bad data or checkpoint, divergence, a CPU without the
 // features the build uses: startup/cpu_check.h), 2 for bad options.
 #include <cstdio>
+#include <exception>
+#include <string>
 
+#include "study/run_curves.h"
 #include "train/config.h"
 #include "train/trainer.h"
+
+namespace {
+
+// Draws <out_dir>/curves.png; a failure is reported, not thrown: the
+// training's results matter more than its picture.
+void draw_curves(const std::string& out_dir) {
+    try {
+        hfq::study::write_run_curves(out_dir);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "\ntrain_mobilenet: warning: could not draw %s/curves.png: %s\n", out_dir.c_str(),
+                     e.what());
+    }
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
     const hfq::ParsedArgs args = hfq::parse_args(argc, argv);
@@ -24,7 +47,10 @@ int main(int argc, char** argv) {
         return args.exit_code;
     }
     try {
-        const hfq::RunResult r = hfq::run_training(args.config);
+        hfq::RunHooks hooks;
+        hooks.after_epoch = draw_curves;
+        const hfq::RunResult r = hfq::run_training(args.config, hooks);
+        draw_curves(r.out_dir);  // the last state: a stop within an epoch, the final line
         return r.status == hfq::RunStatus::interrupted ? 128 + r.signal : 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "\ntrain_mobilenet: %s\n", e.what());

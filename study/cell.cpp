@@ -9,79 +9,10 @@
 namespace hfq::study {
 namespace {
 
-// What the step lines of metrics.jsonl say about one quantized layer.
-struct LayerRecord {
-    std::string name;
-    std::vector<std::vector<int>> exponents;  // per step, per group
-    std::vector<double> error, clipped, changed;  // per step; NaN where not available
-};
-
-struct RunRecord {
-    std::vector<int64_t> steps;  // QAT steps, increasing
-    std::vector<LayerRecord> layers;
-    std::vector<Json> epochs;    // the QAT epoch lines
-};
-
 double number_or_nan(const Json& j) { return j.is_number() ? j.get<double>() : CellResult::kNone; }
 
 double number_or_nan(const Json& j, const char* key) {
     return j.is_object() && j.contains(key) ? number_or_nan(j.at(key)) : CellResult::kNone;
-}
-
-// Reads the step and epoch lines of a stage ("float", "qat"). A "resume" line
-// at step S means the lines after the checkpoint of step S were written by an
-// interrupted invocation and run again: they are dropped. (The study's runs
-// have one stage each, so a stage's steps and the run's steps agree.)
-RunRecord read_metrics(const std::string& path, const std::string& stage) {
-    std::ifstream in(path);
-    HFQ_CHECK(in.good(), path, ": cannot open the metrics file");
-    RunRecord r;
-    int64_t line_number = 0;
-    for (std::string line; std::getline(in, line);) {
-        ++line_number;
-        const Json j = Json::parse(line, nullptr, /*allow_exceptions=*/false);
-        HFQ_CHECK(!j.is_discarded() && j.is_object() && j.contains("type"), path, " line ", line_number,
-                  ": not a metrics record");
-        const std::string type = j.at("type").get<std::string>();
-        if (type == "resume") {
-            const int64_t s = j.at("step").get<int64_t>();
-            while (!r.steps.empty() && r.steps.back() > s) {
-                r.steps.pop_back();
-                for (LayerRecord& l : r.layers) {
-                    l.exponents.pop_back();
-                    l.error.pop_back();
-                    l.clipped.pop_back();
-                    l.changed.pop_back();
-                }
-            }
-            while (!r.epochs.empty() && r.epochs.back().at("step").get<int64_t>() > s) r.epochs.pop_back();
-            continue;
-        }
-        if (!j.contains("stage") || j.at("stage") != stage) continue;
-        if (type == "epoch") {
-            r.epochs.push_back(j);
-            continue;
-        }
-        if (type != "step") continue;
-        static const Json kNoLayers = Json::array();  // float steps
-        const Json& q = j.contains("quantizers") ? j.at("quantizers") : kNoLayers;
-        if (r.layers.empty())
-            for (const Json& l : q) r.layers.push_back({l.at("name").get<std::string>(), {}, {}, {}, {}});
-        HFQ_CHECK(q.size() == r.layers.size(), path, " line ", line_number, ": ", q.size(),
-                  " quantized layers, earlier lines had ", r.layers.size());
-        const int64_t step = j.at("stage_step").get<int64_t>();
-        HFQ_CHECK(r.steps.empty() || step > r.steps.back(), path, " line ", line_number, ": step ", step,
-                  " after step ", r.steps.back());
-        r.steps.push_back(step);
-        for (size_t i = 0; i < q.size(); ++i) {
-            LayerRecord& l = r.layers[i];
-            l.exponents.push_back(q[i].at("exponents").get<std::vector<int>>());
-            l.error.push_back(number_or_nan(q[i].at("error_per_element")));
-            l.clipped.push_back(number_or_nan(q[i].at("clipped_fraction")));
-            l.changed.push_back(number_or_nan(q[i].at("codes_changed_fraction")));
-        }
-    }
-    return r;
 }
 
 // The mean of the finite values (NaN when there is none).
@@ -100,7 +31,8 @@ FlipCounts flips_from(const Json& j) { return {j.at("total").get<int64_t>(), j.a
 
 std::vector<double> epoch_test_top1(const std::string& run_dir, const std::string& stage) {
     std::vector<double> out;
-    for (const Json& e : read_metrics(run_dir + "/metrics.jsonl", stage).epochs)
+    const RunRecord run = read_run_log(run_dir + "/metrics.jsonl");
+    for (const Json& e : run.stage(stage).epochs)
         out.push_back(number_or_nan(e.value("test", Json()), "top1"));
     return out;
 }
@@ -123,50 +55,22 @@ CellResult summarize_run(const CellSpec& cell, const std::string& run_dir, const
     r.seconds = number_or_nan(summary.value("seconds", Json()), "qat");
     const int64_t total_steps = summary.at("steps").get<int64_t>();
 
-    const RunRecord rec = read_metrics(run_dir + "/metrics.jsonl", "qat");
+    const StageRecord rec = read_run_log(run_dir + "/metrics.jsonl").qat;
     HFQ_CHECK(int64_t(rec.steps.size()) == total_steps, run_dir, "/metrics.jsonl: ", rec.steps.size(),
               " QAT step lines for ", total_steps, " steps (the study needs a line every step: log_every 1)");
     r.steps = rec.steps;
 
-    // Flips, per layer and in total; each layer's most flipping group.
-    struct LayerFlips {
-        size_t index;
-        int64_t total = 0, best_group = 0, best = -1;
-    };
-    std::vector<LayerFlips> per_layer;
-    r.has_exponents = false;
+    const FlipSummary flips = summarize_flips(rec, plot_layers, total_steps, late_fraction);
+    r.has_exponents = flips.has_exponents;
+    r.flips = flips.total;
+    r.traces = flips.traces;
     std::vector<double> clipped, changed;
-    for (size_t li = 0; li < rec.layers.size(); ++li) {
-        const LayerRecord& l = rec.layers[li];
+    for (const LayerRecord& l : rec.layers) {
         clipped.insert(clipped.end(), l.clipped.begin(), l.clipped.end());
         changed.insert(changed.end(), l.changed.begin(), l.changed.end());
-        const size_t groups = l.exponents.empty() ? 0 : l.exponents.front().size();
-        if (groups == 0) continue;  // lsq: a real scale
-        r.has_exponents = true;
-        LayerFlips lf{li};
-        std::vector<int> sequence(rec.steps.size());
-        for (size_t g = 0; g < groups; ++g) {
-            for (size_t t = 0; t < rec.steps.size(); ++t) sequence[t] = l.exponents[t].at(g);
-            const FlipCounts c = count_flips(rec.steps, sequence, total_steps, late_fraction);
-            r.flips.total += c.total;
-            r.flips.late += c.late;
-            lf.total += c.total;
-            if (c.total > lf.best) lf.best = c.total, lf.best_group = int64_t(g);
-        }
-        per_layer.push_back(lf);
     }
     r.mean_clipped = finite_mean(clipped);
     r.mean_codes_changed = finite_mean(changed);
-
-    std::stable_sort(per_layer.begin(), per_layer.end(),
-                     [](const LayerFlips& a, const LayerFlips& b) { return a.total > b.total; });
-    for (size_t k = 0; k < per_layer.size() && int(k) < plot_layers; ++k) {
-        const LayerRecord& l = rec.layers[per_layer[k].index];
-        ExponentTrace trace{l.name, per_layer[k].best_group, {}, {}};
-        for (const std::vector<int>& e : l.exponents) trace.exponents.push_back(e.at(size_t(trace.group)));
-        trace.flips = count_flips(rec.steps, trace.exponents, total_steps, late_fraction);
-        r.traces.push_back(std::move(trace));
-    }
 
     r.mean_error.resize(rec.steps.size());
     std::vector<double> at_step(rec.layers.size());
@@ -195,8 +99,8 @@ CellResult summarize_run(const CellSpec& cell, const std::string& run_dir, const
 Json to_json(const CellResult& r) {
     Json traces = Json::array();
     for (const ExponentTrace& t : r.traces)
-        traces.push_back({{"layer", t.layer}, {"group", t.group}, {"flips", flips_json(t.flips)},
-                          {"exponents", t.exponents}});
+        traces.push_back({{"layer", t.layer}, {"group", t.group}, {"per_channel", t.per_channel},
+                          {"flips", flips_json(t.flips)}, {"exponents", t.exponents}});
     const DepthwiseLayer& h = r.histogram;
     return {{"cell", {{"arch", r.cell.arch}, {"method", r.cell.method}, {"fix", r.cell.fix}}},
             {"config", r.config},
@@ -236,7 +140,9 @@ CellResult cell_result_from_json(const Json& j, const std::string& source) {
         r.steps = j.at("steps").get<std::vector<int64_t>>();
         for (const Json& e : j.at("mean_error")) r.mean_error.push_back(number_or_nan(e));
         for (const Json& t : j.at("traces"))
+            // Results written before traces carried "per_channel": the cell's setting.
             r.traces.push_back({t.at("layer").get<std::string>(), t.at("group").get<int64_t>(),
+                                t.value("per_channel", r.config.value("per-channel", false)),
                                 flips_from(t.at("flips")), t.at("exponents").get<std::vector<int>>()});
         for (const Json& e : j.at("epoch_top1")) r.epoch_top1.push_back(number_or_nan(e));
         for (const Json& e : j.at("epoch_integer_top1")) r.epoch_integer_top1.push_back(number_or_nan(e));

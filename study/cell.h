@@ -15,17 +15,10 @@
 #include "study/depthwise.h"
 #include "study/flips.h"
 #include "study/grid.h"
+#include "study/run_log.h"
 #include "train/metrics.h"
 
 namespace hfq::study {
-
-// The exponent record of one scale group.
-struct ExponentTrace {
-    std::string layer;
-    int64_t group = 0;
-    FlipCounts flips;
-    std::vector<int> exponents;  // at each step of CellResult::steps
-};
 
 struct CellResult {
     CellSpec cell;
@@ -45,7 +38,7 @@ struct CellResult {
     // Per step (the QAT steps 1..T, as logged).
     std::vector<int64_t> steps;
     std::vector<double> mean_error;     // error per element, mean over the layers
-    std::vector<ExponentTrace> traces;  // the groups of the layers that flipped most, most first
+    std::vector<ExponentTrace> traces;  // the groups of the layers that flipped most, most first (summarize_flips)
     // Per QAT epoch.
     std::vector<double> epoch_top1, epoch_integer_top1;
     // The histogram layer after training.

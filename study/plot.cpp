@@ -96,8 +96,31 @@ void segment(cv::Mat& img, cv::Point2d a, cv::Point2d b, cv::Scalar c, int thick
     cv::line(img, fixed(a), fixed(b), c, thickness, cv::LINE_AA, /*shift=*/4);
 }
 
+// Draws a line's segments, solid or dashed; the dashes run on across the
+// corners, so a polyline of short segments is dashed like a long one.
+struct Pen {
+    static constexpr double kDash = 9, kPeriod = 15;  // pixels drawn, of each period
+    cv::Mat& img;
+    cv::Scalar c;
+    bool dashed;
+    double phase = 0;  // how far into a period the next segment starts
+
+    void stroke(cv::Point2d a, cv::Point2d b) {
+        if (!dashed) return segment(img, a, b, c, 2);
+        const double length = cv::norm(b - a);
+        for (double t = 0; t < length;) {
+            const double at = std::fmod(phase + t, kPeriod);
+            const double end = std::min(length, t + std::max(1e-3, at < kDash ? kDash - at : kPeriod - at));
+            if (at < kDash) segment(img, a + (b - a) * (t / length), a + (b - a) * (end / length), c, 2);
+            t = end;
+        }
+        phase = std::fmod(phase + length, kPeriod);
+    }
+};
+
 void draw_line(cv::Mat& img, const Mapping& m, const Line& l) {
     const cv::Scalar c = colour(l.color);
+    Pen pen{img, c, l.dashed};
     bool have_prev = false;
     cv::Point2d prev;
     double prev_y = 0;
@@ -111,10 +134,10 @@ void draw_line(cv::Mat& img, const Mapping& m, const Line& l) {
         if (have_prev) {
             if (l.steps) {
                 const cv::Point2d corner = m.at(l.x[i], prev_y);
-                segment(img, prev, corner, c, 2);
-                segment(img, corner, p, c, 2);
+                pen.stroke(prev, corner);
+                pen.stroke(corner, p);
             } else {
-                segment(img, prev, p, c, 2);
+                pen.stroke(prev, p);
             }
         }
         if (l.markers) cv::circle(img, cv::Point(int(std::lround(p.x)), int(std::lround(p.y))), 4, c, cv::FILLED,
@@ -159,25 +182,35 @@ std::vector<double> log_ticks(double lo, double hi) {
     return t;
 }
 
-void draw_panel(cv::Mat& img, const cv::Rect& box, const Panel& p) {
-    // Legend entries and the room they need.
-    struct Entry {
-        std::string label;
-        cv::Scalar c;
-        bool dashed;
-    };
-    std::vector<Entry> legend;
+struct LegendEntry {
+    std::string label;
+    cv::Scalar c;
+    bool dashed;
+};
+
+std::vector<LegendEntry> legend_of(const Panel& p) {
+    std::vector<LegendEntry> legend;
     for (const Line& l : p.lines)
-        if (!l.label.empty()) legend.push_back({l.label, colour(l.color), false});
+        if (!l.label.empty()) legend.push_back({l.label, colour(l.color), l.dashed});
     for (const VLines& v : p.vlines)
         if (!v.label.empty()) legend.push_back({v.label, colour(v.color), v.dashed});
-    int legend_width = 16;
-    for (const Entry& e : legend) legend_width = std::max(legend_width, 34 + text_width(e.label, kTickScale) + 8);
-    legend_width = std::min(legend_width, box.width / 3);
+    return legend;
+}
+
+// The right margin a panel's legend needs (a third of the panel at most).
+int legend_width(const Panel& p, int panel_width) {
+    int w = 16;
+    for (const LegendEntry& e : legend_of(p)) w = std::max(w, 34 + text_width(e.label, kTickScale) + 8);
+    return std::min(w, panel_width / 3);
+}
+
+// `legend_margin`: the room right of the plot area for the legend (at least legend_width(p)).
+void draw_panel(cv::Mat& img, const cv::Rect& box, const Panel& p, int legend_margin) {
+    const std::vector<LegendEntry> legend = legend_of(p);
 
     Mapping m;
     m.log_y = p.log_y;
-    m.area = cv::Rect(box.x + kLeft, box.y + kTop, std::max(10, box.width - kLeft - legend_width - kLegendPad),
+    m.area = cv::Rect(box.x + kLeft, box.y + kTop, std::max(10, box.width - kLeft - legend_margin - kLegendPad),
                       std::max(10, box.height - kTop - kBottom));
     Range xr, yr;
     for (const Line& l : p.lines) {
@@ -247,7 +280,7 @@ void draw_panel(cv::Mat& img, const cv::Rect& box, const Panel& p) {
     // Legend, in the right margin.
     int y = m.area.y + 12;
     const int x = m.area.x + m.area.width + kLegendPad;
-    for (const Entry& e : legend) {
+    for (const LegendEntry& e : legend) {
         if (y > m.area.y + m.area.height) break;
         if (e.dashed) {
             for (int dx = 0; dx < 24; dx += 8) cv::line(img, {x + dx, y - 4}, {x + dx + 5, y - 4}, e.c, 2, cv::LINE_AA);
@@ -299,10 +332,12 @@ cv::Mat render(const Figure& f) {
     cv::Mat img(size, CV_8UC3, kWhite);
     put_text(img, f.title, size.width / 2, 25, kFigureTitleScale, Align::centre, size.width - 10, 2);
     const int columns = std::max(1, f.columns);
+    int widest_legend = 0;
+    for (const Panel& p : f.panels) widest_legend = std::max(widest_legend, legend_width(p, f.panel_width));
     for (size_t i = 0; i < f.panels.size(); ++i) {
         const cv::Rect box(int(i % columns) * f.panel_width, kFigureTitleBand + int(i / columns) * f.panel_height,
                            f.panel_width, f.panel_height);
-        draw_panel(img, box, f.panels[i]);
+        draw_panel(img, box, f.panels[i], f.align_panels ? widest_legend : legend_width(f.panels[i], f.panel_width));
     }
     return img;
 }

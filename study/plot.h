@@ -23,6 +23,7 @@ struct Line {
     int color = 0;              // index into the palette
     bool steps = false;         // draw as a staircase (values hold until the next x)
     bool markers = false;       // a dot at every point
+    bool dashed = false;        // dashes: a line that may lie on another one still lets it show
 };
 
 // A histogram: counts[i] of the values in [edges[i], edges[i+1]).
@@ -56,6 +57,13 @@ struct Figure {
     int columns = 1;
     int panel_width = 640;     // pixels per panel, legend margin included
     int panel_height = 360;
+    bool align_panels = false;  // every legend margin as wide as the widest: the plot areas line up
+};
+
+// A figure written to disk.
+struct FigureFile {
+    std::string path;
+    int width = 0, height = 0;
 };
 
 // Width and height in pixels of render(f): columns x rows of panels plus a

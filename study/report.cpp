@@ -7,13 +7,12 @@
 
 #include "engine/atomic_file.h"
 #include "engine/check.h"
+#include "study/panels.h"
 #include "study/plot.h"
 #include "train/metrics.h"
 
 namespace hfq::study {
 namespace {
-
-constexpr int kFloatColour = 7;  // grey, the palette's
 
 std::string fmt(const char* f, double v) {
     if (!std::isfinite(v)) return "-";
@@ -25,8 +24,6 @@ std::string percent(double fraction, int digits = 2) {
     return std::isfinite(fraction) ? fmt(digits == 2 ? "%.2f %%" : "%.3f %%", 100 * fraction) : "-";
 }
 std::string signed_points(double a, double b) { return fmt("%+.2f points", 100 * (a - b)); }
-
-bool per_channel(const CellResult& r) { return r.config.value("per_channel", false); }
 
 std::vector<const CellResult*> cells_of(const std::vector<CellResult>& cells, const std::string& arch) {
     std::vector<const CellResult*> out;
@@ -68,20 +65,11 @@ Figure exponent_figure(const FloatModel& f, const std::vector<const CellResult*>
     Figure fig = panel_per_method(cat(f.model_name, ": exponent against QAT step, the layers whose exponent flips most"));
     for (const CellResult* c : cells) {
         if (!c->has_exponents) continue;
-        Panel& p = fig.panels.emplace_back();
-        p.title = cat(c->cell.label(), ": ", c->flips.total, " flips, ", c->flips.late, " late");
-        p.x_label = "QAT step";
-        p.y_label = "exponent (scale = 2^e)";
-        p.integer_y = true;
-        for (size_t k = 0; k < c->traces.size(); ++k) {
-            const ExponentTrace& t = c->traces[k];
-            const std::vector<double> y(t.exponents.begin(), t.exponents.end());
-            p.lines.push_back({cat(t.layer, per_channel(*c) ? cat(" ch ", t.group) : std::string(), " (", t.flips.total,
-                                   ")"),
-                               as_doubles(c->steps), y, int(k), /*steps=*/true});
-        }
+        Panel& p = fig.panels.emplace_back(exponent_panel(
+            cat(c->cell.label(), ": ", c->flips.total, " flips, ", c->flips.late, " late"), "QAT step", c->steps,
+            c->traces));
         p.vlines.push_back({cat("last ", std::lround(100 * o.late_fraction), " %"),
-                            {double(late_window_start(qat_steps, o.late_fraction))}, kFloatColour});
+                            {double(late_window_start(qat_steps, o.late_fraction))}, kGrey});
     }
     fig.columns = fig.panels.size() > 1 ? 2 : 1;
     return fig;
@@ -109,13 +97,13 @@ Figure accuracy_figure(const FloatModel& f, const std::vector<const CellResult*>
     p.integer_x = true;
     const double start = double(f.epoch_top1.size());
     if (!f.epoch_top1.empty()) {
-        Line l{"float training", {}, {}, kFloatColour, false, true};
+        Line l{"float training", {}, {}, kGrey, false, true};
         for (size_t e = 0; e < f.epoch_top1.size(); ++e) {
             l.x.push_back(double(e + 1));
             l.y.push_back(100 * f.epoch_top1[e]);
         }
         p.lines.push_back(l);
-        p.vlines.push_back({"QAT starts", {start}, kFloatColour});
+        p.vlines.push_back(qat_start_line(start));
     }
     for (size_t i = 0; i < cells.size(); ++i) {
         Line l{cells[i]->cell.label(), {start}, {100 * cells[i]->float_top1}, int(i), false, true};

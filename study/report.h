@@ -11,6 +11,7 @@
 
 #include "study/cell.h"
 #include "study/grid.h"
+#include "study/plot.h"
 
 namespace hfq::study {
 
@@ -28,11 +29,6 @@ struct StudyData {
     int64_t train_samples = 0, test_samples = 0;  // what a cell trains and evaluates on
     int input_size = 0;
     int64_t qat_steps = 0;  // per cell
-};
-
-struct FigureFile {
-    std::string path;
-    int width = 0, height = 0;
 };
 
 // Writes report.md and the figures into options.out; returns the figures.
