@@ -10,8 +10,28 @@
 
 namespace hfq {
 
-MetricsLog::MetricsLog(const std::string& path) : path_(path), file_(std::fopen(path.c_str(), "a")) {
+namespace {
+
+// Whether the file exists and its last byte is not a newline: the last line
+// of a run killed while writing it.
+bool ends_inside_a_line(const std::string& path) {
+    std::FILE* f = std::fopen(path.c_str(), "rb");
+    if (!f) return false;
+    int last = '\n';
+    if (std::fseek(f, -1, SEEK_END) == 0) last = std::fgetc(f);
+    std::fclose(f);
+    return last != '\n';
+}
+
+}  // namespace
+
+MetricsLog::MetricsLog(const std::string& path) : path_(path) {
+    const bool broken_last_line = ends_inside_a_line(path);
+    file_ = std::fopen(path.c_str(), "a");
     HFQ_CHECK(file_ != nullptr, path, ": cannot open the metrics file for appending");
+    // End the broken line, so the next record starts a line of its own and
+    // readers can skip the broken one.
+    if (broken_last_line) HFQ_CHECK(std::fputc('\n', file_) != EOF, path, ": cannot write the metrics line");
 }
 
 MetricsLog::~MetricsLog() {
