@@ -251,7 +251,7 @@ std::vector<FigureFile> write_report(const StudyOptions& o, const StudyData& dat
               "fake-quantized weights; *integer top-1*: the network rebuilt from the integer export alone "
               "(int8 codes, exponents, folded biases).\n"
               "- *exponent flips*: over every quantized layer and scale group, the training steps whose exponent "
-              "differs from the previous step's (spec section 5), counted from the exponents logged at every step. "
+              "differs from the previous step's (docs/quantizers.md, section 5), counted from the exponents logged at every step. "
               "*flips in the last ", std::lround(100 * o.late_fraction), " %*: those at steps after ",
               late_window_start(data.qat_steps, o.late_fraction), " of ", data.qat_steps,
               ". lsq learns a real scale: it has no exponent (n/a).\n"
