@@ -167,7 +167,7 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
         if (!s.trainer_qat) {  // as the baseline: per tensor, every layer at `bits`, batch norm not folded
             policy.options.per_channel = false;
             policy.first_layer_bits = policy.last_layer_bits = 0;
-            policy.fold_batch_norm = false;
+            policy.fold_bn = false;
         }
         quant::quantize_model(*model, policy);
     }

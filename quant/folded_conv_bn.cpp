@@ -106,14 +106,14 @@ Variable fold_bias(const Variable& gamma, const Variable& beta, const Tensor& ru
     });
 }
 
-BatchStatistics parse_batch_statistics(const std::string& name) {
-    if (name == "float-conv") return BatchStatistics::float_conv;
-    if (name == "quantized-conv") return BatchStatistics::quantized_conv;
+BnStats parse_bn_stats(const std::string& name) {
+    if (name == "float-conv") return BnStats::float_conv;
+    if (name == "quantized-conv") return BnStats::quantized_conv;
     throw Error(cat("batch statistics must be float-conv or quantized-conv, got '", name, "'"));
 }
 
-const char* batch_statistics_name(BatchStatistics s) {
-    return s == BatchStatistics::float_conv ? "float-conv" : "quantized-conv";
+const char* bn_stats_name(BnStats s) {
+    return s == BnStats::float_conv ? "float-conv" : "quantized-conv";
 }
 
 Variable unfold_weight(const Variable& w_q, const Variable& gamma, const Tensor& running_var, float eps) {
@@ -229,16 +229,16 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
 }
 
 FoldedConvBn::FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, std::shared_ptr<BatchNorm2d> bn,
-                           std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_after_steps,
-                           BatchStatistics statistics)
+                           std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_bn_step,
+                           BnStats bn_stats)
     : bn_(std::move(bn)), conv_name_(std::move(conv_name)), bn_name_(std::move(bn_name)),
-      freeze_after_steps_(freeze_after_steps), statistics_(statistics) {
+      freeze_bn_step_(freeze_bn_step), bn_stats_(bn_stats) {
     HFQ_CHECK(conv != nullptr && bn_ != nullptr, "FoldedConvBn: null convolution or batch norm");
     HFQ_CHECK(!conv->bias().defined(), "FoldedConvBn: convolution '", conv_name_,
               "' has a bias; only a convolution without bias is folded with its batch norm");
     HFQ_CHECK(conv->config().out_channels == bn_->channels(), "FoldedConvBn: convolution '", conv_name_, "' has ",
               conv->config().out_channels, " output channels but batch norm '", bn_name_, "' has ", bn_->channels());
-    HFQ_CHECK(freeze_after_steps >= -1, "FoldedConvBn: freeze_after_steps must be >= -1, got ", freeze_after_steps);
+    HFQ_CHECK(freeze_bn_step >= -1, "FoldedConvBn: freeze_bn_step must be >= -1, got ", freeze_bn_step);
     const bool training = conv->is_training();
     quantized_conv_ = std::make_shared<QuantizedConv2d>(std::move(conv), std::move(quantizer));
     register_module(conv_name_, quantized_conv_);
@@ -252,7 +252,7 @@ FoldedConvBn::FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, 
 
 bool FoldedConvBn::uses_batch_statistics() const {
     if (!is_training() || frozen_by_hand()) return false;
-    return freeze_after_steps_ < 0 || quantized_conv_->quantizer().step() < freeze_after_steps_;
+    return freeze_bn_step_ < 0 || quantized_conv_->quantizer().step() < freeze_bn_step_;
 }
 
 void FoldedConvBn::freeze(bool frozen) { frozen_.data<int32_t>()[0] = frozen ? 1 : 0; }
@@ -270,7 +270,7 @@ Variable FoldedConvBn::run(const Variable& x, bool with_relu6) {
     const bool batch_stats = uses_batch_statistics();  // before the quantizer counts this step
     // W_fold and the correction use the moving variance as it is before this step's update.
     const Variable w_q = weight_quantizer().quantize(folded_weight());
-    if (batch_stats && statistics_ == BatchStatistics::quantized_conv) {  // batch norm counts the batch itself
+    if (batch_stats && bn_stats_ == BnStats::quantized_conv) {  // batch norm counts the batch itself
         const Variable y = conv().apply(x, unfold_weight(w_q, bn_->weight(), bn_->running_var(), bn_->eps()));
         return with_relu6 ? bn_->forward_relu6(y) : (*bn_)(y);
     }

@@ -7,7 +7,7 @@
 //   W_fold = W * gamma / sigma_ema                        {O, I/g, k, k}
 //   b_fold = beta - gamma * mu_ema / sigma_ema            {O}
 //
-// Training with batch statistics (the first freeze_after_steps steps, until
+// Training with batch statistics (the first freeze_bn_step steps, until
 // frozen), as Jacob et al. 2018 and TensorFlow's fold_batch_norms: the float
 // convolution y_f = conv(x, W) gives the batch statistics mu_B, var_B
 // (sigma_B = sqrt(var_B + eps)), and
@@ -19,7 +19,7 @@
 // variance, num_batches_tracked + 1), after W_fold was formed with the values
 // they had at the start of the step.
 //
-// Or, with BatchStatistics::quantized_conv, as PyTorch's ConvBn2d: one
+// Or, with BnStats::quantized_conv, as PyTorch's ConvBn2d: one
 // convolution, whose output rescaled to the float convolution's units gives
 // the statistics. U = Q(W_fold) * sigma_ema / gamma (unfold_weight), and
 //   y = batch_norm(conv(x, U))   (batch statistics, moving-statistics update)
@@ -48,12 +48,12 @@
 namespace hfq::quant {
 
 // Where the batch statistics of a folded layer come from while in use.
-enum class BatchStatistics {
+enum class BnStats {
     float_conv,      // "float-conv": a second, float convolution conv(x, W) (Jacob et al.)
     quantized_conv,  // "quantized-conv": conv(x, Q(W_fold) * sigma_ema / gamma) (PyTorch's ConvBn2d)
 };
-BatchStatistics parse_batch_statistics(const std::string& name);  // throws naming the choices
-const char* batch_statistics_name(BatchStatistics s);
+BnStats parse_bn_stats(const std::string& name);  // throws naming the choices
+const char* bn_stats_name(BnStats s);
 
 // U = Q(W_fold) * sigma_ema / gamma per output channel (|gamma| below 1e-12
 // counts as 1e-12 of its sign), differentiable in Q(W_fold) and gamma.
@@ -63,11 +63,11 @@ class FoldedConvBn : public QuantizedModule {
 public:
     // conv (without bias) and bn are the children `conv_name` and `bn_name`
     // of the parent this module replaces them in; the quantizer is made for
-    // the convolution's weight shape. freeze_after_steps: the number of
+    // the convolution's weight shape. freeze_bn_step: the number of
     // training steps that use batch statistics (-1: until freeze()).
     FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, std::shared_ptr<BatchNorm2d> bn,
-                 std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_after_steps = -1,
-                 BatchStatistics statistics = BatchStatistics::float_conv);
+                 std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_bn_step = -1,
+                 BnStats bn_stats = BnStats::float_conv);
 
     Variable forward(const Variable& x) override;
     // relu6(forward(x)); with quantized-conv statistics in use, batch norm and
@@ -75,11 +75,11 @@ public:
     bool fuses_relu6() const override { return true; }
     Variable forward_relu6(const Variable& x) override;
 
-    // Batch statistics in use (training, not frozen, fewer steps than freeze_after_steps)?
+    // Batch statistics in use (training, not frozen, fewer steps than freeze_bn_step)?
     bool uses_batch_statistics() const;
     void freeze(bool frozen = true);
     bool frozen_by_hand() const { return frozen_.data<int32_t>()[0] != 0; }
-    int64_t freeze_after_steps() const { return freeze_after_steps_; }
+    int64_t freeze_bn_step() const { return freeze_bn_step_; }
 
     // W_fold and b_fold from the current moving statistics, as Variables
     // (differentiable in W, gamma, beta). What forward, export and audit share.
@@ -102,8 +102,8 @@ private:
     std::shared_ptr<QuantizedConv2d> quantized_conv_;  // conv inline + its weight quantizer
     std::shared_ptr<BatchNorm2d> bn_;
     std::string conv_name_, bn_name_;
-    int64_t freeze_after_steps_;
-    BatchStatistics statistics_;
+    int64_t freeze_bn_step_;
+    BnStats bn_stats_;
     Tensor frozen_ = Tensor::zeros({1}, DType::s32);
     Tensor* num_batches_tracked_ = nullptr;  // the bn's buffer
 };

@@ -67,10 +67,10 @@ void QuantPolicy::validate() const {
     check_bits("first_layer_bits", first_layer_bits, true);
     check_bits("last_layer_bits", last_layer_bits, true);
     check_bits("activation_bits", activation_bits, true);
-    HFQ_CHECK(freeze_bn_after_steps >= -1, "quant policy: freeze_bn_after_steps must be >= -1 (-1: never), got ",
-              freeze_bn_after_steps);
+    HFQ_CHECK(freeze_bn_step >= -1, "quant policy: freeze_bn_step must be >= -1 (-1: never), got ",
+              freeze_bn_step);
     try {
-        parse_batch_statistics(batch_statistics);
+        parse_bn_stats(bn_stats);
     } catch (const Error& e) {
         throw Error(cat("quant policy: ", e.what()));
     }
@@ -99,9 +99,9 @@ std::string QuantPolicy::to_json() const {
     j["min_init_scale"] = o.min_init_scale;
     j["first_layer_bits"] = first_layer_bits;
     j["last_layer_bits"] = last_layer_bits;
-    j["fold_batch_norm"] = fold_batch_norm;
-    j["freeze_bn_after_steps"] = freeze_bn_after_steps;
-    j["batch_statistics"] = batch_statistics;
+    j["fold_bn"] = fold_bn;
+    j["freeze_bn_step"] = freeze_bn_step;
+    j["bn_stats"] = bn_stats;
     j["activation_bits"] = activation_bits;
     return j.dump();
 }
@@ -111,9 +111,16 @@ QuantPolicy QuantPolicy::from_json(const std::string& text) {
     HFQ_CHECK(j.is_object(), "quant policy: not a JSON object: ", text.substr(0, 200));
     QuantPolicy p;
     QuantizerOptions& o = p.options;
-    for (const auto& [key, v] : j.items()) {
-        auto need = [&, &key = key, &v = v](bool ok, const char* what) {
-            HFQ_CHECK(ok, "quant policy: '", key, "' must be ", what, ", got ", v.dump());
+    // Policies written before these settings took their command-line names
+    // (--fold-bn, --freeze-bn-step, --bn-stats) used the old keys: checkpoints
+    // from then still load, with the same meaning.
+    static const std::map<std::string, std::string> kOldKeys = {
+        {"fold_batch_norm", "fold_bn"}, {"freeze_bn_after_steps", "freeze_bn_step"}, {"batch_statistics", "bn_stats"}};
+    for (const auto& [written, v] : j.items()) {
+        const auto renamed = kOldKeys.find(written);
+        const std::string& key = renamed == kOldKeys.end() ? written : renamed->second;
+        auto need = [&, &written = written, &v = v](bool ok, const char* what) {
+            HFQ_CHECK(ok, "quant policy: '", written, "' must be ", what, ", got ", v.dump());
         };
         auto integer = [&](auto& field) {
             need(v.is_number_integer(), "an integer");
@@ -150,14 +157,14 @@ QuantPolicy QuantPolicy::from_json(const std::string& text) {
         else if (key == "min_init_scale") number(o.min_init_scale);
         else if (key == "first_layer_bits") integer(p.first_layer_bits);
         else if (key == "last_layer_bits") integer(p.last_layer_bits);
-        else if (key == "fold_batch_norm") boolean(p.fold_batch_norm);
-        else if (key == "freeze_bn_after_steps") integer(p.freeze_bn_after_steps);
-        else if (key == "batch_statistics") {
+        else if (key == "fold_bn") boolean(p.fold_bn);
+        else if (key == "freeze_bn_step") integer(p.freeze_bn_step);
+        else if (key == "bn_stats") {
             need(v.is_string(), "a string");
-            p.batch_statistics = v.get<std::string>();
+            p.bn_stats = v.get<std::string>();
         }
         else if (key == "activation_bits") integer(p.activation_bits);
-        else throw Error(cat("quant policy: unknown key '", key, "'"));
+        else throw Error(cat("quant policy: unknown key '", written, "'"));
     }
     p.validate();
     return p;
@@ -171,7 +178,7 @@ void quantize_model(Model& model, const QuantPolicy& policy) {
     policy.validate();
     HFQ_CHECK(!is_quantized(model), "quantize_model: the model is already quantized");
     std::vector<Site> sites, activations;
-    collect_sites(model, policy.fold_batch_norm, sites, activations);
+    collect_sites(model, policy.fold_bn, sites, activations);
     HFQ_CHECK(!sites.empty(), "quantize_model: the model has no Conv2d or Linear layer to quantize");
 
     // First conv and last linear (the classifier) may get their own bits.
@@ -198,8 +205,8 @@ void quantize_model(Model& model, const QuantPolicy& policy) {
                 auto bn = std::dynamic_pointer_cast<BatchNorm2d>(s.parent->child(s.bn_name));
                 s.parent->replace_children({s.name, s.bn_name},
                                            std::make_shared<FoldedConvBn>(conv, s.name, bn, s.bn_name, std::move(quantizers[k]),
-                                                                          policy.freeze_bn_after_steps,
-                                                                          parse_batch_statistics(policy.batch_statistics)));
+                                                                          policy.freeze_bn_step,
+                                                                          parse_bn_stats(policy.bn_stats)));
             } else {
                 s.parent->replace_child(s.name, std::make_shared<QuantizedConv2d>(conv, std::move(quantizers[k])));
             }

@@ -18,7 +18,7 @@
 //
 // Which layers: every Conv2d and Linear, in model order. The first Conv2d is
 // the "first layer", the last Linear (the classifier) the "last layer". With
-// fold_batch_norm, a Conv2d without bias directly followed by a BatchNorm2d
+// fold_bn, a Conv2d without bias directly followed by a BatchNorm2d
 // in the same parent is folded with it; other convolutions are wrapped alone
 // (their batch norm stays a float layer).
 //
@@ -50,15 +50,15 @@ struct QuantPolicy {
     int first_layer_bits = 8;
     int last_layer_bits = 8;
     // Fold each convolution's following batch norm into it (docs/quantizers.md, 6).
-    bool fold_batch_norm = true;
+    bool fold_bn = true;                // train_mobilenet --fold-bn
     // Training steps after which folded layers stop using batch statistics and
     // switch to the moving statistics (-1: never, until switched by hand).
-    int64_t freeze_bn_after_steps = -1;
+    int64_t freeze_bn_step = -1;        // --freeze-bn-step
     // Where folded layers take their batch statistics from until they freeze
     // (quant/folded_conv_bn.h): "float-conv", a second float convolution
     // (Jacob et al.), or "quantized-conv", the quantized convolution's output
     // in float units (PyTorch's ConvBn2d: one convolution, about half the work).
-    std::string batch_statistics = "float-conv";
+    std::string bn_stats = "float-conv";  // --bn-stats
     // Optional activation quantization after ReLU/ReLU6 (unsigned grid,
     // learnable-po2), for W4A8-style simulation. 0 = off.
     int activation_bits = 0;
@@ -67,8 +67,10 @@ struct QuantPolicy {
     void validate() const;
     // {"method": "msqe-po2", "bits": 4, "signed": true, "per_channel": false,
     //  ... every QuantizerOptions field ..., "first_layer_bits": 8, "last_layer_bits": 8,
-    //  "fold_batch_norm": true, "freeze_bn_after_steps": -1, "batch_statistics": "float-conv",
-    //  "activation_bits": 0}  (from_json: a missing key keeps its default)
+    //  "fold_bn": true, "freeze_bn_step": -1, "bn_stats": "float-conv",
+    //  "activation_bits": 0}  (from_json: a missing key keeps its default; the
+    //  keys of older policies, "fold_batch_norm", "freeze_bn_after_steps" and
+    //  "batch_statistics", are read as the same settings)
     std::string to_json() const;                    // stored in checkpoint metadata
     static QuantPolicy from_json(const std::string& json);  // strict, errors name the key
 };

@@ -217,9 +217,9 @@ TEST_CASE("export then audit round-trips bit-exactly for every method, folded or
         QuantPolicy p;
         p.method = c.method;
         p.options.per_channel = c.per_channel;
-        p.fold_batch_norm = c.fold;
+        p.fold_bn = c.fold;
         p.activation_bits = c.activation_bits;
-        p.freeze_bn_after_steps = c.freeze_after;
+        p.freeze_bn_step = c.freeze_after;
         auto model = trained_model(c.arch, p);
         const std::string path = temp_path("model.safetensors");
         export_quantized_model(path, *model, p);

@@ -365,8 +365,8 @@ TEST_CASE("fold ops and the batch-statistics correction: gradients against finit
 
 TEST_CASE("folded wrapper, training with batch statistics = conv then batch norm when Q(W_fold) = W_fold") {
     for (const char* method : {"msqe-po2", "learnable-po2"})
-    for (BatchStatistics statistics : {BatchStatistics::float_conv, BatchStatistics::quantized_conv}) {
-        INFO(std::string(method), " ", std::string(batch_statistics_name(statistics)));
+    for (BnStats statistics : {BnStats::float_conv, BnStats::quantized_conv}) {
+        INFO(std::string(method), " ", std::string(bn_stats_name(statistics)));
         ExactPair p;
         ExactPair::Float ref = p.clone();
         QuantizerOptions opt;
@@ -495,7 +495,7 @@ TEST_CASE("folded wrapper with real quantization: conv(x, Q(W_fold)) + b_fold; f
     auto [conv, bn] = random_pair(13, /*stride=*/2);
     const QuantizerOptions opt = per_channel_options();
     auto folded = std::make_shared<FoldedConvBn>(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()),
-                                                 /*freeze_after_steps=*/2);
+                                                 /*freeze_bn_step=*/2);
     const Tensor x = random_tensor({2, 7, 7, 4}, 18);
 
     // Two training steps with batch statistics: the statistics move.
@@ -568,7 +568,7 @@ TEST_CASE("folded wrapper, quantized-conv statistics with real quantization: bat
     const Tensor beta0 = bn->bias().value().clone(), mean0 = bn->running_mean().clone(), var0 = bn->running_var().clone();
     const QuantizerOptions opt = per_channel_options();
     FoldedConvBn folded(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()), -1,
-                        BatchStatistics::quantized_conv);
+                        BnStats::quantized_conv);
     folded.train();
     const Tensor x = random_tensor({2, 6, 6, 4}, 26);
     Variable xa(x, true);
@@ -608,16 +608,16 @@ TEST_CASE("folded wrapper, quantized-conv statistics with real quantization: bat
 }
 
 TEST_CASE("batch statistics names") {
-    CHECK(parse_batch_statistics("float-conv") == BatchStatistics::float_conv);
-    CHECK(parse_batch_statistics("quantized-conv") == BatchStatistics::quantized_conv);
-    CHECK(std::string(batch_statistics_name(BatchStatistics::quantized_conv)) == "quantized-conv");
-    CHECK(hfq::testing::error_message([] { parse_batch_statistics("float"); }).find("float-conv or quantized-conv") !=
+    CHECK(parse_bn_stats("float-conv") == BnStats::float_conv);
+    CHECK(parse_bn_stats("quantized-conv") == BnStats::quantized_conv);
+    CHECK(std::string(bn_stats_name(BnStats::quantized_conv)) == "quantized-conv");
+    CHECK(hfq::testing::error_message([] { parse_bn_stats("float"); }).find("float-conv or quantized-conv") !=
           std::string::npos);
 }
 
 TEST_CASE("folded wrapper: forward_relu6 = relu6(forward), as one op with quantized-conv statistics") {
-    for (BatchStatistics statistics : {BatchStatistics::float_conv, BatchStatistics::quantized_conv}) {
-        INFO(std::string(batch_statistics_name(statistics)));
+    for (BnStats statistics : {BnStats::float_conv, BnStats::quantized_conv}) {
+        INFO(std::string(bn_stats_name(statistics)));
         auto make = [&] {  // identical layers: each forward updates the moving statistics
             auto [conv, bn] = random_pair(31);
             auto f = std::make_shared<FoldedConvBn>(
@@ -633,7 +633,7 @@ TEST_CASE("folded wrapper: forward_relu6 = relu6(forward), as one op with quanti
         Variable ya = fused->forward_relu6(xa);
         Variable pre = plain->forward(xb);
         Variable yb = relu6(pre);
-        CHECK(ya.op_name() == (statistics == BatchStatistics::quantized_conv ? "batch_norm_relu6" : "relu6"));
+        CHECK(ya.op_name() == (statistics == BnStats::quantized_conv ? "batch_norm_relu6" : "relu6"));
         CHECK(same_bytes(ya.value(), yb.value()));
         CHECK(same_bytes(fused->bn().running_mean(), plain->bn().running_mean()));
         CHECK(same_bytes(fused->bn().running_var(), plain->bn().running_var()));
@@ -643,7 +643,7 @@ TEST_CASE("folded wrapper: forward_relu6 = relu6(forward), as one op with quanti
         auto side = [](FoldedConvBn& f, const Variable& y, const Variable& x) {
             return Side{y.value(), x.grad(), f.conv().weight().grad(), f.bn().weight().grad()};
         };
-        if (statistics == BatchStatistics::float_conv) {  // relu6(forward) is what forward_relu6 runs
+        if (statistics == BnStats::float_conv) {  // relu6(forward) is what forward_relu6 runs
             CHECK(same_bytes(xa.grad(), xb.grad()));
             CHECK(same_bytes(fused->conv().weight().grad(), plain->conv().weight().grad()));
             CHECK(same_bytes(fused->bn().weight().grad(), plain->bn().weight().grad()));

@@ -147,7 +147,7 @@ TEST_CASE("policy: bits 0 = same, fold off, learnable exponents in their own gro
     p.options.bits = 3;
     p.first_layer_bits = 0;
     p.last_layer_bits = 6;
-    p.fold_batch_norm = false;
+    p.fold_bn = false;
     quantize_model(*model, p);
     const auto q = quantized_layers(*model);
     CHECK(q.front().kind == "conv");
@@ -174,10 +174,10 @@ TEST_CASE("policy: bits 0 = same, fold off, learnable exponents in their own gro
     bad.last_layer_bits = 1;
     CHECK(contains(error_message([&] { quantize_model(*fresh, bad); }), "last_layer_bits"));
     bad = {};
-    bad.freeze_bn_after_steps = -2;
-    CHECK(contains(error_message([&] { quantize_model(*fresh, bad); }), "freeze_bn_after_steps"));
+    bad.freeze_bn_step = -2;
+    CHECK(contains(error_message([&] { quantize_model(*fresh, bad); }), "freeze_bn_step"));
     bad = {};
-    bad.batch_statistics = "float";
+    bad.bn_stats = "float";
     CHECK(contains(error_message([&] { quantize_model(*fresh, bad); }), "float-conv or quantized-conv"));
     CHECK(!is_quantized(*fresh));  // a refused policy changes nothing
 
@@ -187,15 +187,25 @@ TEST_CASE("policy: bits 0 = same, fold off, learnable exponents in their own gro
     j.options.per_channel = true;
     j.options.rounding = ExponentRounding::ceil;
     j.options.outlier_sigma = 2.5f;
-    j.freeze_bn_after_steps = 100;
+    j.freeze_bn_step = 100;
     j.activation_bits = 8;
-    j.batch_statistics = "quantized-conv";
+    j.bn_stats = "quantized-conv";
     const QuantPolicy back = QuantPolicy::from_json(j.to_json());
     CHECK(back.to_json() == j.to_json());
     CHECK(back.options.rounding == ExponentRounding::ceil);
-    CHECK(back.freeze_bn_after_steps == 100);
-    CHECK(back.batch_statistics == "quantized-conv");
-    CHECK(QuantPolicy::from_json(R"({"bits": 4})").batch_statistics == "float-conv");  // policies saved before the key
+    CHECK(back.freeze_bn_step == 100);
+    CHECK(back.bn_stats == "quantized-conv");
+    CHECK(QuantPolicy::from_json(R"({"bits": 4})").bn_stats == "float-conv");  // policies saved before the key
+    // Policies saved under the old key names read as the same settings.
+    const QuantPolicy old = QuantPolicy::from_json(
+        R"({"fold_batch_norm": false, "freeze_bn_after_steps": 7, "batch_statistics": "quantized-conv"})");
+    CHECK(!old.fold_bn);
+    CHECK(old.freeze_bn_step == 7);
+    CHECK(old.bn_stats == "quantized-conv");
+    CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"fold_batch_norm": 1})"); }),
+                   "'fold_batch_norm' must be true or false"));
+    CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"batch_statistics": "float"})"); }),
+                   "float-conv or quantized-conv"));
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"bitz": 4})"); }), "unknown key 'bitz'"));
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"bits": "4"})"); }), "'bits' must be an integer"));
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"rounding": "floor"})"); }), "unknown exponent rounding"));

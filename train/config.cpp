@@ -287,7 +287,7 @@ void TrainConfig::validate() const {
 
     if (qat()) {
         try {
-            quant::parse_batch_statistics(bn_stats);  // the one list of the names
+            quant::parse_bn_stats(bn_stats);  // the one list of the names
         } catch (const Error& e) {
             throw Error(cat("--bn-stats: ", e.what()));
         }
@@ -337,9 +337,9 @@ quant::QuantPolicy TrainConfig::quant_policy() const {
     p.options.stable_scale = stable_start_step >= 0;
     p.first_layer_bits = first_layer_bits;
     p.last_layer_bits = last_layer_bits;
-    p.fold_batch_norm = fold_bn;
-    p.freeze_bn_after_steps = freeze_bn_step;
-    p.batch_statistics = bn_stats;
+    p.fold_bn = fold_bn;
+    p.freeze_bn_step = freeze_bn_step;
+    p.bn_stats = bn_stats;
     p.activation_bits = activation_bits;
     return p;
 }
