@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "engine/batch_statistics.h"
 #include "engine/channel_sums.h"
 #include "engine/check.h"
 #include "engine/ops.h"
@@ -121,20 +122,12 @@ Normalisation normalisation(const char* op, const Variable& x, const Variable& g
     Tensor mean = Tensor::empty({channels});
     Tensor inv_std = Tensor::empty({channels});
     if (training) {
-        const ChannelSums s = channel_sums(xv.f32(), xv.f32(), rows, channels);
-        float* rm = running_mean.f32();
-        float* rv = running_var.f32();
+        const BatchStatistics batch = batch_statistics(xv.f32(), rows, channels);
         for (int64_t c = 0; c < channels; ++c) {
-            const double m = s.u[c] / rows;
-            // E[x^2] - m^2 in double: cancellation costs log2(m^2 / var) of
-            // double's 53 bits, harmless for float data unless |m| / std > 1e4.
-            const double var = std::max(0.0, s.uv[c] / rows - m * m);  // biased: normalisation
-            mean.f32()[c] = static_cast<float>(m);
-            inv_std.f32()[c] = static_cast<float>(1.0 / std::sqrt(var + eps));
-            // PyTorch's running update uses the unbiased variance.
-            rm[c] = static_cast<float>((1.0 - momentum) * rm[c] + momentum * m);
-            rv[c] = static_cast<float>((1.0 - momentum) * rv[c] + momentum * var * rows / (rows - 1));
+            mean.f32()[c] = static_cast<float>(batch.mean[c]);
+            inv_std.f32()[c] = static_cast<float>(1.0 / std::sqrt(batch.var[c] + eps));
         }
+        update_running_statistics(batch, rows, momentum, running_mean, running_var);
     } else {
         for (int64_t c = 0; c < channels; ++c) {
             mean.f32()[c] = running_mean.f32()[c];

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "engine/batch_statistics.h"
 #include "engine/channel_sums.h"
 #include "engine/check.h"
 #include "engine/ops.h"
@@ -136,52 +137,19 @@ Variable unfold_weight(const Variable& w_q, const Variable& gamma, const Tensor&
     });
 }
 
-Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const Variable& gamma, const Variable& beta,
-                               Tensor& running_mean, Tensor& running_var, float momentum, float eps) {
-    const char* op = "batch_stat_correction";
-    const Tensor& q = y_q.value();
-    const Tensor& f = y_f.value();
-    HFQ_CHECK(q.rank() == 4 && q.dtype() == DType::f32 && f.shape() == q.shape() && f.dtype() == DType::f32, op,
-              ": y_q and y_f must be f32 {N,H,W,C} tensors of one shape, got ", shape_str(q.shape()), " and ",
-              shape_str(f.shape()));
-    const int64_t channels = q.dim(3), rows = q.numel() / channels;
-    HFQ_CHECK(rows > 1, op, ": batch statistics need more than one value per channel, got ", shape_str(q.shape()));
-    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"gamma", &gamma.value()}, {"beta", &beta.value()},
-                           {"running_mean", &running_mean},
-                           {"running_var", &running_var}})
-        check_channel_vector(op, name, *t, channels);
+namespace {
 
-    // Batch statistics of the float convolution, and the per-channel affine
-    //   y = y_q * ratio + offset,  ratio = sigma_ema / sigma_B,  offset = beta - gamma mu_B / sigma_B.
-    const ChannelSums s = channel_sums(f.f32(), f.f32(), rows, channels);
-    const std::vector<double> inv_sigma_ema = inverse_sigma(running_var, eps);  // before the update
-    std::vector<double> mean(channels), var(channels);
-    Tensor ratio = Tensor::empty({channels}), offset = Tensor::empty({channels});
-    for (int64_t c = 0; c < channels; ++c) {
-        mean[c] = s.u[c] / rows;
-        var[c] = std::max(0.0, s.uv[c] / rows - mean[c] * mean[c]);  // biased: normalisation
-        const double inv_sigma_b = 1.0 / std::sqrt(var[c] + eps);
-        ratio.f32()[c] = float(inv_sigma_b / inv_sigma_ema[c]);
-        offset.f32()[c] = float(beta.value().f32()[c] - gamma.value().f32()[c] * mean[c] * inv_sigma_b);
-        // PyTorch's running update: unbiased variance.
-        float& rm = running_mean.f32()[c];
-        float& rv = running_var.f32()[c];
-        rm = float((1.0 - momentum) * rm + momentum * mean[c]);
-        rv = float((1.0 - momentum) * rv + momentum * var[c] * rows / (rows - 1));
-    }
-    Tensor out = Tensor::empty(q.shape());
-    {
-        const float* pq = q.f32();
-        const float* pr = ratio.f32();
-        const float* po = offset.f32();
-        float* py = out.f32();
-#pragma omp parallel for schedule(static) if (rows * channels >= kParallelElements)
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < channels; ++c) py[r * channels + c] = pq[r * channels + c] * pr[c] + po[c];
-    }
+// The backward of batch_stat_correction: what its forward pass keeps, and the
+// gradient dy of its output.
+struct BatchStatCorrectionBackward {
+    Variable y_q, y_f, gamma, beta;
+    Tensor ratio;                        // {C}: sigma_ema / sigma_B
+    BatchStatistics batch;               // of y_f
+    std::vector<double> inv_sigma_ema;   // before the running update
+    float eps;
+    int64_t rows, channels;
 
-    auto backward = [y_q, y_f, gamma, beta, ratio, mean, var, inv_sigma_ema, eps, rows,
-                     channels](const Tensor& dy) {
+    void operator()(const Tensor& dy) const {
         // G = sum dy, H = sum dy * y_q (per channel). With sigma_B = sqrt(var_B + eps):
         //   d y_q   = dy * ratio
         //   d beta  = G
@@ -189,6 +157,8 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
         //   d mu_B  = -gamma / sigma_B * G
         //   d var_B = -1/2 (var_B + eps)^(-3/2) (sigma_ema H - gamma mu_B G)
         //   d y_f   = d mu_B / R + 2 d var_B (y_f - mu_B) / R    (mean and biased variance of R rows)
+        const std::vector<double>& mean = batch.mean;
+        const std::vector<double>& var = batch.var;
         const ChannelSums gs = channel_sums(dy.f32(), y_q.value().f32(), rows, channels);
         Tensor dgamma = Tensor::empty({channels}), dbeta = Tensor::empty({channels});
         std::vector<float> a(channels), d(channels), m(channels);
@@ -224,8 +194,51 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
         }
         gamma.accumulate_grad(dgamma);
         beta.accumulate_grad(dbeta);
-    };
-    return make_result(out, op, {y_q, y_f, gamma, beta}, backward);
+    }
+};
+
+}  // namespace
+
+Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const Variable& gamma, const Variable& beta,
+                               Tensor& running_mean, Tensor& running_var, float momentum, float eps) {
+    const char* op = "batch_stat_correction";
+    const Tensor& q = y_q.value();
+    const Tensor& f = y_f.value();
+    HFQ_CHECK(q.rank() == 4 && q.dtype() == DType::f32 && f.shape() == q.shape() && f.dtype() == DType::f32, op,
+              ": y_q and y_f must be f32 {N,H,W,C} tensors of one shape, got ", shape_str(q.shape()), " and ",
+              shape_str(f.shape()));
+    const int64_t channels = q.dim(3), rows = q.numel() / channels;
+    HFQ_CHECK(rows > 1, op, ": batch statistics need more than one value per channel, got ", shape_str(q.shape()));
+    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"gamma", &gamma.value()}, {"beta", &beta.value()},
+                           {"running_mean", &running_mean},
+                           {"running_var", &running_var}})
+        check_channel_vector(op, name, *t, channels);
+
+    // Batch statistics of the float convolution, and the per-channel affine
+    //   y = y_q * ratio + offset,  ratio = sigma_ema / sigma_B,  offset = beta - gamma mu_B / sigma_B.
+    const BatchStatistics batch = batch_statistics(f.f32(), rows, channels);
+    const std::vector<double> inv_sigma_ema = inverse_sigma(running_var, eps);  // before the update
+    Tensor ratio = Tensor::empty({channels}), offset = Tensor::empty({channels});
+    for (int64_t c = 0; c < channels; ++c) {
+        const double inv_sigma_b = 1.0 / std::sqrt(batch.var[c] + eps);
+        ratio.f32()[c] = float(inv_sigma_b / inv_sigma_ema[c]);
+        offset.f32()[c] = float(beta.value().f32()[c] - gamma.value().f32()[c] * batch.mean[c] * inv_sigma_b);
+    }
+    update_running_statistics(batch, rows, momentum, running_mean, running_var);
+
+    Tensor out = Tensor::empty(q.shape());
+    {
+        const float* pq = q.f32();
+        const float* pr = ratio.f32();
+        const float* po = offset.f32();
+        float* py = out.f32();
+#pragma omp parallel for schedule(static) if (rows * channels >= kParallelElements)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < channels; ++c) py[r * channels + c] = pq[r * channels + c] * pr[c] + po[c];
+    }
+    return make_result(out, op, {y_q, y_f, gamma, beta},
+                       BatchStatCorrectionBackward{y_q, y_f, gamma, beta, ratio, batch, inv_sigma_ema, eps, rows,
+                                                   channels});
 }
 
 FoldedConvBn::FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, std::shared_ptr<BatchNorm2d> bn,
