@@ -17,7 +17,7 @@
 // Each distinct configuration (shapes, stride, padding, groups, bias) gets its
 // primitives once, in a cache; the backward ones are made on first use, so an
 // evaluation-only or first-layer convolution never builds what it never runs.
-#include "engine/conv2d.h"
+#include "engine/conv2d_diagnostics.h"
 
 #include <algorithm>
 #include <optional>

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "engine/check.h"
-#include "engine/conv2d.h"
+#include "engine/conv2d_diagnostics.h"
 #include "engine/dnnl_context.h"
 #include "engine/ops.h"
 #include "tests/float_error.h"

@@ -10,15 +10,15 @@ namespace hfq {
 
 TrainStep::TrainStep(Model& model, const TrainStepOptions& options) : model_(model), options_(options) {
     const std::vector<NamedParameter> all = model.named_parameters();
-    main_ = std::make_unique<SGD>(select_params(all, {ParamGroup::weight, ParamGroup::bias, ParamGroup::bn}),
-                                  options.sgd);
+    weight_optimizer_ =
+        std::make_unique<SGD>(select_params(all, {ParamGroup::weight, ParamGroup::bias, ParamGroup::bn}), options.sgd);
     std::vector<NamedParameter> qparams = select_params(all, {ParamGroup::quantizer});
     if (qparams.empty()) return;
     if (options.quantizer_optimizer == "adam") {
         AdamOptions a;
         a.lr = options.quantizer_lr;
         a.weight_decay = options.quantizer_weight_decay;
-        quantizer_ = std::make_unique<Adam>(std::move(qparams), a);
+        quantizer_optimizer_ = std::make_unique<Adam>(std::move(qparams), a);
     } else {
         HFQ_CHECK(options.quantizer_optimizer == "sgd", "TrainStep: quantizer optimizer must be adam or sgd, got '",
                   options.quantizer_optimizer, "'");
@@ -26,14 +26,14 @@ TrainStep::TrainStep(Model& model, const TrainStepOptions& options) : model_(mod
         s.lr = options.quantizer_lr;
         s.weight_decay = options.quantizer_weight_decay;
         s.decay_groups = {ParamGroup::quantizer};
-        quantizer_ = std::make_unique<SGD>(std::move(qparams), s);
+        quantizer_optimizer_ = std::make_unique<SGD>(std::move(qparams), s);
     }
 }
 
 StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& labels, bool want_grad_norm) {
     if (!model_.is_training()) model_.train();
-    main_->zero_grad();
-    if (quantizer_) quantizer_->zero_grad();
+    weight_optimizer_->zero_grad();
+    if (quantizer_optimizer_) quantizer_optimizer_->zero_grad();
     if (op_profile::enabled()) op_profile::charge(op_profile::kForward, "zero-grad");
 
     StepStats stats;
@@ -52,21 +52,21 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
             scale_gradients(static_cast<float>(options_.clip_grad_norm / (stats.grad_norm + 1e-6)));
         if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, "gradient norm, clipping");
     }
-    main_->step();
-    if (quantizer_) quantizer_->step();
+    weight_optimizer_->step();
+    if (quantizer_optimizer_) quantizer_optimizer_->step();
     if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, "optimizer update");
     stats.applied = true;
     return stats;
 }
 
 void TrainStep::set_lr_factor(double factor) {
-    main_->set_lr(static_cast<float>(options_.sgd.lr * factor));
-    if (quantizer_) quantizer_->set_lr(static_cast<float>(options_.quantizer_lr * factor));
+    weight_optimizer_->set_lr(static_cast<float>(options_.sgd.lr * factor));
+    if (quantizer_optimizer_) quantizer_optimizer_->set_lr(static_cast<float>(options_.quantizer_lr * factor));
 }
 
 std::vector<std::pair<std::string, Optimizer*>> TrainStep::optimizers() {
-    std::vector<std::pair<std::string, Optimizer*>> out = {{"weights", main_.get()}};
-    if (quantizer_) out.emplace_back("quantizer", quantizer_.get());
+    std::vector<std::pair<std::string, Optimizer*>> out = {{"weights", weight_optimizer_.get()}};
+    if (quantizer_optimizer_) out.emplace_back("quantizer", quantizer_optimizer_.get());
     return out;
 }
 
@@ -96,13 +96,13 @@ double grad_square_sum(const std::vector<NamedParameter>& params) {
 double global_grad_norm(const std::vector<NamedParameter>& params) { return std::sqrt(grad_square_sum(params)); }
 
 double TrainStep::gradient_norm() const {
-    double sum = grad_square_sum(main_->params());
-    if (quantizer_) sum += grad_square_sum(quantizer_->params());
+    double sum = grad_square_sum(weight_optimizer_->params());
+    if (quantizer_optimizer_) sum += grad_square_sum(quantizer_optimizer_->params());
     return std::sqrt(sum);
 }
 
 void TrainStep::scale_gradients(float factor) {
-    for (const Optimizer* o : {main_.get(), quantizer_.get()})
+    for (const Optimizer* o : {weight_optimizer_.get(), quantizer_optimizer_.get()})
         if (o)
             for (const NamedParameter& p : o->params()) {
                 Tensor g = p.var.grad();  // shares the gradient's memory

@@ -54,9 +54,11 @@ public:
 
     // Sets every optimizer's learning rate to its base rate times `factor`.
     void set_lr_factor(double factor);
-    float lr() const { return main_->lr(); }
-    float quantizer_lr() const { return quantizer_ ? quantizer_->lr() : 0.0f; }
-    bool has_quantizer_optimizer() const { return quantizer_ != nullptr; }
+    // The current rates (base rate times the last factor): of the weights,
+    // biases and batch norm, and of the quantizer parameters (0 if none).
+    float lr() const { return weight_optimizer_->lr(); }
+    float quantizer_lr() const { return quantizer_optimizer_ ? quantizer_optimizer_->lr() : 0.0f; }
+    bool has_quantizer_optimizer() const { return quantizer_optimizer_ != nullptr; }
 
     // The optimizers by role ("weights", and "quantizer" when the model has
     // quantizer parameters), for checkpoints.
@@ -68,7 +70,8 @@ private:
 
     Model& model_;
     TrainStepOptions options_;
-    std::unique_ptr<Optimizer> main_, quantizer_;
+    std::unique_ptr<Optimizer> weight_optimizer_;     // SGD: weights, biases, batch norm
+    std::unique_ptr<Optimizer> quantizer_optimizer_;  // Adam or SGD: quantizer parameters; null if none
 };
 
 // The global L2 norm of the gradients of `params` (those that have one),
