@@ -40,6 +40,12 @@ inline std::vector<uint8_t> read_bytes(const std::string& path) {
     return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+// The file's whole content ("" when it cannot be read).
+inline std::string read_text(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
 // TurboJPEG compression of a continuous 8-bit image: RGB (CV_8UC3, RGB order),
 // gray (CV_8UC1) or CMYK (CV_8UC4, values stored as given).
 inline std::vector<uint8_t> encode_jpeg(const cv::Mat& image, int quality = 95, int subsampling = TJSAMP_444) {

@@ -4,7 +4,6 @@
 
 #include <cmath>
 #include <fstream>
-#include <sstream>
 #include <string>
 
 #include "tests/test_data_util.h"
@@ -12,27 +11,18 @@
 
 using namespace hfq;
 
-namespace {
-std::string read_all(const std::string& path) {
-    std::ifstream in(path);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-}
-}  // namespace
-
 TEST_CASE("MetricsLog appends one line per record, flushed at once; NaN becomes null") {
     test::TempDir dir;
     const std::string path = dir / "metrics.jsonl";
     {
         MetricsLog log(path);
         log.write({{"type", "start"}, {"step", 0}});
-        CHECK(read_all(path) == "{\"type\":\"start\",\"step\":0}\n");  // flushed before the log closes
+        CHECK(test::read_text(path) == "{\"type\":\"start\",\"step\":0}\n");  // flushed before the log closes
         log.write({{"loss", std::nan("")}});
     }
     MetricsLog again(path);
     again.write({{"type", "resume"}});
-    CHECK(read_all(path) == "{\"type\":\"start\",\"step\":0}\n{\"loss\":null}\n{\"type\":\"resume\"}\n");
+    CHECK(test::read_text(path) == "{\"type\":\"start\",\"step\":0}\n{\"loss\":null}\n{\"type\":\"resume\"}\n");
 }
 
 TEST_CASE("MetricsLog after a killed run: the broken last line is ended, the next record starts its own line") {
@@ -41,7 +31,7 @@ TEST_CASE("MetricsLog after a killed run: the broken last line is ended, the nex
     std::ofstream(path) << "{\"type\":\"start\"}\n{\"type\":\"st";
     MetricsLog log(path);
     log.write({{"type", "resume"}});
-    CHECK(read_all(path) == "{\"type\":\"start\"}\n{\"type\":\"st\n{\"type\":\"resume\"}\n");
+    CHECK(test::read_text(path) == "{\"type\":\"start\"}\n{\"type\":\"st\n{\"type\":\"resume\"}\n");
 }
 
 TEST_CASE("MetricsLog: a folder that cannot hold the file is an error naming it") {

@@ -18,6 +18,7 @@
 #include "engine/safetensors.h"
 #include "quant/quantize_weights.h"
 #include "tests/gradcheck.h"
+#include "tests/test_data_util.h"
 #include "tests/test_quant_util.h"
 
 using namespace hfq;
@@ -36,12 +37,7 @@ fs::path temp_dir() {
     return d;
 }
 
-std::string read_bytes(const fs::path& p) {
-    std::ifstream f(p, std::ios::binary);
-    std::stringstream s;
-    s << f.rdbuf();
-    return s.str();
-}
+std::string read_bytes(const fs::path& p) { return test::read_text(p.string()); }
 
 // The input: two weight tensors, the tensor of reference value 7.1, and tensors that are not quantized.
 std::string make_input(const fs::path& dir) {

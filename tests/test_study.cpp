@@ -19,6 +19,7 @@
 #include "study/flips.h"
 #include "study/plot.h"
 #include "study/study.h"
+#include "tests/test_data_util.h"
 #include "tests/test_train_util.h"
 
 using namespace hfq;
@@ -26,12 +27,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string read_text(const std::string& path) {
-    std::ifstream in(path);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-}
+using test::read_text;
 
 // The cells of the Markdown table row that starts with `prefix`.
 std::vector<std::string> table_row(const std::string& md, const std::string& prefix) {
