@@ -67,7 +67,7 @@ public:
     Module(const Module&) = delete;
     Module& operator=(const Module&) = delete;
 
-    // The computation. Callers use operator(), which also lets summary()
+    // The computation. Callers use operator(), which also lets summarize() (layers/summary.h)
     // observe each layer's output shape.
     virtual Variable forward(const Variable& x) = 0;
     Variable operator()(const Variable& x);
@@ -136,11 +136,11 @@ public:
     // name, so the result does not depend on construction order.
     void initialize(uint64_t seed);
 
-    // ---- Hooks for summary() ----------------------------------------------
+    // ---- Hooks for summarize() (layers/summary.h) --------------------
     // Multiply-accumulates of one call with these input and output shapes
     // (convolution and linear layers; everything else counts 0).
     virtual int64_t macs(const Shape& input, const Shape& output) const { return 0; }
-    // Whether summary() shows this module as one row. Default: modules
+    // Whether summarize() shows this module as one row. Default: modules
     // without children. Containers answer false (their children are shown);
     // a wrapper around a layer answers true and reports the layer's MACs.
     virtual bool summary_row() const { return children_.empty(); }
