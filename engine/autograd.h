@@ -9,17 +9,17 @@
 // Writing an op with a hand-written backward (the quantizers are written this
 // way):
 //
-//   Variable my_square(const Variable& x) {
-//       Tensor y = ...;                                   // forward on x.value()
+//   Variable my_square(const Variable& x) {             // (engine/tensor_math.h's mul, scale)
+//       Tensor y = mul(x.value(), x.value());             // forward on x.value()
 //       return make_result(y, "my_square", {x}, [x](const Tensor& dy) {
-//           x.accumulate_grad(2 * x * dy);                  // dL/dx
+//           x.accumulate_grad(scale(mul(x.value(), dy), 2.0f));  // dL/dx = 2 x dy
 //       });
 //   }
 //
 // Rules the closures follow: never modify dy (it may be shared with other
-// inputs' gradients) except through gradient_buffer(dy), and only call
-// accumulate_grad on inputs that requires_grad() (accumulate_grad ignores the
-// others).
+// inputs' gradients) except through gradient_buffer(dy), and compute an
+// input's gradient only if it requires_grad() (accumulate_grad ignores the
+// others, so computing it would be wasted work).
 #pragma once
 #include <functional>
 #include <memory>
@@ -89,7 +89,8 @@ Variable make_result(Tensor value, std::string op, std::vector<Variable> inputs,
 Tensor gradient_buffer(const Tensor& dy);
 
 // Gradient recording is on by default. NoGradGuard turns it off in a scope
-// (evaluation, optimizer updates): ops then record nothing.
+// (evaluation, export, backward's own closures): ops then record nothing.
+// Optimizer updates need none: they write the parameters' tensors directly.
 bool grad_enabled();
 class NoGradGuard {
 public:

@@ -4,13 +4,15 @@
 // Memory layout conventions (used end to end, so no layer reorders its input):
 //   * Activations are NHWC ("channels last"): a 4-D activation has shape
 //     {N, H, W, C} and element (n, h, w, c) sits at ((n*H + h)*W + w)*C + c.
-//     oneDNN's fastest CPU kernels here (jit_dw:avx2 depthwise, gemm-based
-//     1x1) run on this layout directly.
+//     oneDNN's depthwise kernel (jit_dw:avx2) runs on this layout directly,
+//     and on it a pointwise (1x1) convolution is a plain matrix product, which
+//     hfq runs with sgemm tiles of its own (engine/conv2d_pointwise.cpp).
 //   * Features after pooling and the logits are {N, C}.
 //   * Convolution weights are PyTorch's OIHW: {out, in/groups, kh, kw};
-//     linear weights {out, in}. The quantizers and the optimizer work on
-//     this plain layout; a convolution reorders it once per step into the
-//     layout its primitive prefers.
+//     linear weights {out, in}. The quantizers and the optimizers work on
+//     this plain layout; a oneDNN convolution reorders it, once per forward
+//     call, into the layout its kernel prefers (a pointwise one reads it as
+//     it is).
 // Shapes are always the physical shape: a tensor is contiguous, row-major
 // in the order its shape lists.
 #pragma once

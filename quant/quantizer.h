@@ -5,7 +5,14 @@
 //   auto q = make_quantizer("msqe-po2", opt, weight.shape());
 //   Variable wq = q->fake_quantize(weight, /*training=*/true);   // use wq in the conv
 //   ... loss.backward();                  // dL/dweight (straight-through), M updated
-//   for (auto& [name, p] : q->named_parameters()) optimizer.add(*p);  // learnable-po2 / lsq
+//
+// learnable-po2 and lsq also train their scale: hand it to an optimizer
+// (layers/optimizer.h), built once, stepped after each backward (in a model,
+// quantize_model registers it as a ParamGroup::quantizer parameter and
+// TrainStep gives that group its own optimizer):
+//   std::vector<NamedParameter> scale;
+//   for (auto& [name, p] : q->named_parameters()) scale.push_back({name, *p, ParamGroup::quantizer});
+//   Adam adam(scale, {.lr = 1e-3f});
 //
 // Methods (docs/quantizers.md, sections 3 and 4):
 //   "msqe-baseline"  po2 scale recomputed from scratch each step (3.1)
