@@ -73,73 +73,101 @@ LayerTensors layer_tensors(const QuantizedLayer& layer) {
     return t;
 }
 
-void export_quantized_model(const std::string& path, Model& model, const QuantPolicy& policy,
-                            const std::optional<Preprocessing>& preprocessing) {
-    const auto layers = quantized_layers(model);
-    HFQ_CHECK(!layers.empty(), "export ", path, ": the model is not quantized (call quantize_model first)");
-    std::vector<std::pair<std::string, Tensor>> tensors;
-    nlohmann::json meta_layers = nlohmann::json::array(), meta_acts = nlohmann::json::array();
+namespace {
 
-    for (const QuantizedLayer& l : layers) {
-        const LayerTensors t = layer_tensors(l);
-        const Quantizer& q = *l.quantizer;
-        Tensor codes = Tensor::empty(t.weight.shape(), DType::s8);
-        for (size_t i = 0; i < t.integer.codes.size(); ++i) {
-            const int16_t c = t.integer.codes[i];
-            HFQ_CHECK(c >= -128 && c <= 127, "export ", path, ": layer '", l.name, "' has the code ", c,
-                      ", which does not fit int8 (an unsigned 8-bit grid)");
-            codes.data<int8_t>()[i] = static_cast<int8_t>(c);
-        }
-        tensors.emplace_back(l.name + ".q", codes);
-        const bool po2 = !t.integer.exponent.empty();
-        if (po2) {
-            Tensor e = Tensor::empty({int64_t(t.integer.exponent.size())}, DType::s32);
-            std::copy(t.integer.exponent.begin(), t.integer.exponent.end(), e.data<int32_t>());
-            tensors.emplace_back(l.name + ".exp", e);
-        } else {
-            tensors.emplace_back(l.name + ".scale", Tensor::from_vector({int64_t(t.integer.scale.size())}, t.integer.scale));
-        }
-        tensors.emplace_back(l.name + ".bias", t.bias.clone());
+using NamedTensorList = std::vector<std::pair<std::string, Tensor>>;
 
-        nlohmann::json e;
-        e["name"] = l.name;
-        e["kind"] = l.kind;
-        e["op"] = t.conv ? "conv" : "linear";
-        e["method"] = q.method();
-        e["bits"] = q.options().bits;
-        e["signed"] = q.options().is_signed;
-        e["per_channel"] = q.options().per_channel;
-        e["scale"] = po2 ? "power-of-two" : "real";
-        e["batch_norm"] = t.batch_norm.empty() ? nlohmann::json(nullptr) : nlohmann::json(t.batch_norm);
-        if (t.conv) {
-            const Conv2dConfig& c = t.conv->config();
-            e["kernel"] = c.kernel;
-            e["stride"] = c.params.stride;
-            e["padding"] = c.params.padding;
-            e["same_padding"] = c.params.same_padding;
-            e["groups"] = c.params.groups;
-        }
-        meta_layers.push_back(e);
+// A wrapped layer's tensors: "<layer>.q" (the int8 codes), "<layer>.exp" (s32
+// exponents, power-of-two methods) or "<layer>.scale" (f32), "<layer>.bias".
+void add_layer_tensors(const std::string& path, const QuantizedLayer& l, const LayerTensors& t,
+                       NamedTensorList& tensors) {
+    Tensor codes = Tensor::empty(t.weight.shape(), DType::s8);
+    for (size_t i = 0; i < t.integer.codes.size(); ++i) {
+        const int16_t c = t.integer.codes[i];
+        HFQ_CHECK(c >= -128 && c <= 127, "export ", path, ": layer '", l.name, "' has the code ", c,
+                  ", which does not fit int8 (an unsigned 8-bit grid)");
+        codes.data<int8_t>()[i] = static_cast<int8_t>(c);
     }
+    tensors.emplace_back(l.name + ".q", codes);
+    if (!t.integer.exponent.empty()) {
+        Tensor e = Tensor::empty({int64_t(t.integer.exponent.size())}, DType::s32);
+        std::copy(t.integer.exponent.begin(), t.integer.exponent.end(), e.data<int32_t>());
+        tensors.emplace_back(l.name + ".exp", e);
+    } else {
+        const int64_t groups = int64_t(t.integer.scale.size());
+        tensors.emplace_back(l.name + ".scale", Tensor::from_vector({groups}, t.integer.scale));
+    }
+    tensors.emplace_back(l.name + ".bias", t.bias.clone());
+}
+
+// A wrapped layer's metadata entry: how its quantizer was set and, for a
+// convolution, its geometry.
+nlohmann::json layer_metadata(const QuantizedLayer& l, const LayerTensors& t) {
+    const Quantizer& q = *l.quantizer;
+    nlohmann::json e;
+    e["name"] = l.name;
+    e["kind"] = l.kind;
+    e["op"] = t.conv ? "conv" : "linear";
+    e["method"] = q.method();
+    e["bits"] = q.options().bits;
+    e["signed"] = q.options().is_signed;
+    e["per_channel"] = q.options().per_channel;
+    e["scale"] = t.integer.exponent.empty() ? "real" : "power-of-two";
+    e["batch_norm"] = t.batch_norm.empty() ? nlohmann::json(nullptr) : nlohmann::json(t.batch_norm);
+    if (t.conv) {
+        const Conv2dConfig& c = t.conv->config();
+        e["kernel"] = c.kernel;
+        e["stride"] = c.params.stride;
+        e["padding"] = c.params.padding;
+        e["same_padding"] = c.params.same_padding;
+        e["groups"] = c.params.groups;
+    }
+    return e;
+}
+
+// Each activation quantizer's exponent, "<activation>.exp" (s32 {1}), and
+// its metadata entries.
+nlohmann::json add_activations(const std::string& path, Model& model, NamedTensorList& tensors) {
+    nlohmann::json entries = nlohmann::json::array();
     for (const QuantizedActivationSite& a : quantized_activations(model)) {
         HFQ_CHECK(a.quantizer->initialized(), "export ", path, ": the activation quantizer of '", a.name,
                   "' was never trained, so its exponent is not fixed yet");
         Tensor e = Tensor::empty({1}, DType::s32);
         e.data<int32_t>()[0] = a.quantizer->exponent();
         tensors.emplace_back(a.name + ".exp", e);
-        meta_acts.push_back({{"name", a.name},
-                             {"bits", a.quantizer->grid().bits},
-                             {"rounding", exponent_rounding_name(a.quantizer->rounding())}});
+        entries.push_back({{"name", a.name},
+                           {"bits", a.quantizer->grid().bits},
+                           {"rounding", exponent_rounding_name(a.quantizer->rounding())}});
     }
+    return entries;
+}
 
-    // Everything else the network needs, under its usual name: the state of
-    // every module that is not (inside) a quantized wrapper.
+// Everything else the network needs, under its usual name: the state of
+// every module that is not (inside) a quantized wrapper.
+void add_unwrapped_state(Model& model, NamedTensorList& tensors) {
     std::set<std::string> wrapped;
     for (auto& [prefix, m] : model.named_modules())
         if (dynamic_cast<QuantizedModule*>(m) || dynamic_cast<QuantizedActivation*>(m))
             for (const auto& [name, t] : m->state_dict()) wrapped.insert(join_name(prefix, name));
     for (const auto& [name, t] : model.state_dict())
         if (!wrapped.count(name)) tensors.emplace_back(name, t);
+}
+
+}  // namespace
+
+void export_quantized_model(const std::string& path, Model& model, const QuantPolicy& policy,
+                            const std::optional<Preprocessing>& preprocessing) {
+    const auto layers = quantized_layers(model);
+    HFQ_CHECK(!layers.empty(), "export ", path, ": the model is not quantized (call quantize_model first)");
+    NamedTensorList tensors;
+    nlohmann::json meta_layers = nlohmann::json::array();
+    for (const QuantizedLayer& l : layers) {
+        const LayerTensors t = layer_tensors(l);
+        add_layer_tensors(path, l, t, tensors);
+        meta_layers.push_back(layer_metadata(l, t));
+    }
+    const nlohmann::json meta_acts = add_activations(path, model, tensors);
+    add_unwrapped_state(model, tensors);
 
     std::map<std::string, std::string> metadata{
         {"format", "pt"},

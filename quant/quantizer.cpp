@@ -84,38 +84,12 @@ Variable Quantizer::fake_quantize(const Variable& weight, bool training) {
     HFQ_CHECK(w.shape() == shape_, who(), ": weight of shape ", shape_str(w.shape()),
               " but the quantizer was built for ", shape_str(shape_));
     const Tensor x = grid_.is_signed ? w : relu_copy(w);
-
-    // Non-finite weights would silently turn into garbage exponents: refuse them
-    // before any state changes.
-    {
-        const float* px = x.f32();
-        std::vector<int64_t> bad(groups_.count);
-        for_each_group(groups_, [&](int64_t gi) { bad[gi] = count_non_finite(px + gi * groups_.size, groups_.size); });
-        for (int64_t gi = 0; gi < groups_.count; ++gi)
-            HFQ_CHECK(bad[gi] == 0, who(), ": the weights of scale group ", gi, " contain NaN or infinity");
-    }
+    refuse_non_finite(x);
 
     ScaleChoice choice = choose_scales(x, training);
     if (choice.code_scale.empty()) choice.code_scale = choice.scale;
-
-    // y {shape} = out_scale * codes, group by group.
-    Tensor y = Tensor::empty(shape_);
-    if (training) last_codes_.resize(x.numel());
-    int16_t* codes = training ? last_codes_.data() : nullptr;
-    const bool compare = training && have_codes_;
-    std::vector<PassStats> stats(groups_.count);
-    const float* px = x.f32();
-    float* py = y.f32();
-    const Rounding rounding = code_rounding();
-    for_each_group(groups_, [&](int64_t gi) {
-        const int64_t off = gi * groups_.size;
-        stats[gi] = quantize_group(px + off, py + off, codes ? codes + off : nullptr, compare, groups_.size,
-                                   choice.code_scale[gi], choice.scale[gi], grid_, rounding);
-    });
-    for (int64_t gi = 0; gi < groups_.count; ++gi)
-        HFQ_CHECK(std::isfinite(stats[gi].error), who(), ": quantizing scale group ", gi, " at scale ",
-                  choice.scale[gi], " gives non-finite values (scale out of float range)");
-
+    std::vector<PassStats> stats;
+    Tensor y = quantize_groups(x, choice, training, stats);
     if (training) {
         track(choice, stats);
         step_.data<int64_t>()[0] += 1;
@@ -131,38 +105,71 @@ Variable Quantizer::fake_quantize(const Variable& weight, bool training) {
     std::vector<Variable> inputs{weight};
     if (param.defined()) inputs.push_back(param);
     auto backward = [this, weight, param, x, scales = std::move(choice.scale), factor,
-                     update_m](const Tensor& dy) {
-        HFQ_CHECK(dy.shape() == shape_, who(), ": backward got a gradient of shape ", shape_str(dy.shape()),
-                  " for weights of shape ", shape_str(shape_));
-        HFQ_CHECK(dy.dtype() == DType::f32, who(), ": backward got a ", dtype_name(dy.dtype()), " gradient");
-        Tensor dx = weight.requires_grad() ? Tensor::empty(shape_) : Tensor();
-        const bool want_param = param.requires_grad();
-        // Raw pointers are taken here: nothing may throw inside the parallel loop.
-        const float* px = x.f32();
-        const float* pdy = dy.f32();
-        float* pdx = dx.defined() ? dx.f32() : nullptr;
-        float* pm = update_m ? second_moments_.f32() : nullptr;
-        std::vector<double> sums(groups_.count, 0.0);
-        for_each_group(groups_, [&](int64_t gi) {
-            const int64_t off = gi * groups_.size;
-            BackwardGroup b;
-            b.x = px + off;
-            b.grad = pdy + off;
-            b.dx = pdx ? pdx + off : nullptr;
-            b.second_moments = pm ? pm + off : nullptr;
-            b.decay = options_.second_moments_decay;
-            b.identity_ste = identity_ste();
-            b.want_scale_sum = want_param;
-            sums[gi] = backward_group(b, groups_.size, scales[gi], grid_);
-        });
-        if (dx.defined()) weight.accumulate_grad(dx);
-        if (want_param) {
-            Tensor dp = Tensor::empty({groups_.count});
-            for (int64_t gi = 0; gi < groups_.count; ++gi) dp.f32()[gi] = float(factor[gi] * sums[gi]);
-            param.accumulate_grad(dp);
-        }
-    };
+                     update_m](const Tensor& dy) { backward_groups(dy, weight, param, x, scales, factor, update_m); };
     return make_result(y, "fake_quantize " + method_, inputs, backward);
+}
+
+void Quantizer::refuse_non_finite(const Tensor& x) const {
+    const float* px = x.f32();
+    std::vector<int64_t> bad(groups_.count);
+    for_each_group(groups_, [&](int64_t gi) { bad[gi] = count_non_finite(px + gi * groups_.size, groups_.size); });
+    for (int64_t gi = 0; gi < groups_.count; ++gi)
+        HFQ_CHECK(bad[gi] == 0, who(), ": the weights of scale group ", gi, " contain NaN or infinity");
+}
+
+Tensor Quantizer::quantize_groups(const Tensor& x, const ScaleChoice& choice, bool training,
+                                  std::vector<PassStats>& stats) {
+    Tensor y = Tensor::empty(shape_);
+    if (training) last_codes_.resize(x.numel());
+    int16_t* codes = training ? last_codes_.data() : nullptr;
+    const bool compare = training && have_codes_;
+    stats.assign(groups_.count, PassStats{});
+    const float* px = x.f32();
+    float* py = y.f32();
+    const Rounding rounding = code_rounding();
+    for_each_group(groups_, [&](int64_t gi) {
+        const int64_t off = gi * groups_.size;
+        stats[gi] = quantize_group(px + off, py + off, codes ? codes + off : nullptr, compare, groups_.size,
+                                   choice.code_scale[gi], choice.scale[gi], grid_, rounding);
+    });
+    for (int64_t gi = 0; gi < groups_.count; ++gi)
+        HFQ_CHECK(std::isfinite(stats[gi].error), who(), ": quantizing scale group ", gi, " at scale ",
+                  choice.scale[gi], " gives non-finite values (scale out of float range)");
+    return y;
+}
+
+void Quantizer::backward_groups(const Tensor& dy, const Variable& weight, const Variable& param, const Tensor& x,
+                                const std::vector<float>& scales, const std::vector<double>& factor,
+                                bool update_m) {
+    HFQ_CHECK(dy.shape() == shape_, who(), ": backward got a gradient of shape ", shape_str(dy.shape()),
+              " for weights of shape ", shape_str(shape_));
+    HFQ_CHECK(dy.dtype() == DType::f32, who(), ": backward got a ", dtype_name(dy.dtype()), " gradient");
+    Tensor dx = weight.requires_grad() ? Tensor::empty(shape_) : Tensor();
+    const bool want_param = param.requires_grad();
+    // Raw pointers are taken here: nothing may throw inside the parallel loop.
+    const float* px = x.f32();
+    const float* pdy = dy.f32();
+    float* pdx = dx.defined() ? dx.f32() : nullptr;
+    float* pm = update_m ? second_moments_.f32() : nullptr;
+    std::vector<double> sums(groups_.count, 0.0);
+    for_each_group(groups_, [&](int64_t gi) {
+        const int64_t off = gi * groups_.size;
+        BackwardGroup b;
+        b.x = px + off;
+        b.grad = pdy + off;
+        b.dx = pdx ? pdx + off : nullptr;
+        b.second_moments = pm ? pm + off : nullptr;
+        b.decay = options_.second_moments_decay;
+        b.identity_ste = identity_ste();
+        b.want_scale_sum = want_param;
+        sums[gi] = backward_group(b, groups_.size, scales[gi], grid_);
+    });
+    if (dx.defined()) weight.accumulate_grad(dx);
+    if (want_param) {
+        Tensor dp = Tensor::empty({groups_.count});
+        for (int64_t gi = 0; gi < groups_.count; ++gi) dp.f32()[gi] = float(factor[gi] * sums[gi]);
+        param.accumulate_grad(dp);
+    }
 }
 
 Quantizer::IntegerForm Quantizer::integer_form(const Tensor& weight) {

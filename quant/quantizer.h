@@ -193,6 +193,18 @@ protected:
     std::vector<float> weights_buffer_;  // reused for the per-element weights w
 
 private:
+    // fake_quantize's steps. Throws if x (the input after the ReLU) holds a
+    // NaN or infinity, before any state changes.
+    void refuse_non_finite(const Tensor& x) const;
+    // y = out_scale * codes, group by group, with each group's error, clipped
+    // and (when training) changed-code counts; training keeps the codes to
+    // compare the next step's with.
+    Tensor quantize_groups(const Tensor& x, const ScaleChoice& choice, bool training, std::vector<PassStats>& stats);
+    // The backward of y for the gradient dy: straight-through to the weights,
+    // the second moments' update, the scale parameter's gradient factor[g] *
+    // sum_i dy_i t_i.
+    void backward_groups(const Tensor& dy, const Variable& weight, const Variable& param, const Tensor& x,
+                         const std::vector<float>& scales, const std::vector<double>& factor, bool update_m);
     void track(const ScaleChoice& choice, const std::vector<PassStats>& stats);
 
     // Diagnostics history (not part of the state).
