@@ -62,14 +62,14 @@ namespace {
 struct Settings {
     int batch = 32;
     int threads = 2;
-    int bits = 4;           // weight bits of the quantized configurations
+    int bits = 4;  // weight bits of the quantized configurations
     int warmup = 3;
-    int steps = 5;          // at least this many timed steps ...
-    double min_time = 10;   // ... and at least this many seconds of them
+    int steps = 5;         // at least this many timed steps ...
+    double min_time = 10;  // ... and at least this many seconds of them
     int max_steps = 1000;
     uint64_t seed = 0;
-    bool profile = false;   // after the timed steps, profile as many again op by op
-    bool trainer_qat = false;  // quantize as train_mobilenet's QAT does, not as the baseline
+    bool profile = false;                 // after the timed steps, profile as many again op by op
+    bool trainer_qat = false;             // quantize as train_mobilenet's QAT does, not as the baseline
     std::string bn_stats = "float-conv";  // with trainer_qat: the folded layers' batch statistics
 };
 
@@ -90,8 +90,8 @@ Tensor random_batch(const Shape& shape, Rng& rng) {
 // Runs `step` s.warmup times untimed, then until enough steps and seconds
 // are timed; returns the time of each timed step. `after_warmup` runs between
 // the two (to start counters at the timed part).
-std::vector<double> time_steps(const Settings& s, const std::function<void()>& step,
-                               const std::function<void()>& after_warmup = [] {}) {
+std::vector<double> time_steps(
+    const Settings& s, const std::function<void()>& step, const std::function<void()>& after_warmup = [] {}) {
     for (int i = 0; i < s.warmup; ++i) step();
     after_warmup();
     std::vector<double> times;
@@ -209,7 +209,8 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     for (double t : infer_times) infer_total += t;
     const double train_ips = s.batch * train_times.size() / train_total;
     const double infer_ips = s.batch * infer_times.size() / infer_total;
-    const double user = ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + 1e-6 * (ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec);
+    const double user =
+        ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + 1e-6 * (ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec);
     const double sys = ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec + 1e-6 * (ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec);
     return {{"model", arch},
             {"res", res},
@@ -249,34 +250,70 @@ json bench_ops(const Settings& s) {
     };
     Tensor running_mean = Tensor::zeros({64}), running_var = Tensor::full({64}, 1);
     const std::vector<OpCase> cases = {
-        {"conv 3x3 s2 3->32 (stem)", {n, 224, 224, 3}, {{32, 3, 3, 3}}, n * 112 * 112 * 32 * 27,
-         [](const Variable& x, const std::vector<Variable>& p) { return conv2d(x, p[0], {}, {.stride = 2, .padding = 1}); }},
-        {"depthwise 3x3 s1 112x112x64", {n, 112, 112, 64}, {{64, 1, 3, 3}}, n * 112 * 112 * 64 * 9,
+        {"conv 3x3 s2 3->32 (stem)",
+         {n, 224, 224, 3},
+         {{32, 3, 3, 3}},
+         n * 112 * 112 * 32 * 27,
+         [](const Variable& x, const std::vector<Variable>& p) {
+             return conv2d(x, p[0], {}, {.stride = 2, .padding = 1});
+         }},
+        {"depthwise 3x3 s1 112x112x64",
+         {n, 112, 112, 64},
+         {{64, 1, 3, 3}},
+         n * 112 * 112 * 64 * 9,
          [](const Variable& x, const std::vector<Variable>& p) {
              return conv2d(x, p[0], {}, {.stride = 1, .padding = 1, .groups = 64});
          }},
-        {"depthwise 3x3 s2 112x112x64", {n, 112, 112, 64}, {{64, 1, 3, 3}}, n * 56 * 56 * 64 * 9,
+        {"depthwise 3x3 s2 112x112x64",
+         {n, 112, 112, 64},
+         {{64, 1, 3, 3}},
+         n * 56 * 56 * 64 * 9,
          [](const Variable& x, const std::vector<Variable>& p) {
              return conv2d(x, p[0], {}, {.stride = 2, .padding = 1, .groups = 64});
          }},
-        {"pointwise 56x56 128->128", {n, 56, 56, 128}, {{128, 128, 1, 1}}, n * 56 * 56 * 128 * 128,
+        {"pointwise 56x56 128->128",
+         {n, 56, 56, 128},
+         {{128, 128, 1, 1}},
+         n * 56 * 56 * 128 * 128,
          [](const Variable& x, const std::vector<Variable>& p) { return conv2d(x, p[0], {}, {}); }},
-        {"pointwise 7x7 1024->1024", {n, 7, 7, 1024}, {{1024, 1024, 1, 1}}, n * 7 * 7 * 1024 * 1024,
+        {"pointwise 7x7 1024->1024",
+         {n, 7, 7, 1024},
+         {{1024, 1024, 1, 1}},
+         n * 7 * 7 * 1024 * 1024,
          [](const Variable& x, const std::vector<Variable>& p) { return conv2d(x, p[0], {}, {}); }},
-        {"batch norm (train) 112x112x64", {n, 112, 112, 64}, {{64}, {64}}, 0,
+        {"batch norm (train) 112x112x64",
+         {n, 112, 112, 64},
+         {{64}, {64}},
+         0,
          [&](const Variable& x, const std::vector<Variable>& p) {
              return batch_norm(x, p[0], p[1], running_mean, running_var, true);
          }},
-        {"batch norm + relu6 (train) 112x112x64", {n, 112, 112, 64}, {{64}, {64}}, 0,
+        {"batch norm + relu6 (train) 112x112x64",
+         {n, 112, 112, 64},
+         {{64}, {64}},
+         0,
          [&](const Variable& x, const std::vector<Variable>& p) {
              return batch_norm_relu6(x, p[0], p[1], running_mean, running_var, true);
          }},
-        {"relu6 112x112x64", {n, 112, 112, 64}, {}, 0,
+        {"relu6 112x112x64",
+         {n, 112, 112, 64},
+         {},
+         0,
          [](const Variable& x, const std::vector<Variable>&) { return relu6(x); }},
-        {"add 56x56x24", {n, 56, 56, 24}, {}, 0, [](const Variable& x, const std::vector<Variable>&) { return add(x, x); }},
-        {"global avg pool 7x7x1024", {n, 7, 7, 1024}, {}, 0,
+        {"add 56x56x24",
+         {n, 56, 56, 24},
+         {},
+         0,
+         [](const Variable& x, const std::vector<Variable>&) { return add(x, x); }},
+        {"global avg pool 7x7x1024",
+         {n, 7, 7, 1024},
+         {},
+         0,
          [](const Variable& x, const std::vector<Variable>&) { return global_avg_pool(x); }},
-        {"linear 1024->1000", {n, 1024}, {{1000, 1024}, {1000}}, n * 1024 * 1000,
+        {"linear 1024->1000",
+         {n, 1024},
+         {{1000, 1024}, {1000}},
+         n * 1024 * 1000,
          [](const Variable& x, const std::vector<Variable>& p) { return linear(x, p[0], p[1]); }},
     };
     json rows = json::array();
@@ -431,9 +468,10 @@ int main(int argc, char** argv) {
     app.add_option("--steps", s.steps, "Timed steps, at least")->check(CLI::PositiveNumber);
     app.add_option("--min-time", s.min_time, "Timed seconds, at least")->check(CLI::NonNegativeNumber);
     app.add_flag("--ops", ops, "Also time single ops at MobileNetV1-224 shapes");
-    CLI::Option* trainer_qat = app.add_flag("--trainer-qat", s.trainer_qat,
-                 "Quantize as train_mobilenet's QAT does by default (per channel, batch norm folded, first and last "
-                 "layer 8 bits) instead of as the PyTorch baseline (per tensor, not folded, every layer at --bits)");
+    CLI::Option* trainer_qat = app.add_flag(
+        "--trainer-qat", s.trainer_qat,
+        "Quantize as train_mobilenet's QAT does by default (per channel, batch norm folded, first and last "
+        "layer 8 bits) instead of as the PyTorch baseline (per tensor, not folded, every layer at --bits)");
     app.add_option("--bn-stats", s.bn_stats, "With --trainer-qat: the folded layers' batch statistics")
         ->check(CLI::IsMember({"float-conv", "quantized-conv"}))
         ->needs(trainer_qat);  // the baseline's configuration does not fold
@@ -460,8 +498,8 @@ int main(int argc, char** argv) {
             std::printf("\n");
             results["machine"] = m;
         }
-        std::printf("%-5s %5s %-14s %12s %12s %10s %10s %10s\n", "model", "res", "quant", "train img/s",
-                    "infer img/s", "GFLOP/s", "step ms", "peak MB");
+        std::printf("%-5s %5s %-14s %12s %12s %10s %10s %10s\n", "model", "res", "quant", "train img/s", "infer img/s",
+                    "GFLOP/s", "step ms", "peak MB");
         for (const std::string& m : models)
             for (int res : resolutions)
                 for (const std::string& q : quants) {
@@ -479,10 +517,13 @@ int main(int argc, char** argv) {
             std::printf("\n%-32s %12s %12s %12s %12s\n", "op (batch 32)", "fwd ms", "bwd ms", "fwd GFLOP/s",
                         "bwd GFLOP/s");
             for (const json& r : rows)
-                std::printf("%-32s %12.2f %12.2f %12s %12s\n", r["op"].get<std::string>().c_str(),
-                            r["forward_ms"].get<double>(), r["backward_ms"].get<double>(),
-                            r.contains("forward_gflop_s") ? std::to_string((int)r["forward_gflop_s"].get<double>()).c_str() : "-",
-                            r.contains("backward_gflop_s") ? std::to_string((int)r["backward_gflop_s"].get<double>()).c_str() : "-");
+                std::printf(
+                    "%-32s %12.2f %12.2f %12s %12s\n", r["op"].get<std::string>().c_str(),
+                    r["forward_ms"].get<double>(), r["backward_ms"].get<double>(),
+                    r.contains("forward_gflop_s") ? std::to_string((int)r["forward_gflop_s"].get<double>()).c_str()
+                                                  : "-",
+                    r.contains("backward_gflop_s") ? std::to_string((int)r["backward_gflop_s"].get<double>()).c_str()
+                                                   : "-");
             results["ops"] = rows;
         }
         if (!json_path.empty()) {

@@ -30,8 +30,10 @@ struct BatchNormState {
     Variable gamma, beta;
     Tensor running_mean, running_var;
     explicit BatchNormState(int64_t c)
-        : gamma(constant_parameter({c}, 1)), beta(constant_parameter({c}, 0)),
-          running_mean(Tensor::zeros({c})), running_var(Tensor::full({c}, 1)) {}
+        : gamma(constant_parameter({c}, 1)),
+          beta(constant_parameter({c}, 0)),
+          running_mean(Tensor::zeros({c})),
+          running_var(Tensor::full({c}, 1)) {}
     Variable operator()(const Variable& x) { return batch_norm(x, gamma, beta, running_mean, running_var, true); }
 };
 
@@ -50,8 +52,8 @@ int main() {
         Variable w_fc = parameter({classes, 32}, 0.1f, rng);
         Variable b_fc = constant_parameter({classes}, 0);
         BatchNormState bn_stem(16), bn_dw(16), bn_pw(32);
-        std::vector<Variable> params = {w_stem, w_dw, w_pw, w_fc, b_fc, bn_stem.gamma, bn_stem.beta,
-                                        bn_dw.gamma, bn_dw.beta, bn_pw.gamma, bn_pw.beta};
+        std::vector<Variable> params = {w_stem,       w_dw,        w_pw,       w_fc,        b_fc,      bn_stem.gamma,
+                                        bn_stem.beta, bn_dw.gamma, bn_dw.beta, bn_pw.gamma, bn_pw.beta};
 
         // A fixed random batch: images {N,H,W,C} (NHWC) and labels.
         Variable images(Tensor::empty({batch, size, size, 3}));
@@ -65,8 +67,8 @@ int main() {
             Conv2dParams stem{.stride = 2, .padding = 1};
             Conv2dParams depthwise{.stride = 1, .padding = 1, .groups = 16};
             Variable x = relu6(bn_stem(conv2d(images, w_stem, {}, stem)));  // {16, 8, 8, 16}
-            x = relu6(bn_dw(conv2d(x, w_dw, {}, depthwise)));                // {16, 8, 8, 16}
-            x = relu6(bn_pw(conv2d(x, w_pw, {}, {})));                       // {16, 8, 8, 32}
+            x = relu6(bn_dw(conv2d(x, w_dw, {}, depthwise)));               // {16, 8, 8, 16}
+            x = relu6(bn_pw(conv2d(x, w_pw, {}, {})));                      // {16, 8, 8, 32}
             Variable logits = linear(global_avg_pool(x), w_fc, b_fc);       // {16, 10}
             Variable loss = cross_entropy(logits, labels);
             loss.backward();

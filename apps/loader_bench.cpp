@@ -133,9 +133,10 @@ int main(int argc, char** argv) {
         }
         std::printf("corpus: %s: %lld images, %d classes, %.1f MiB (page cache warmed in %.2f s)\n", root.c_str(),
                     static_cast<long long>(probe.size()), probe.num_classes(), bytes / 1048576.0, now_s() - t0);
-        std::printf("output %dx%dx3, batch %d, prefetch %d, trials of %.1f s interleaved, >= %d trials and >= %.0f s "
-                    "per configuration\n\n",
-                    size, size, batch, prefetch, trial_time, min_trials, min_time);
+        std::printf(
+            "output %dx%dx3, batch %d, prefetch %d, trials of %.1f s interleaved, >= %d trials and >= %.0f s "
+            "per configuration\n\n",
+            size, size, batch, prefetch, trial_time, min_trials, min_time);
 
         std::vector<Config> configs;
         for (const std::string& p : pipelines)
@@ -176,8 +177,9 @@ int main(int argc, char** argv) {
                         median / c.threads, c.own / c.wall, c.images / c.own, foreign);
         }
         if (noisy)
-            std::printf("\nWARNING: other programs used > 0.1 CPU cores during some measurements (column 'foreign'); "
-                        "rerun on an idle machine for clean numbers.\n");
+            std::printf(
+                "\nWARNING: other programs used > 0.1 CPU cores during some measurements (column 'foreign'); "
+                "rerun on an idle machine for clean numbers.\n");
     } catch (const Error& e) {
         std::fprintf(stderr, "loader_bench: %s\n", e.what());
         return 1;

@@ -42,8 +42,8 @@ namespace {
 
 // JSON whose floating-point numbers are float: logits print as the shortest
 // decimal that reads back as the same float (0.1, not 0.10000000149011612).
-using Json = nlohmann::basic_json<nlohmann::ordered_map, std::vector, std::string, bool, std::int64_t, std::uint64_t,
-                                  float>;
+using Json =
+    nlohmann::basic_json<nlohmann::ordered_map, std::vector, std::string, bool, std::int64_t, std::uint64_t, float>;
 
 struct Options {
     std::string weights;
@@ -131,8 +131,8 @@ void predict_tensor(Model& model, const std::string& path, int batch_size) {
               "' must be float32 NCHW (or CHW), got ", dtype_name(t.dtype()), " ", shape_str(t.shape()));
     const Tensor nchw = t.rank() == 4 ? t : t.reshape({1, t.dim(0), t.dim(1), t.dim(2)});
     const int64_t n = nchw.dim(0), c = nchw.dim(1), h = nchw.dim(2), w = nchw.dim(3);
-    HFQ_CHECK(c == model.config().input_channels, path, ": tensor '", name, "' has ", c,
-              " channels, the model takes ", model.config().input_channels);
+    HFQ_CHECK(c == model.config().input_channels, path, ": tensor '", name, "' has ", c, " channels, the model takes ",
+              model.config().input_channels);
     for (int64_t first = 0; first < n; first += batch_size) {
         const int64_t count = std::min<int64_t>(batch_size, n - first);
         Tensor batch = Tensor::empty({count, h, w, c});
@@ -226,8 +226,9 @@ int main(int argc, char** argv) {
     app.add_option("--classes", o.classes, "number of classes (with --arch)")->capture_default_str();
     app.add_option("--input-channels", o.input_channels, "1 or 3 (with --arch)")->capture_default_str();
     app.add_flag("--small-input", o.small_input, "small-input variant (with --arch)");
-    app.add_option("--batch-size", o.batch_size, "inputs per forward pass")->capture_default_str()->check(
-        CLI::PositiveNumber);
+    app.add_option("--batch-size", o.batch_size, "inputs per forward pass")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
     CLI11_PARSE(app, argc, argv);
 
     try {

@@ -32,79 +32,121 @@ int main(int argc, char** argv) {
     using namespace hfq;
     study::StudyOptions o;
     TrainConfig& t = o.train;
-    CLI::App app{"qat_study: compares hardware-friendly weight quantizers as the paper does. From one float model per "
-                 "architecture (trained first unless --float-checkpoint gives it), runs quantization-aware training "
-                 "with each method (and optionally each fix alone), then writes OUT/report.md with the results table "
-                 "and PNG figures. Run it again to continue: finished cells are not run again.",
-                 "qat_study"};
+    CLI::App app{
+        "qat_study: compares hardware-friendly weight quantizers as the paper does. From one float model per "
+        "architecture (trained first unless --float-checkpoint gives it), runs quantization-aware training "
+        "with each method (and optionally each fix alone), then writes OUT/report.md with the results table "
+        "and PNG figures. Run it again to continue: finished cells are not run again.",
+        "qat_study"};
     app.get_formatter()->column_width(36);
 
     const std::string grid = "Grid";
     app.add_option("--out", o.out, "Report folder (the runs go in its float-<arch>/ and cells/)")
-        ->capture_default_str()->group(grid);
+        ->capture_default_str()
+        ->group(grid);
     app.add_option("--archs", o.archs, "Architectures, comma-separated: v1, v2")
-        ->delimiter(',')->default_str(joined(o.archs))->group(grid);
+        ->delimiter(',')
+        ->default_str(joined(o.archs))
+        ->group(grid);
     app.add_option("--methods", o.methods, "Methods, comma-separated: " + joined(study::grid_methods()))
-        ->delimiter(',')->default_str(joined(o.methods))->group(grid);
-    app.add_option("--fixes", o.fixes,
-                   "Fix variants of each method, comma-separated: default (the method as specified), none (every "
-                   "fix off), or one fix alone: outlier-mask, second-moments (msqe-po2, learnable-po2-msqe-round), "
-                   "line-search, stable-exponent (msqe-po2); or all (msqe-po2 with every fix on: its defaults plus the stable "
-                   "exponent); a fix that does not apply to a method makes no cell")
-        ->delimiter(',')->default_str(joined(o.fixes))->group(grid);
+        ->delimiter(',')
+        ->default_str(joined(o.methods))
+        ->group(grid);
+    app.add_option(
+           "--fixes", o.fixes,
+           "Fix variants of each method, comma-separated: default (the method as specified), none (every "
+           "fix off), or one fix alone: outlier-mask, second-moments (msqe-po2, learnable-po2-msqe-round), "
+           "line-search, stable-exponent (msqe-po2); or all (msqe-po2 with every fix on: its defaults plus the stable "
+           "exponent); a fix that does not apply to a method makes no cell")
+        ->delimiter(',')
+        ->default_str(joined(o.fixes))
+        ->group(grid);
     app.add_option("--float-checkpoint", o.float_checkpoints,
                    "Start from this float model (repeatable, one per architecture; its metadata says which); "
                    "architectures without one are trained with the float options below")
         ->group(grid);
     app.add_option("--bits", t.bits, "Weight bits (first convolution and classifier: 8)")
-        ->capture_default_str()->group(grid);
+        ->capture_default_str()
+        ->group(grid);
     app.add_flag("--per-channel", t.per_channel, "One scale per output channel (default: per tensor)")->group(grid);
-    app.add_option("--stable-start", o.stable_start, "stable-exponent fix: start averaging the exponent at this "
-                   "fraction of the QAT steps")->capture_default_str()->group(grid);
-    app.add_option("--stable-switch", o.stable_switch, "stable-exponent fix: switch to the averaged exponent at this "
-                   "fraction")->capture_default_str()->group(grid);
+    app.add_option("--stable-start", o.stable_start,
+                   "stable-exponent fix: start averaging the exponent at this "
+                   "fraction of the QAT steps")
+        ->capture_default_str()
+        ->group(grid);
+    app.add_option("--stable-switch", o.stable_switch,
+                   "stable-exponent fix: switch to the averaged exponent at this "
+                   "fraction")
+        ->capture_default_str()
+        ->group(grid);
 
     const std::string data = "Data and model";
-    app.add_option("--data", t.data, "Dataset folder: Fashion-MNIST's IDX files, or ImageNet "
-                   "(DIR/train/<class>/*.JPEG, DIR/val)")->capture_default_str()->group(data);
-    app.add_option("--input-size", t.input_size, "Input images are SIZE x SIZE; 0: 32 for Fashion-MNIST, 224 for "
-                   "ImageNet")->capture_default_str()->group(data);
+    app.add_option("--data", t.data,
+                   "Dataset folder: Fashion-MNIST's IDX files, or ImageNet "
+                   "(DIR/train/<class>/*.JPEG, DIR/val)")
+        ->capture_default_str()
+        ->group(data);
+    app.add_option("--input-size", t.input_size,
+                   "Input images are SIZE x SIZE; 0: 32 for Fashion-MNIST, 224 for "
+                   "ImageNet")
+        ->capture_default_str()
+        ->group(data);
     app.add_option("--train-limit", t.train_limit, "Train on this many samples, evenly spaced (0: all)")
-        ->capture_default_str()->group(data);
+        ->capture_default_str()
+        ->group(data);
     app.add_option("--test-limit", t.test_limit, "Evaluate on this many samples, evenly spaced (0: all)")
-        ->capture_default_str()->group(data);
-    app.add_option("--max-bad-fraction", t.max_bad_fraction, "Unreadable images (corrupt or truncated files) "
+        ->capture_default_str()
+        ->group(data);
+    app.add_option("--max-bad-fraction", t.max_bad_fraction,
+                   "Unreadable images (corrupt or truncated files) "
                    "allowed, as a fraction of the training or test set; more stop the run")
-        ->capture_default_str()->group(data);
+        ->capture_default_str()
+        ->group(data);
     app.add_option("--width", t.width, "Width multiplier of the float models trained here")
-        ->capture_default_str()->group(data);
+        ->capture_default_str()
+        ->group(data);
 
     const std::string schedule = "Training (one seed and one schedule for every run)";
     app.add_option("--epochs", t.epochs, "Epochs of float training (architectures without --float-checkpoint)")
-        ->capture_default_str()->group(schedule);
+        ->capture_default_str()
+        ->group(schedule);
     app.add_option("--lr", t.lr, "Peak learning rate of float training (SGD)")->capture_default_str()->group(schedule);
     app.add_option("--warmup-epochs", t.warmup_epochs, "Linear warm-up of float training, in epochs")
-        ->capture_default_str()->group(schedule);
+        ->capture_default_str()
+        ->group(schedule);
     app.add_option("--qat-epochs", t.qat_epochs, "Epochs of quantization-aware training per cell")
-        ->capture_default_str()->group(schedule);
-    app.add_option("--qat-train-limit", o.qat_train_limit, "Each cell's QAT epoch trains on this many samples, "
-                   "evenly spaced (0: all)")->capture_default_str()->group(schedule);
+        ->capture_default_str()
+        ->group(schedule);
+    app.add_option("--qat-train-limit", o.qat_train_limit,
+                   "Each cell's QAT epoch trains on this many samples, "
+                   "evenly spaced (0: all)")
+        ->capture_default_str()
+        ->group(schedule);
     app.add_option("--qat-lr", t.qat_lr, "Peak learning rate of QAT (SGD)")->capture_default_str()->group(schedule);
     app.add_option("--quantizer-lr", t.quantizer_lr, "Learning rate of learnable scales (Adam)")
-        ->capture_default_str()->group(schedule);
+        ->capture_default_str()
+        ->group(schedule);
     app.add_option("--schedule", t.schedule, "Learning-rate schedule: cosine, step or constant")
-        ->capture_default_str()->group(schedule);
+        ->capture_default_str()
+        ->group(schedule);
     app.add_option("--batch-size", t.batch_size, "Training batch size")->capture_default_str()->group(schedule);
     app.add_option("--seed", t.seed, "Random seed (initialisation, data order, augmentation)")
-        ->capture_default_str()->group(schedule);
+        ->capture_default_str()
+        ->group(schedule);
 
     const std::string report = "Report and run";
-    app.add_option("--late-fraction", o.late_fraction, "Late exponent flips: those in this last fraction of the QAT "
-                   "steps")->capture_default_str()->group(report);
+    app.add_option("--late-fraction", o.late_fraction,
+                   "Late exponent flips: those in this last fraction of the QAT "
+                   "steps")
+        ->capture_default_str()
+        ->group(report);
     app.add_option("--plot-layers", o.plot_layers, "Layers per method in the exponent figure (those that flip most)")
-        ->capture_default_str()->group(report);
-    app.add_option("--histogram-layer", o.histogram_layer, "Depthwise layer of the histogram figure (default: the "
-                   "one with the largest max|w| / std(w) in the float model)")->group(report);
+        ->capture_default_str()
+        ->group(report);
+    app.add_option("--histogram-layer", o.histogram_layer,
+                   "Depthwise layer of the histogram figure (default: the "
+                   "one with the largest max|w| / std(w) in the float model)")
+        ->group(report);
     app.add_option("--threads", t.threads, "Compute threads")->capture_default_str()->group(report);
     app.add_option("--loader-threads", t.loader_threads, "Data-loading threads")->capture_default_str()->group(report);
 

@@ -24,7 +24,8 @@ int main(int argc, char** argv) {
     std::string methods;
     for (const std::string& m : quant::quantizer_methods()) methods += (methods.empty() ? "" : ", ") + m;
     app.add_option("--method", method, "quantizer: " + methods)->required();
-    app.add_option("--bits", options.bits, "bits, 2..8 (signed grid, -(2^(b-1)-1) .. 2^(b-1)-1)")->capture_default_str();
+    app.add_option("--bits", options.bits, "bits, 2..8 (signed grid, -(2^(b-1)-1) .. 2^(b-1)-1)")
+        ->capture_default_str();
     app.add_flag("--per-channel", options.per_channel, "one scale per index of axis 0 (default: per tensor)");
     app.add_option("--rounding", rounding, "learnable-po2's exponent rounding: ceil, rint, msqe-round")
         ->capture_default_str();

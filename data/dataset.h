@@ -53,9 +53,9 @@ struct SkippedSample {
 };
 
 struct Batch {
-    Tensor images;                       // f32 {N, H, W, C}, normalized
-    std::vector<int32_t> labels;         // {N}
-    std::vector<int64_t> indices;        // {N}: dataset index held by each slot
+    Tensor images;                 // f32 {N, H, W, C}, normalized
+    std::vector<int32_t> labels;   // {N}
+    std::vector<int64_t> indices;  // {N}: dataset index held by each slot
     int64_t epoch = 0;
     int64_t index = 0;                   // position of this batch within its epoch
     std::vector<SkippedSample> skipped;  // unreadable samples replaced in this batch

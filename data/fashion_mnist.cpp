@@ -27,8 +27,7 @@ public:
             const unsigned chunk = static_cast<unsigned>(std::min<size_t>(n - done, INT_MAX / 2));
             const int got = gzread(file_, dst + done, chunk);
             check_stream();
-            HFQ_CHECK(got > 0, path_, ": truncated: the file ends after ", done, " of the ", n, " bytes of its ",
-                      what);
+            HFQ_CHECK(got > 0, path_, ": truncated: the file ends after ", done, " of the ", n, " bytes of its ", what);
             done += static_cast<size_t>(got);
         }
     }

@@ -36,11 +36,11 @@ Normalization fashion_mnist_normalization();
 
 struct FashionMnistOptions {
     std::string dir = "/usr/share/datasets/fashion-mnist";
-    bool train_split = true;   // train-* (60,000 images) or t10k-* (10,000)
-    int size = 28;             // output size x size
-    int channels = 1;          // 1, or 3 with the gray value replicated
-    bool augment = false;      // random crop from the padded image + horizontal flip
-    int crop_padding = 4;      // zero padding around the resized image for the random crop
+    bool train_split = true;  // train-* (60,000 images) or t10k-* (10,000)
+    int size = 28;            // output size x size
+    int channels = 1;         // 1, or 3 with the gray value replicated
+    bool augment = false;     // random crop from the padded image + horizontal flip
+    int crop_padding = 4;     // zero padding around the resized image for the random crop
     float flip_probability = 0.5f;
     Normalization normalization = fashion_mnist_normalization();
 };

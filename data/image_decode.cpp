@@ -2,9 +2,9 @@
 
 #include <cstring>
 
+#include <turbojpeg.h>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
-#include <turbojpeg.h>
 
 #include "data/dataset.h"
 #include "engine/check.h"
@@ -17,13 +17,12 @@ bool is_jpeg(std::span<const uint8_t> b) { return b.size() >= 3 && b[0] == 0xFF 
 
 void check_size(int64_t width, int64_t height) {
     if (width * height > ImageDecoder::max_pixels)
-        throw UnreadableSample(cat("a ", width, "x", height, " image is larger than the ", ImageDecoder::max_pixels,
-                                   "-pixel limit"));
+        throw UnreadableSample(
+            cat("a ", width, "x", height, " image is larger than the ", ImageDecoder::max_pixels, "-pixel limit"));
 }
 
 void check_crop(const CropRect& c, int width, int height) {
-    HFQ_CHECK(c.width > 0 && c.height > 0 && c.x >= 0 && c.y >= 0 && c.x + c.width <= width &&
-                  c.y + c.height <= height,
+    HFQ_CHECK(c.width > 0 && c.height > 0 && c.x >= 0 && c.y >= 0 && c.x + c.width <= width && c.y + c.height <= height,
               "ImageDecoder: crop ", c.width, "x", c.height, "+", c.x, "+", c.y, " is not inside the ", width, "x",
               height, " image");
 }
@@ -91,8 +90,7 @@ cv::Mat ImageDecoder::decode_jpeg(std::span<const uint8_t> bytes, const CropPlan
     uint8_t* target = cmyk ? cmyk_.get(size_t(w) * h * 4) : rgb;
     // Default flags: accurate integer IDCT and smooth chroma upsampling, the
     // same pixels Pillow (and so torchvision) decodes.
-    const int status =
-        tjDecompress2(tj_, bytes.data(), bytes.size(), target, w, 0, h, cmyk ? TJPF_CMYK : TJPF_RGB, 0);
+    const int status = tjDecompress2(tj_, bytes.data(), bytes.size(), target, w, 0, h, cmyk ? TJPF_CMYK : TJPF_RGB, 0);
     if (status != 0) {
         // A warning still yields an image, but "premature end" or "corrupt
         // data" means some of it is grey filler: not a sample to train on.
@@ -111,7 +109,9 @@ cv::Mat ImageDecoder::decode_other(std::span<const uint8_t> bytes, const CropPla
     try {
         const cv::Mat encoded(1, static_cast<int>(bytes.size()), CV_8U, const_cast<uint8_t*>(bytes.data()));
         // Like TurboJPEG (and torchvision), ignore any EXIF orientation.
-        other_ = cv::imdecode(encoded, cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);  // on failure imdecode into a buffer keeps the old image
+        other_ = cv::imdecode(
+            encoded,
+            cv::IMREAD_COLOR | cv::IMREAD_IGNORE_ORIENTATION);  // on failure imdecode into a buffer keeps the old image
     } catch (const cv::Exception& e) {
         throw UnreadableSample(cat("not a decodable image (OpenCV: ", e.err, ")"));
     }

@@ -75,10 +75,10 @@ private:
     cv::Mat decode_jpeg(std::span<const uint8_t> bytes, const CropPlanner& plan, bool dct_scaling, CropRect& roi);
     cv::Mat decode_other(std::span<const uint8_t> bytes, const CropPlanner& plan, CropRect& roi);
 
-    void* tj_ = nullptr;          // tjhandle
-    ScratchBuffer rgb_;           // the decoded image, H x W x 3
-    ScratchBuffer cmyk_;          // CMYK JPEGs decode here first
-    cv::Mat other_;               // imdecode's BGR result
+    void* tj_ = nullptr;  // tjhandle
+    ScratchBuffer rgb_;   // the decoded image, H x W x 3
+    ScratchBuffer cmyk_;  // CMYK JPEGs decode here first
+    cv::Mat other_;       // imdecode's BGR result
     int last_denominator_ = 1;
 };
 

@@ -24,7 +24,7 @@ namespace {
 bool is_image_file(const fs::path& p) {
     std::string ext = p.extension().string();
     std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
-    static const std::set<std::string> known = {".jpg", ".jpeg", ".png", ".ppm", ".bmp",
+    static const std::set<std::string> known = {".jpg", ".jpeg", ".png",  ".ppm", ".bmp",
                                                 ".pgm", ".tif",  ".tiff", ".webp"};
     return known.count(ext) > 0;
 }
@@ -178,8 +178,8 @@ ImageFolder ImageFolder::from_flat_folder(const std::string& dir, const std::str
 
 ImageFolder ImageFolder::imagenet(const std::string& root, const std::string& split,
                                   const ImageTransformOptions& options, std::string ground_truth) {
-    HFQ_CHECK(split == "train" || split == "val", "ImageFolder::imagenet: split must be 'train' or 'val', got '",
-              split, "'");
+    HFQ_CHECK(split == "train" || split == "val", "ImageFolder::imagenet: split must be 'train' or 'val', got '", split,
+              "'");
     const std::string train_dir = (fs::path(root) / "train").string();
     HFQ_CHECK(fs::is_directory(train_dir), "ImageFolder::imagenet: ", train_dir,
               " does not exist (the class indices come from its sorted wnid folders)");

@@ -22,12 +22,12 @@
 namespace hfq {
 
 struct ImageTransformOptions {
-    int size = 224;                       // output size x size x 3
-    bool train = true;                    // random resized crop + flip; else centre crop
-    RandomResizedCropOptions crop;        // training crop ranges
-    float flip_probability = 0.5f;        // training horizontal flip
-    double eval_crop_fraction = 0.875;    // evaluation: shorter side resized to size / this
-    bool dct_scaling = true;              // decode JPEGs at 1/2, 1/4, 1/8 size when the crop allows
+    int size = 224;                     // output size x size x 3
+    bool train = true;                  // random resized crop + flip; else centre crop
+    RandomResizedCropOptions crop;      // training crop ranges
+    float flip_probability = 0.5f;      // training horizontal flip
+    double eval_crop_fraction = 0.875;  // evaluation: shorter side resized to size / this
+    bool dct_scaling = true;            // decode JPEGs at 1/2, 1/4, 1/8 size when the crop allows
     Normalization normalization = imagenet_normalization();
 };
 

@@ -15,10 +15,10 @@ int round_half_even(double v) { return static_cast<int>(std::nearbyint(v)); }
 }  // namespace
 
 void check_options(const RandomResizedCropOptions& o) {
-    HFQ_CHECK(0 < o.scale_min && o.scale_min <= o.scale_max && o.scale_max <= 1.0,
-              "random_resized_crop: scale range [", o.scale_min, ", ", o.scale_max, "] must lie in (0, 1]");
-    HFQ_CHECK(0 < o.ratio_min && o.ratio_min <= o.ratio_max, "random_resized_crop: ratio range [", o.ratio_min,
-              ", ", o.ratio_max, "] must be positive and ordered");
+    HFQ_CHECK(0 < o.scale_min && o.scale_min <= o.scale_max && o.scale_max <= 1.0, "random_resized_crop: scale range [",
+              o.scale_min, ", ", o.scale_max, "] must lie in (0, 1]");
+    HFQ_CHECK(0 < o.ratio_min && o.ratio_min <= o.ratio_max, "random_resized_crop: ratio range [", o.ratio_min, ", ",
+              o.ratio_max, "] must be positive and ordered");
 }
 
 CropRect random_resized_crop(int width, int height, const RandomResizedCropOptions& o, Rng& rng) {
@@ -50,8 +50,8 @@ CropRect random_resized_crop(int width, int height, const RandomResizedCropOptio
 
 CropRect center_crop(int width, int height, int size, double crop_fraction) {
     HFQ_CHECK(width > 0 && height > 0, "center_crop: empty image ", width, "x", height);
-    HFQ_CHECK(size > 0 && crop_fraction > 0 && crop_fraction <= 1, "center_crop: size ", size,
-              " and crop_fraction ", crop_fraction, " must be positive, crop_fraction at most 1");
+    HFQ_CHECK(size > 0 && crop_fraction > 0 && crop_fraction <= 1, "center_crop: size ", size, " and crop_fraction ",
+              crop_fraction, " must be positive, crop_fraction at most 1");
     const int shorter = std::min(width, height);
     const double resized_shorter = std::round(size / crop_fraction);  // 256 for 224
     const int side = std::clamp(round_half_even(size * shorter / resized_shorter), 1, shorter);
@@ -80,8 +80,10 @@ void resize_image(const cv::Mat& src, int out_width, int out_height, cv::Mat& ds
         cv::resize(current, halved[k], cv::Size(current.cols / fx, current.rows / fy), 0, 0, cv::INTER_LINEAR);
         current = halved[k];
     }
-    if (current.cols == out_width && current.rows == out_height) current.copyTo(dst);
-    else cv::resize(current, dst, cv::Size(out_width, out_height), 0, 0, cv::INTER_LINEAR);
+    if (current.cols == out_width && current.rows == out_height)
+        current.copyTo(dst);
+    else
+        cv::resize(current, dst, cv::Size(out_width, out_height), 0, 0, cv::INTER_LINEAR);
 }
 
 Normalization imagenet_normalization() { return {{0.485f, 0.456f, 0.406f}, {0.229f, 0.224f, 0.225f}}; }
@@ -91,8 +93,7 @@ namespace {
 // The source pixels of output row y, in output order and with out_channels
 // bytes each: image row y + offset_y, column (flip ? width - 1 - x : x) +
 // offset_x for output column x; zero where that falls outside the image.
-void gather_row(const cv::Mat& image, int sy, int offset_x, bool flip, int out_width, int out_channels,
-                uint8_t* row) {
+void gather_row(const cv::Mat& image, int sy, int offset_x, bool flip, int out_width, int out_channels, uint8_t* row) {
     const int in_channels = image.channels();
     if (sy < 0 || sy >= image.rows) {
         std::fill(row, row + out_width * out_channels, uint8_t{0});

@@ -16,7 +16,7 @@ struct CropRect {
 };
 
 struct RandomResizedCropOptions {
-    double scale_min = 0.08, scale_max = 1.0;          // fraction of the image's area
+    double scale_min = 0.08, scale_max = 1.0;             // fraction of the image's area
     double ratio_min = 3.0 / 4.0, ratio_max = 4.0 / 3.0;  // width / height
 };
 // Throws hfq::Error unless 0 < scale_min <= scale_max <= 1 and 0 < ratio_min <= ratio_max.

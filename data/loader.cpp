@@ -4,9 +4,9 @@
 #include <iostream>
 #include <numeric>
 
-#include <opencv2/core/utility.hpp>
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
+#include <opencv2/core/utility.hpp>
 
 namespace hfq {
 
@@ -46,8 +46,9 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, const LoaderOptions& opti
     // binary) from losing a sample. At least one sample must load.
     max_unreadable_ = std::min(n - 1, static_cast<int64_t>(o.max_bad_fraction * static_cast<double>(n) + 1e-9));
     end_epoch_ = end_epoch < 0 ? start.epoch + 1 : end_epoch;
-    HFQ_CHECK(start.epoch >= 0 && start.batch >= 0 && start.batch < batches_per_epoch_, "Loader: start position (epoch ",
-              start.epoch, ", batch ", start.batch, ") is outside an epoch of ", batches_per_epoch_, " batches");
+    HFQ_CHECK(start.epoch >= 0 && start.batch >= 0 && start.batch < batches_per_epoch_,
+              "Loader: start position (epoch ", start.epoch, ", batch ", start.batch, ") is outside an epoch of ",
+              batches_per_epoch_, " batches");
     HFQ_CHECK(end_epoch_ >= start.epoch, "Loader: end_epoch ", end_epoch_, " is before the start epoch ", start.epoch);
     // Samples are loaded in parallel by this loader's threads. OpenCV's own
     // parallel loops (its TBB arena spans every core) inside each sample would
@@ -166,9 +167,9 @@ std::optional<Batch> Loader::next() {
     stats_.unreadable = static_cast<int64_t>(unreadable_.size());
     if (stats_.unreadable > max_unreadable_) {
         error_ = std::make_exception_ptr(Error(cat(
-            "stopping: ", stats_.unreadable, " of the ", n, " images could not be read (the first: ",
-            first_unreadable_, "); --max-bad-fraction ", options_.max_bad_fraction, " allows ", max_unreadable_,
-            " of ", n, ". Fix or remove the files, or raise --max-bad-fraction.")));
+            "stopping: ", stats_.unreadable, " of the ", n, " images could not be read (the first: ", first_unreadable_,
+            "); --max-bad-fraction ", options_.max_bad_fraction, " allows ", max_unreadable_, " of ", n,
+            ". Fix or remove the files, or raise --max-bad-fraction.")));
         std::rethrow_exception(error_);
     }
     ++stats_.batches;

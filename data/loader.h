@@ -46,11 +46,11 @@ namespace hfq {
 
 struct LoaderOptions {
     int64_t batch_size = 32;
-    bool shuffle = true;              // false: dataset order every epoch
-    bool drop_last = false;           // true: leave out the last, partial batch
+    bool shuffle = true;     // false: dataset order every epoch
+    bool drop_last = false;  // true: leave out the last, partial batch
     uint64_t seed = 0;
-    int threads = 1;                  // loader threads (the producer included)
-    int prefetch_batches = 4;         // finished batches kept ready
+    int threads = 1;                                   // loader threads (the producer included)
+    int prefetch_batches = 4;                          // finished batches kept ready
     double max_bad_fraction = kDefaultMaxBadFraction;  // of the dataset; more unreadable samples stop the run
 };
 

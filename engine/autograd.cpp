@@ -107,7 +107,8 @@ void Variable::backward(const Tensor& seed) const {
         Node* n = it->node();
         if (n->backward && n->grad.defined()) {
             n->backward(n->grad);
-            if (op_profile::enabled()) op_profile::charge(op_profile::kBackward, n->op + " " + shape_str(n->value.shape()));
+            if (op_profile::enabled())
+                op_profile::charge(op_profile::kBackward, n->op + " " + shape_str(n->value.shape()));
         }
         // Free the graph: drop the closure (and what it captured) and the
         // links to the inputs. Intermediate gradients are dropped too; leaves

@@ -69,8 +69,8 @@ struct GradThroughReLU6 {
 // it is stored (identity, or ReLU6 in the fused op). out may be what v or u
 // reads: every element is read before it is written.
 template <class U, class V, class Clamp>
-void channel_affine(float* out, U u, const float* m, const float* a, V v, const float* b, const float* d,
-                    int64_t rows, int64_t channels, Clamp clamp) {
+void channel_affine(float* out, U u, const float* m, const float* a, V v, const float* b, const float* d, int64_t rows,
+                    int64_t channels, Clamp clamp) {
 #pragma omp parallel for schedule(static) if (rows * channels >= kMinParallelElements)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * channels;
@@ -143,8 +143,7 @@ template <class Clamp>
 Tensor normalise(const Tensor& xv, const Normalisation& n, const Tensor& beta, Clamp clamp) {
     const int64_t channels = n.mean.numel(), rows = xv.numel() / channels;
     Tensor y = Tensor::empty(xv.shape());
-    channel_affine(y.f32(), xv.f32(), n.mean.f32(), n.scale.f32(), nullptr, nullptr, beta.f32(), rows, channels,
-                   clamp);
+    channel_affine(y.f32(), xv.f32(), n.mean.f32(), n.scale.f32(), nullptr, nullptr, beta.f32(), rows, channels, clamp);
     return y;
 }
 

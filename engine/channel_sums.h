@@ -21,10 +21,8 @@ namespace hfq {
 // ReLU6) computes the value where it is read.
 inline float element(const float* p, int64_t o, int64_t c) { return p[o + c]; }
 template <class Reader>
-    requires std::invocable<const Reader&, int64_t, int64_t>
-float element(const Reader& r, int64_t o, int64_t c) {
-    return r(o, c);
-}
+requires std::invocable<const Reader&, int64_t, int64_t>
+float element(const Reader& r, int64_t o, int64_t c) { return r(o, c); }
 
 struct ChannelSums {
     std::vector<double> u;   // sum over rows of u[r, c]

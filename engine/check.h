@@ -24,7 +24,7 @@ std::string cat(const Parts&... parts) {
 
 // HFQ_CHECK(cond, "op_name: ", details...) throws hfq::Error with the message
 // when cond is false.
-#define HFQ_CHECK(cond, ...)                               \
-    do {                                                   \
+#define HFQ_CHECK(cond, ...)                                      \
+    do {                                                          \
         if (!(cond)) throw ::hfq::Error(::hfq::cat(__VA_ARGS__)); \
     } while (0)

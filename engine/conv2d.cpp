@@ -53,16 +53,16 @@ Extent spatial_extent(int64_t in, int64_t kernel, const Conv2dParams& p, const c
 
 // Everything a convolution primitive depends on.
 struct ConvGeometry {
-    int64_t n, h, w, cin;    // x      {N, H, W, Cin}
-    int64_t cout, kh, kw;    // weight {Cout, Cin/groups, KH, KW}
+    int64_t n, h, w, cin;  // x      {N, H, W, Cin}
+    int64_t cout, kh, kw;  // weight {Cout, Cin/groups, KH, KW}
     int64_t groups, stride;
-    Extent rows, cols;       // y      {N, rows.out, cols.out, Cout}
+    Extent rows, cols;  // y      {N, rows.out, cols.out, Cout}
     bool has_bias;
 
     // Identifies the configuration in the cache and in error messages.
     std::string key() const {
-        return cat("x ", shape_str({n, h, w, cin}), ", weight ", shape_str({cout, cin / groups, kh, kw}),
-                   ", groups ", groups, ", stride ", stride, ", padding top/bottom/left/right ", rows.pad_before, '/',
+        return cat("x ", shape_str({n, h, w, cin}), ", weight ", shape_str({cout, cin / groups, kh, kw}), ", groups ",
+                   groups, ", stride ", stride, ", padding top/bottom/left/right ", rows.pad_before, '/',
                    rows.pad_after, '/', cols.pad_before, '/', cols.pad_after, has_bias ? ", bias" : ", no bias");
     }
     Shape y_shape() const { return {n, rows.out, cols.out, cout}; }
@@ -100,12 +100,22 @@ ConvGeometry conv_geometry(const Shape& x, const Shape& w, bool has_bias, const 
     HFQ_CHECK(!(p.same_padding && p.padding != 0), "conv2d: same_padding and an explicit padding of ", p.padding,
               " both given; use one");
     const int64_t cin = x[3], cout = w[0], g = p.groups;
-    HFQ_CHECK(cin % g == 0 && cout % g == 0, "conv2d: groups ", g, " must divide both the input channels ", cin,
-              " (x ", shape_str(x), ") and the output channels ", cout, " (weight ", shape_str(w), ")");
+    HFQ_CHECK(cin % g == 0 && cout % g == 0, "conv2d: groups ", g, " must divide both the input channels ", cin, " (x ",
+              shape_str(x), ") and the output channels ", cout, " (weight ", shape_str(w), ")");
     HFQ_CHECK(w[1] == cin / g, "conv2d: weight ", shape_str(w), " expects ", w[1] * g, " input channels with groups ",
               g, ", but x ", shape_str(x), " has ", cin);
-    return {x[0], x[1], x[2], cin, cout, w[2], w[3], g, p.stride,
-            spatial_extent(x[1], w[2], p, "height", x, w), spatial_extent(x[2], w[3], p, "width", x, w), has_bias};
+    return {x[0],
+            x[1],
+            x[2],
+            cin,
+            cout,
+            w[2],
+            w[3],
+            g,
+            p.stride,
+            spatial_extent(x[1], w[2], p, "height", x, w),
+            spatial_extent(x[2], w[3], p, "width", x, w),
+            has_bias};
 }
 
 // Scratch space comes from the tensor pool (scratchpad_mode::user): oneDNN's
@@ -178,8 +188,8 @@ public:
         if (!bwd_weights_)
             bwd_weights_.emplace(build("backward weights", g_, [&] {
                 return dnnl::convolution_backward_weights::primitive_desc(
-                    {dnnl::algorithm::convolution_direct, g_.src(), g_.any_weights(), g_.bias(), g_.dst(),
-                     g_.strides(), g_.pad_before(), g_.pad_after()},
+                    {dnnl::algorithm::convolution_direct, g_.src(), g_.any_weights(), g_.bias(), g_.dst(), g_.strides(),
+                     g_.pad_before(), g_.pad_after()},
                     user_scratchpad(), cpu_engine(), fwd_.pd);
             }));
         return *bwd_weights_;
@@ -255,7 +265,9 @@ Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias,
     fwd.run("conv2d", std::move(args));
 
     // The op's name tells the kinds apart in a profile (op_profile.h).
-    const char* name = g.groups == 1 ? "conv2d" : g.groups == g.cin && g.cout == g.cin ? "conv2d depthwise" : "conv2d grouped";
+    const char* name = g.groups == 1                          ? "conv2d"
+                       : g.groups == g.cin && g.cout == g.cin ? "conv2d depthwise"
+                                                              : "conv2d grouped";
     return make_result(y, name, {x, weight, bias}, [x, weight, bias, kernel_weights, &prims](const Tensor& dy) {
         if (x.requires_grad()) x.accumulate_grad(backward_data(prims, dy, kernel_weights, x.shape()));
         // One pass gives both dW and db; it runs if either is wanted.

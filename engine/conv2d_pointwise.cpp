@@ -32,11 +32,11 @@ namespace hfq {
 namespace {
 
 // C {m,n} = op(A) op(B) + beta C, row-major, on the calling thread's team.
-void sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+void sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+           int64_t ldb, float beta, float* c, int64_t ldc) {
     const dnnl_status_t s = dnnl_sgemm(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
-    HFQ_CHECK(s == dnnl_success, "conv2d (pointwise): oneDNN sgemm failed (status ", int(s), ") for ", m, "x", n,
-              "x", k);
+    HFQ_CHECK(s == dnnl_success, "conv2d (pointwise): oneDNN sgemm failed (status ", int(s), ") for ", m, "x", n, "x",
+              k);
 }
 
 // out {rows, cols} = a {rows, k} op(b) (+ bias per column): b is {cols, k}
@@ -50,7 +50,8 @@ void tiled_product(const float* a, const float* b, char trans_b, const float* bi
     const int64_t tile_rows = std::max<int64_t>((rows + wanted_tiles - 1) / wanted_tiles, 256);
     const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
     // Few rows (the last layers of a small network): cut the columns too.
-    const int64_t col_splits = row_tiles >= 8 ? 1 : std::min<int64_t>((8 + row_tiles - 1) / row_tiles, (cols + 15) / 16);
+    const int64_t col_splits =
+        row_tiles >= 8 ? 1 : std::min<int64_t>((8 + row_tiles - 1) / row_tiles, (cols + 15) / 16);
     const int64_t tile_cols = ((cols + col_splits - 1) / col_splits + 15) / 16 * 16;
     const int64_t col_tiles = (cols + tile_cols - 1) / tile_cols;
     const int64_t ldb = trans_b == 'T' ? k : cols;
@@ -100,8 +101,8 @@ Variable pointwise_conv2d(const Variable& x, const Variable& weight, const Varia
     const Shape& xs = x.shape();
     const int64_t m = xs[0] * xs[1] * xs[2], in = xs[3], out = weight.shape()[0];
     Tensor y = Tensor::empty({xs[0], xs[1], xs[2], out});
-    tiled_product(x.value().f32(), weight.value().f32(), 'T', bias.defined() ? bias.value().f32() : nullptr, y.f32(),
-                  m, out, in);
+    tiled_product(x.value().f32(), weight.value().f32(), 'T', bias.defined() ? bias.value().f32() : nullptr, y.f32(), m,
+                  out, in);
 
     return make_result(y, "conv2d pointwise", {x, weight, bias}, [x, weight, bias, m, in, out](const Tensor& dy) {
         if (x.requires_grad()) {

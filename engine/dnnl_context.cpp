@@ -28,8 +28,7 @@ dnnl::memory::dims to_dims(const Shape& s) { return dnnl::memory::dims(s.begin()
 dnnl::memory::desc nhwc_desc(const Tensor& t) {
     HFQ_CHECK(t.rank() == 4, "nhwc_desc: activation must be {N,H,W,C}, got ", shape_str(t.shape()));
     const auto& s = t.shape();
-    return dnnl::memory::desc({s[0], s[3], s[1], s[2]}, dnnl::memory::data_type::f32,
-                              dnnl::memory::format_tag::nhwc);
+    return dnnl::memory::desc({s[0], s[3], s[1], s[2]}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::nhwc);
 }
 
 dnnl::memory::desc plain_desc(const Shape& s) {
@@ -67,8 +66,7 @@ void reorder_into(const Tensor& src, const dnnl::memory::desc& src_desc, Tensor&
     auto& r = cache.get(desc_key(src_desc) + desc_key(dst_desc), [&] {
         return dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), src_desc, cpu_engine(), dst_desc));
     });
-    run_primitive("reorder", r,
-                  {{DNNL_ARG_FROM, as_memory(src_desc, src)}, {DNNL_ARG_TO, as_memory(dst_desc, dst)}});
+    run_primitive("reorder", r, {{DNNL_ARG_FROM, as_memory(src_desc, src)}, {DNNL_ARG_TO, as_memory(dst_desc, dst)}});
 }
 
 Tensor reorder_to(const Tensor& src, const dnnl::memory::desc& src_desc, const dnnl::memory::desc& dst_desc) {

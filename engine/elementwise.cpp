@@ -39,8 +39,8 @@ Variable eltwise(const char* op, const Variable& x, dnnl::algorithm alg, float a
     const dnnl::memory::desc d = flat_desc(xv);
     static PrimitiveCache<EltwisePrimitives> cache;
     EltwisePrimitives& p = cache.get(cat(op, ' ', xv.numel()), [&] {
-        const auto fwd = dnnl::eltwise_forward::primitive_desc(
-            {dnnl::prop_kind::forward_training, alg, d, alpha, beta}, cpu_engine());
+        const auto fwd = dnnl::eltwise_forward::primitive_desc({dnnl::prop_kind::forward_training, alg, d, alpha, beta},
+                                                               cpu_engine());
         const auto bwd = dnnl::eltwise_backward::primitive_desc({alg, d, d, alpha, beta}, cpu_engine(), fwd);
         return EltwisePrimitives{dnnl::eltwise_forward(fwd), dnnl::eltwise_backward(bwd)};
     });
@@ -73,8 +73,9 @@ Variable add(const Variable& a, const Variable& b) {
         return dnnl::binary(dnnl::binary::primitive_desc({dnnl::algorithm::binary_add, d, d, d}, cpu_engine()));
     });
     Tensor y = Tensor::empty(av.shape());
-    run_primitive("add", p,
-                  {{DNNL_ARG_SRC_0, as_memory(d, av)}, {DNNL_ARG_SRC_1, as_memory(d, bv)}, {DNNL_ARG_DST, as_memory(d, y)}});
+    run_primitive(
+        "add", p,
+        {{DNNL_ARG_SRC_0, as_memory(d, av)}, {DNNL_ARG_SRC_1, as_memory(d, bv)}, {DNNL_ARG_DST, as_memory(d, y)}});
     // d(a + b) = dy for both: the same tensor goes to both inputs.
     return make_result(y, "add", {a, b}, [a, b](const Tensor& dy) {
         a.accumulate_grad(dy);
@@ -133,7 +134,8 @@ Variable dropout(const Variable& x, float p, bool training, Rng& rng) {
     const float keep_scale = 1.0f / (1.0f - p);
     float* pm = mask.f32();
     for (int64_t i = 0, n = mask.numel(); i < n; ++i) pm[i] = rng.uniform() < p ? 0.0f : keep_scale;
-    return make_result(mul(xv, mask), "dropout", {x}, [x, mask](const Tensor& dy) { x.accumulate_grad(mul(dy, mask)); });
+    return make_result(mul(xv, mask), "dropout", {x},
+                       [x, mask](const Tensor& dy) { x.accumulate_grad(mul(dy, mask)); });
 }
 
 }  // namespace hfq

@@ -41,8 +41,9 @@ LinearPrimitives& primitives(int64_t n, int64_t in, int64_t out, bool has_bias) 
         p.b = plain_desc({out});
         p.y = plain_desc({n, out});
         using ip = dnnl::inner_product_forward;
-        const auto fwd = has_bias ? ip::primitive_desc({dnnl::prop_kind::forward_training, p.x, p.w, p.b, p.y}, cpu_engine())
-                                  : ip::primitive_desc({dnnl::prop_kind::forward_training, p.x, p.w, p.y}, cpu_engine());
+        const auto fwd = has_bias
+                             ? ip::primitive_desc({dnnl::prop_kind::forward_training, p.x, p.w, p.b, p.y}, cpu_engine())
+                             : ip::primitive_desc({dnnl::prop_kind::forward_training, p.x, p.w, p.y}, cpu_engine());
         using bw = dnnl::inner_product_backward_weights;
         const auto bwd_w = has_bias ? bw::primitive_desc({p.x, p.w, p.b, p.y}, cpu_engine(), fwd)
                                     : bw::primitive_desc({p.x, p.w, p.y}, cpu_engine(), fwd);
@@ -73,9 +74,8 @@ Variable linear(const Variable& x, const Variable& weight, const Variable& bias)
     const OneThread one_thread;
     LinearPrimitives& p = primitives(n, in, out, has_bias);
     Tensor y = Tensor::empty({n, out});
-    std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, as_memory(p.x, xv)},
-                                               {DNNL_ARG_WEIGHTS, as_memory(p.w, wv)},
-                                               {DNNL_ARG_DST, as_memory(p.y, y)}};
+    std::unordered_map<int, dnnl::memory> args{
+        {DNNL_ARG_SRC, as_memory(p.x, xv)}, {DNNL_ARG_WEIGHTS, as_memory(p.w, wv)}, {DNNL_ARG_DST, as_memory(p.y, y)}};
     if (has_bias) args[DNNL_ARG_BIAS] = as_memory(p.b, bias.value());
     run_primitive("linear", p.forward, args);
 

@@ -24,8 +24,8 @@ Variable cross_entropy(const Variable& logits, const std::vector<int32_t>& label
     for (int64_t i = 0; i < n; ++i)
         HFQ_CHECK(labels[i] >= 0 && labels[i] < k, "cross_entropy: label ", labels[i], " at index ", i,
                   " is outside [0, ", k, ")");
-    HFQ_CHECK(label_smoothing >= 0.0f && label_smoothing <= 1.0f, "cross_entropy: label_smoothing must be in [0, 1], got ",
-              label_smoothing);
+    HFQ_CHECK(label_smoothing >= 0.0f && label_smoothing <= 1.0f,
+              "cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
 
     const double eps = label_smoothing;
     Tensor probs = Tensor::empty(z.shape());  // softmax(z), kept for the backward
@@ -67,9 +67,10 @@ Variable scaled_sum(const char* op, const Variable& x, bool divide_by_count) {
     HFQ_CHECK(xv.dtype() == DType::f32, op, ": input must be f32, got ", dtype_name(xv.dtype()));
     HFQ_CHECK(!divide_by_count || xv.numel() > 0, op, ": mean of an empty tensor ", shape_str(xv.shape()));
     const double factor = divide_by_count ? 1.0 / double(xv.numel()) : 1.0;
-    return make_result(Tensor::full({1}, static_cast<float>(factor * sum_f64(xv))), op, {x}, [x, factor](const Tensor& dy) {
-        x.accumulate_grad(Tensor::full(x.shape(), static_cast<float>(factor * dy.item())));
-    });
+    return make_result(Tensor::full({1}, static_cast<float>(factor * sum_f64(xv))), op, {x},
+                       [x, factor](const Tensor& dy) {
+                           x.accumulate_grad(Tensor::full(x.shape(), static_cast<float>(factor * dy.item())));
+                       });
 }
 
 }  // namespace

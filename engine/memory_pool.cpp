@@ -124,8 +124,8 @@ struct Pool {
     std::mutex mutex;
     std::unordered_map<size_t, std::vector<std::byte*>> free_blocks;  // small blocks, by size
     Segments segments;
-    PoolStats stats;           // cached_bytes: small blocks only; pool_stats() adds the segments'
-    size_t large_in_use = 0;   // bytes of in_use_bytes that are large blocks
+    PoolStats stats;          // cached_bytes: small blocks only; pool_stats() adds the segments'
+    size_t large_in_use = 0;  // bytes of in_use_bytes that are large blocks
 };
 
 Pool& pool() {
@@ -191,8 +191,7 @@ std::shared_ptr<std::byte> pool_allocate(size_t bytes) {
         std::lock_guard lock(p.mutex);
         block = take(p, size);
         p.stats.in_use_bytes += size;
-        if (p.stats.in_use_bytes > p.stats.peak_in_use_bytes)
-            p.stats.peak_in_use_bytes = p.stats.in_use_bytes;
+        if (p.stats.in_use_bytes > p.stats.peak_in_use_bytes) p.stats.peak_in_use_bytes = p.stats.in_use_bytes;
     }
     // Only the bytes asked for are usable: under AddressSanitizer, reading
     // past them into the block's rounding is reported too.

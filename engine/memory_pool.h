@@ -15,10 +15,10 @@
 namespace hfq {
 
 struct PoolStats {
-    size_t in_use_bytes = 0;    // held by live tensors
-    size_t cached_bytes = 0;    // freed, kept for reuse (for large blocks: the free part of
-                                // the segments below their highest block since the last
-                                // pool_release_cached())
+    size_t in_use_bytes = 0;  // held by live tensors
+    size_t cached_bytes = 0;  // freed, kept for reuse (for large blocks: the free part of
+                              // the segments below their highest block since the last
+                              // pool_release_cached())
     size_t peak_in_use_bytes = 0;
     size_t os_allocations = 0;  // how often the pool had to ask the OS (small blocks, segments)
 };

@@ -21,8 +21,8 @@ namespace hfq::op_profile {
 enum Phase { kForward = 0, kBackward = 1 };
 
 struct Entry {
-    std::string name;                   // e.g. "conv2d pointwise [32, 56, 56, 128]" or "optimizer update"
-    std::array<double, 2> seconds{};    // forward (or the named part), backward
+    std::string name;                 // e.g. "conv2d pointwise [32, 56, 56, 128]" or "optimizer update"
+    std::array<double, 2> seconds{};  // forward (or the named part), backward
     std::array<int64_t, 2> calls{};
     double total() const { return seconds[0] + seconds[1]; }
 };

@@ -42,7 +42,7 @@ Variable batch_norm_relu6(const Variable& x, const Variable& gamma, const Variab
 
 // ---- Element-wise (engine/elementwise.cpp) --------------------------------
 Variable relu(const Variable& x);
-Variable relu6(const Variable& x);  // min(max(x, 0), 6)
+Variable relu6(const Variable& x);                   // min(max(x, 0), 6)
 Variable add(const Variable& a, const Variable& b);  // same shapes
 // x {..., C} times a per-channel vector scale {C} (the last dimension).
 Variable mul_channel(const Variable& x, const Variable& scale);

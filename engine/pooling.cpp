@@ -95,8 +95,9 @@ void check_activation(const char* op, const Tensor& x) {
 Variable avg_pool2d(const Variable& x, int kernel, int stride, int padding) {
     const Tensor& xv = x.value();
     check_activation("avg_pool2d", xv);
-    HFQ_CHECK(kernel >= 1 && stride >= 1 && padding >= 0, "avg_pool2d: need kernel >= 1, stride >= 1, padding >= 0, got kernel ",
-              kernel, " stride ", stride, " padding ", padding);
+    HFQ_CHECK(kernel >= 1 && stride >= 1 && padding >= 0,
+              "avg_pool2d: need kernel >= 1, stride >= 1, padding >= 0, got kernel ", kernel, " stride ", stride,
+              " padding ", padding);
     // As PyTorch: a window must never lie entirely in the padding.
     HFQ_CHECK(2 * padding <= kernel, "avg_pool2d: padding ", padding, " is more than half the kernel ", kernel);
     HFQ_CHECK(xv.dim(1) + 2 * padding >= kernel && xv.dim(2) + 2 * padding >= kernel, "avg_pool2d: kernel ", kernel,
@@ -116,7 +117,8 @@ Variable flatten(const Variable& x) {
     Shape out{xv.dim(0), 1};
     for (int i = 1; i < xv.rank(); ++i) out[1] *= xv.dim(i);
     // A view: same memory, and the gradient is the same view of dy.
-    return make_result(xv.reshape(out), "flatten", {x}, [x](const Tensor& dy) { x.accumulate_grad(dy.reshape(x.shape())); });
+    return make_result(xv.reshape(out), "flatten", {x},
+                       [x](const Tensor& dy) { x.accumulate_grad(dy.reshape(x.shape())); });
 }
 
 }  // namespace hfq

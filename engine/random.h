@@ -18,10 +18,10 @@ public:
     static Rng derive(uint64_t seed, std::initializer_list<uint64_t> keys);
 
     uint64_t next_u64();
-    float uniform();                    // [0, 1)
-    double uniform_f64();               // [0, 1)
-    float normal();                     // standard normal
-    uint64_t below(uint64_t n);         // uniform integer in [0, n)
+    float uniform();             // [0, 1)
+    double uniform_f64();        // [0, 1)
+    float normal();              // standard normal
+    uint64_t below(uint64_t n);  // uniform integer in [0, n)
 
     // Saving and restoring: Rng::restore(r.state(), r.stream()) continues r's sequence.
     static Rng restore(uint64_t state, uint64_t stream);

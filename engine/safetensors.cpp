@@ -46,11 +46,9 @@ struct StoredType {
     DType loads_as;
 };
 constexpr StoredType kStoredTypes[] = {
-    {Stored::F32, "F32", 4, DType::f32},  {Stored::I8, "I8", 1, DType::s8},
-    {Stored::I32, "I32", 4, DType::s32},  {Stored::I64, "I64", 8, DType::s64},
-    {Stored::F64, "F64", 8, DType::f32},  {Stored::F16, "F16", 2, DType::f32},
-    {Stored::BF16, "BF16", 2, DType::f32}, {Stored::U8, "U8", 1, DType::f32},
-    {Stored::I16, "I16", 2, DType::f32},
+    {Stored::F32, "F32", 4, DType::f32},   {Stored::I8, "I8", 1, DType::s8},    {Stored::I32, "I32", 4, DType::s32},
+    {Stored::I64, "I64", 8, DType::s64},   {Stored::F64, "F64", 8, DType::f32}, {Stored::F16, "F16", 2, DType::f32},
+    {Stored::BF16, "BF16", 2, DType::f32}, {Stored::U8, "U8", 1, DType::f32},   {Stored::I16, "I16", 2, DType::f32},
 };
 
 const StoredType* find_stored_type(const std::string& name) {
@@ -95,8 +93,7 @@ T load(const std::byte* p) {
 }
 
 // Copies (or converts) `n` stored elements into the tensor.
-void load_elements(const StoredType& type, const std::byte* src, int64_t n, Tensor& dst,
-                   const std::string& where) {
+void load_elements(const StoredType& type, const std::byte* src, int64_t n, Tensor& dst, const std::string& where) {
     const bool kept_as_stored = type.loads_as != DType::f32 || type.id == Stored::F32;
     if (kept_as_stored) {
         std::memcpy(dst.raw(), src, static_cast<size_t>(n) * type.bytes);
@@ -200,12 +197,12 @@ Entry read_entry(const std::string& name, const json& info, size_t buffer_size, 
     constexpr uint64_t kMaxDim = std::numeric_limits<int64_t>::max();
     for (const json& d : shape) {
         e.shape.push_back(static_cast<int64_t>(read_count(d, kMaxDim, where, "shape dimension")));
-        HFQ_CHECK(!__builtin_mul_overflow(e.numel, e.shape.back(), &e.numel), where, ": shape ",
-                  shape_str(e.shape), "... has more elements than fit in 64 bits");
+        HFQ_CHECK(!__builtin_mul_overflow(e.numel, e.shape.back(), &e.numel), where, ": shape ", shape_str(e.shape),
+                  "... has more elements than fit in 64 bits");
     }
     uint64_t nbytes;
-    HFQ_CHECK(!__builtin_mul_overflow(static_cast<uint64_t>(e.numel), e.type->bytes, &nbytes), where,
-              ": shape ", shape_str(e.shape), " of ", e.type->name, " has more bytes than fit in 64 bits");
+    HFQ_CHECK(!__builtin_mul_overflow(static_cast<uint64_t>(e.numel), e.type->bytes, &nbytes), where, ": shape ",
+              shape_str(e.shape), " of ", e.type->name, " has more bytes than fit in 64 bits");
 
     const json& offsets = info["data_offsets"];
     HFQ_CHECK(offsets.is_array() && offsets.size() == 2, where, ": \"data_offsets\" is not [begin, end] but ",
@@ -215,8 +212,8 @@ Entry read_entry(const std::string& name, const json& info, size_t buffer_size, 
     HFQ_CHECK(e.begin <= e.end, where, ": data_offsets [", e.begin, ", ", e.end, "] end before they begin");
     HFQ_CHECK(e.end <= buffer_size, where, ": data_offsets [", e.begin, ", ", e.end,
               "] lie outside the data buffer of ", buffer_size, " bytes");
-    HFQ_CHECK(e.end - e.begin == nbytes, where, ": data_offsets [", e.begin, ", ", e.end, "] hold ",
-              e.end - e.begin, " bytes, but shape ", shape_str(e.shape), " of ", e.type->name, " needs ", nbytes);
+    HFQ_CHECK(e.end - e.begin == nbytes, where, ": data_offsets [", e.begin, ", ", e.end, "] hold ", e.end - e.begin,
+              " bytes, but shape ", shape_str(e.shape), " of ", e.type->name, " needs ", nbytes);
     return e;
 }
 
@@ -224,8 +221,8 @@ std::map<std::string, std::string> read_metadata(const json& value, const std::s
     HFQ_CHECK(value.is_object(), file, ": \"__metadata__\" is not an object but a JSON ", value.type_name());
     std::map<std::string, std::string> metadata;
     for (const auto& item : value.items()) {
-        HFQ_CHECK(item.value().is_string(), file, ": \"__metadata__\" value of '", item.key(),
-                  "' is not a string but ", item.value().dump());
+        HFQ_CHECK(item.value().is_string(), file, ": \"__metadata__\" value of '", item.key(), "' is not a string but ",
+                  item.value().dump());
         metadata[item.key()] = item.value().get<std::string>();
     }
     return metadata;
@@ -260,16 +257,15 @@ bool SafetensorsFile::has(const std::string& name) const {
 const Tensor& SafetensorsFile::get(const std::string& name) const {
     for (const auto& [n, t] : tensors)
         if (n == name) return t;
-    throw Error(cat("safetensors '", source, "': no tensor '", name, "' (the file has ", tensors.size(),
-                    " tensors)"));
+    throw Error(cat("safetensors '", source, "': no tensor '", name, "' (the file has ", tensors.size(), " tensors)"));
 }
 
 SafetensorsFile parse_safetensors(const std::byte* data, size_t size, const std::string& source) {
     const std::string file = cat("safetensors '", source, "'");
     HFQ_CHECK(size >= 8, file, ": the file is ", size, " bytes, too short for the 8-byte header length");
     const uint64_t header_size = load<uint64_t>(data);
-    HFQ_CHECK(header_size <= kMaxHeaderBytes, file, ": the header length ", header_size,
-              " is absurd (the limit is ", kMaxHeaderBytes, " bytes)");
+    HFQ_CHECK(header_size <= kMaxHeaderBytes, file, ": the header length ", header_size, " is absurd (the limit is ",
+              kMaxHeaderBytes, " bytes)");
     HFQ_CHECK(header_size <= size - 8, file, ": the header length ", header_size, " exceeds the ", size - 8,
               " bytes that follow it in the file");
 
@@ -310,7 +306,7 @@ namespace {
 // bytes where they already are. serialize_ and write_safetensors share it, so
 // writing needs no copy of the tensors.
 struct FileLayout {
-    std::string head;  // length + JSON header + padding
+    std::string head;                              // length + JSON header + padding
     std::vector<std::span<const std::byte>> data;  // each tensor's bytes, in order
 
     std::vector<std::span<const std::byte>> pieces() const {
@@ -352,8 +348,7 @@ FileLayout lay_out(const std::vector<std::pair<std::string, Tensor>>& tensors,
     layout.head.resize(8);
     std::memcpy(layout.head.data(), &header_size, 8);
     layout.head += text;
-    for (const auto& [name, t] : tensors)
-        layout.data.emplace_back(static_cast<const std::byte*>(t.raw()), t.nbytes());
+    for (const auto& [name, t] : tensors) layout.data.emplace_back(static_cast<const std::byte*>(t.raw()), t.nbytes());
     return layout;
 }
 

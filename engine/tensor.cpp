@@ -47,8 +47,7 @@ void check_dtype(const Tensor& t, DType expected) {
 }
 
 Tensor Tensor::empty(Shape shape, DType dtype) {
-    for (int64_t d : shape)
-        HFQ_CHECK(d >= 0, "Tensor::empty: negative dimension in ", shape_str(shape));
+    for (int64_t d : shape) HFQ_CHECK(d >= 0, "Tensor::empty: negative dimension in ", shape_str(shape));
     Tensor t;
     t.shape_ = std::move(shape);
     t.dtype_ = dtype;
@@ -83,16 +82,15 @@ int64_t Tensor::dim(int i) const {
 }
 
 Tensor Tensor::reshape(Shape shape) const {
-    HFQ_CHECK(shape_numel(shape) == numel(), "reshape: cannot view ", shape_str(shape_), " as ",
-              shape_str(shape));
+    HFQ_CHECK(shape_numel(shape) == numel(), "reshape: cannot view ", shape_str(shape_), " as ", shape_str(shape));
     Tensor t = *this;
     t.shape_ = std::move(shape);
     return t;
 }
 
 Tensor Tensor::slice0(int64_t begin, int64_t end) const {
-    HFQ_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape_[0], "slice0: rows [", begin,
-              ", ", end, ") out of range for shape ", shape_str(shape_));
+    HFQ_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape_[0], "slice0: rows [", begin, ", ", end,
+              ") out of range for shape ", shape_str(shape_));
     Tensor t = *this;
     const int64_t row = numel() / std::max<int64_t>(shape_[0], 1);
     t.offset_ += begin * row * dtype_size(dtype_);
@@ -108,9 +106,8 @@ Tensor Tensor::clone() const {
 }
 
 void Tensor::copy_from(const Tensor& other) {
-    HFQ_CHECK(shape_ == other.shape_ && dtype_ == other.dtype_, "copy_from: destination ",
-              shape_str(shape_), " ", dtype_name(dtype_), " vs source ", shape_str(other.shape_), " ",
-              dtype_name(other.dtype_));
+    HFQ_CHECK(shape_ == other.shape_ && dtype_ == other.dtype_, "copy_from: destination ", shape_str(shape_), " ",
+              dtype_name(dtype_), " vs source ", shape_str(other.shape_), " ", dtype_name(other.dtype_));
     std::memmove(raw(), other.raw(), nbytes());
 }
 

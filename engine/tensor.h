@@ -30,7 +30,7 @@ size_t dtype_size(DType t);
 const char* dtype_name(DType t);
 
 using Shape = std::vector<int64_t>;
-std::string shape_str(const Shape& s);   // "[2, 3, 4]"
+std::string shape_str(const Shape& s);  // "[2, 3, 4]"
 int64_t shape_numel(const Shape& s);
 
 class Tensor {
@@ -51,8 +51,10 @@ public:
     size_t nbytes() const { return numel() * dtype_size(dtype_); }
 
     // Typed access; throws if T does not match dtype().
-    template <class T> T* data();
-    template <class T> const T* data() const;
+    template <class T>
+    T* data();
+    template <class T>
+    const T* data() const;
     float* f32() { return data<float>(); }
     const float* f32() const { return data<float>(); }
     void* raw() { return storage_.get() + offset_; }
@@ -81,19 +83,34 @@ private:
     DType dtype_ = DType::f32;
 };
 
-template <class T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::f32; }
-template <> constexpr DType dtype_of<int8_t>() { return DType::s8; }
-template <> constexpr DType dtype_of<int32_t>() { return DType::s32; }
-template <> constexpr DType dtype_of<int64_t>() { return DType::s64; }
+template <class T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() {
+    return DType::f32;
+}
+template <>
+constexpr DType dtype_of<int8_t>() {
+    return DType::s8;
+}
+template <>
+constexpr DType dtype_of<int32_t>() {
+    return DType::s32;
+}
+template <>
+constexpr DType dtype_of<int64_t>() {
+    return DType::s64;
+}
 
 void check_dtype(const Tensor& t, DType expected);
 
-template <class T> T* Tensor::data() {
+template <class T>
+T* Tensor::data() {
     check_dtype(*this, dtype_of<T>());
     return reinterpret_cast<T*>(storage_.get() + offset_);
 }
-template <class T> const T* Tensor::data() const {
+template <class T>
+const T* Tensor::data() const {
     check_dtype(*this, dtype_of<T>());
     return reinterpret_cast<const T*>(storage_.get() + offset_);
 }

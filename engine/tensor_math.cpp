@@ -26,9 +26,15 @@ Tensor zip(const char* fn, const Tensor& a, const Tensor& b, F f) {
 
 }  // namespace
 
-Tensor add(const Tensor& a, const Tensor& b) { return zip("add", a, b, [](float x, float y) { return x + y; }); }
-Tensor sub(const Tensor& a, const Tensor& b) { return zip("sub", a, b, [](float x, float y) { return x - y; }); }
-Tensor mul(const Tensor& a, const Tensor& b) { return zip("mul", a, b, [](float x, float y) { return x * y; }); }
+Tensor add(const Tensor& a, const Tensor& b) {
+    return zip("add", a, b, [](float x, float y) { return x + y; });
+}
+Tensor sub(const Tensor& a, const Tensor& b) {
+    return zip("sub", a, b, [](float x, float y) { return x - y; });
+}
+Tensor mul(const Tensor& a, const Tensor& b) {
+    return zip("mul", a, b, [](float x, float y) { return x * y; });
+}
 
 Tensor scale(const Tensor& a, float s) {
     Tensor out = Tensor::empty(a.shape());

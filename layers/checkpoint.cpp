@@ -10,8 +10,8 @@ namespace hfq {
 void Preprocessing::validate() const {
     HFQ_CHECK(crop_size > 0 && resize_size >= crop_size, "preprocessing: need 0 < crop_size <= resize_size, got crop ",
               crop_size, ", resize ", resize_size);
-    HFQ_CHECK(!mean.empty() && mean.size() == std.size(), "preprocessing: mean and std need one value per channel, got ",
-              mean.size(), " and ", std.size());
+    HFQ_CHECK(!mean.empty() && mean.size() == std.size(),
+              "preprocessing: mean and std need one value per channel, got ", mean.size(), " and ", std.size());
     for (double s : std) HFQ_CHECK(s > 0, "preprocessing: std values must be positive, got ", s);
 }
 

@@ -7,8 +7,7 @@ namespace hfq {
 
 Conv2d::Conv2d(const Conv2dConfig& c) : config_(c) {
     const Conv2dParams& p = c.params;
-    HFQ_CHECK(c.in_channels > 0 && c.out_channels > 0 && c.kernel > 0 && p.stride > 0 && p.padding >= 0 &&
-                  p.groups > 0,
+    HFQ_CHECK(c.in_channels > 0 && c.out_channels > 0 && c.kernel > 0 && p.stride > 0 && p.padding >= 0 && p.groups > 0,
               "Conv2d: invalid configuration in=", c.in_channels, " out=", c.out_channels, " kernel=", c.kernel,
               " stride=", p.stride, " padding=", p.padding, " groups=", p.groups);
     HFQ_CHECK(c.in_channels % p.groups == 0 && c.out_channels % p.groups == 0, "Conv2d: groups=", p.groups,
@@ -21,8 +20,7 @@ Conv2d::Conv2d(const Conv2dConfig& c) : config_(c) {
     }
 }
 
-std::shared_ptr<Conv2d> Conv2d::make(int in_channels, int out_channels, int kernel, int stride, int groups,
-                                     bool bias) {
+std::shared_ptr<Conv2d> Conv2d::make(int in_channels, int out_channels, int kernel, int stride, int groups, bool bias) {
     Conv2dConfig c{in_channels, out_channels, kernel, {}, bias};
     c.params.stride = stride;
     c.params.padding = kernel / 2;

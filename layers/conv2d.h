@@ -11,8 +11,8 @@ namespace hfq {
 struct Conv2dConfig {
     int in_channels = 0;
     int out_channels = 0;
-    int kernel = 1;         // square kernel
-    Conv2dParams params;    // stride, padding (symmetric or SAME), groups
+    int kernel = 1;       // square kernel
+    Conv2dParams params;  // stride, padding (symmetric or SAME), groups
     bool bias = false;
 };
 
@@ -22,8 +22,8 @@ public:
 
     // PyTorch-style construction with padding kernel / 2 (the output keeps
     // the input size at stride 1, as in torchvision's MobileNets).
-    static std::shared_ptr<Conv2d> make(int in_channels, int out_channels, int kernel, int stride = 1,
-                                        int groups = 1, bool bias = false);
+    static std::shared_ptr<Conv2d> make(int in_channels, int out_channels, int kernel, int stride = 1, int groups = 1,
+                                        bool bias = false);
     // Depthwise: one k x k filter per channel (groups = channels).
     static std::shared_ptr<Conv2d> depthwise(int channels, int kernel = 3, int stride = 1, bool bias = false);
     // Pointwise: 1 x 1, mixes channels.

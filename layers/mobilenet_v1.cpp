@@ -11,7 +11,7 @@ namespace hfq {
 namespace {
 
 // (output channels, stride) of the 13 depthwise-separable blocks (Table 1).
-constexpr int kBlocks[13][2] = {{64, 1},  {128, 2}, {128, 1}, {256, 2}, {256, 1}, {512, 2},  {512, 1},
+constexpr int kBlocks[13][2] = {{64, 1},  {128, 2}, {128, 1}, {256, 2}, {256, 1},  {512, 2}, {512, 1},
                                 {512, 1}, {512, 1}, {512, 1}, {512, 1}, {1024, 2}, {1024, 1}};
 
 }  // namespace
@@ -40,8 +40,9 @@ MobileNetV1::MobileNetV1(const ModelConfig& config) : Model(config) {
 }
 
 Variable MobileNetV1::forward(const Variable& x) {
-    HFQ_CHECK(x.value().rank() == 4 && x.shape()[3] == config().input_channels, "MobileNetV1: expected input {N, H, W, ",
-              config().input_channels, "} (NHWC), got ", shape_str(x.shape()));
+    HFQ_CHECK(x.value().rank() == 4 && x.shape()[3] == config().input_channels,
+              "MobileNetV1: expected input {N, H, W, ", config().input_channels, "} (NHWC), got ",
+              shape_str(x.shape()));
     // The children in order: features, pool, [dropout,] classifier. Walking
     // the list (rather than keeping pointers) means a layer swapped in by
     // replace_child() - a quantized wrapper - is the one that runs.

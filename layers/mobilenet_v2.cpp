@@ -78,8 +78,9 @@ MobileNetV2::MobileNetV2(const ModelConfig& config) : Model(config) {
 }
 
 Variable MobileNetV2::forward(const Variable& x) {
-    HFQ_CHECK(x.value().rank() == 4 && x.shape()[3] == config().input_channels, "MobileNetV2: expected input {N, H, W, ",
-              config().input_channels, "} (NHWC), got ", shape_str(x.shape()));
+    HFQ_CHECK(x.value().rank() == 4 && x.shape()[3] == config().input_channels,
+              "MobileNetV2: expected input {N, H, W, ", config().input_channels, "} (NHWC), got ",
+              shape_str(x.shape()));
     // features, pool, classifier in order (see MobileNetV1::forward).
     Variable y = x;
     for (const Child& c : children()) y = (*c.module)(y);

@@ -27,9 +27,7 @@ Activation parse_activation(const std::string& s) {
     throw Error(cat("model config: unknown activation '", s, "' (expected relu6 or relu)"));
 }
 
-double ModelConfig::effective_dropout() const {
-    return dropout ? *dropout : (arch == Arch::mobilenet_v1 ? 0.0 : 0.2);
-}
+double ModelConfig::effective_dropout() const { return dropout ? *dropout : (arch == Arch::mobilenet_v1 ? 0.0 : 0.2); }
 
 void ModelConfig::validate() const {
     HFQ_CHECK(width > 0 && width <= 8, "model config: width must be in (0, 8], got ", width);

@@ -17,9 +17,9 @@ enum class Activation { relu6, relu };
 
 struct ModelConfig {
     Arch arch = Arch::mobilenet_v2;
-    double width = 1.0;       // width multiplier alpha
+    double width = 1.0;  // width multiplier alpha
     int classes = 1000;
-    int input_channels = 3;   // 3 (RGB) or 1 (grey)
+    int input_channels = 3;  // 3 (RGB) or 1 (grey)
     // For 28x28 to 64x64 inputs: V1's stem at stride 1; V2's stem and its
     // first stride-2 stage (24 channels) at stride 1.
     bool small_input = false;

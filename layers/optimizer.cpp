@@ -100,8 +100,10 @@ std::vector<NamedParameter> select_params(const std::vector<NamedParameter>& par
 
 SGD::SGD(std::vector<NamedParameter> params, const SgdOptions& options)
     : Optimizer("SGD", std::move(params), options.lr, {{"momentum_buffer"}}), options_(options) {
-    HFQ_CHECK(options.momentum >= 0 && options.weight_decay >= 0, "SGD: momentum and weight decay must be "
-              "non-negative, got ", options.momentum, " and ", options.weight_decay);
+    HFQ_CHECK(options.momentum >= 0 && options.weight_decay >= 0,
+              "SGD: momentum and weight decay must be "
+              "non-negative, got ",
+              options.momentum, " and ", options.weight_decay);
     HFQ_CHECK(!options.nesterov || options.momentum > 0, "SGD: Nesterov momentum requires momentum > 0");
     for (const NamedParameter& p : params_) {
         const auto& g = options.decay_groups;
@@ -164,8 +166,10 @@ Adam::Adam(std::vector<NamedParameter> params, const AdamOptions& options)
       options_(options) {
     HFQ_CHECK(options.beta1 >= 0 && options.beta1 < 1 && options.beta2 >= 0 && options.beta2 < 1,
               "Adam: betas must be in [0, 1), got ", options.beta1, " and ", options.beta2);
-    HFQ_CHECK(options.eps > 0 && options.weight_decay >= 0, "Adam: eps must be positive and weight decay "
-              "non-negative, got ", options.eps, " and ", options.weight_decay);
+    HFQ_CHECK(options.eps > 0 && options.weight_decay >= 0,
+              "Adam: eps must be positive and weight decay "
+              "non-negative, got ",
+              options.eps, " and ", options.weight_decay);
 }
 
 void Adam::update(size_t i, Tensor& value, const Tensor& grad) {

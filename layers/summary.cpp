@@ -73,9 +73,8 @@ std::string ModelSummary::to_string() const {
                       shape_str(r.output).c_str(), grouped(r.params).c_str(), grouped(r.macs).c_str());
         out += line;
     }
-    std::snprintf(line, sizeof line, "%-24s %-44s %-20s %12s %14s\n", "total",
-                  ("input " + shape_str(input)).c_str(), "", grouped(total_params).c_str(),
-                  grouped(total_macs).c_str());
+    std::snprintf(line, sizeof line, "%-24s %-44s %-20s %12s %14s\n", "total", ("input " + shape_str(input)).c_str(),
+                  "", grouped(total_params).c_str(), grouped(total_macs).c_str());
     return out + line;
 }
 

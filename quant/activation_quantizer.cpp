@@ -10,8 +10,10 @@
 namespace hfq::quant {
 
 ActivationQuantizer::ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale)
-    : grid_(make_grid(bits, /*is_signed=*/false, "activation quantizer")), rounding_(rounding),
-      min_init_scale_(min_init_scale), e_(Tensor::zeros({1}), true) {
+    : grid_(make_grid(bits, /*is_signed=*/false, "activation quantizer")),
+      rounding_(rounding),
+      min_init_scale_(min_init_scale),
+      e_(Tensor::zeros({1}), true) {
     HFQ_CHECK(min_init_scale > 0, "activation quantizer: min_init_scale must be > 0, got ", min_init_scale);
     register_parameter("log2_scale", &e_, ParamGroup::quantizer);
     register_buffer("exponent", &exponent_);
@@ -78,18 +80,19 @@ Variable ActivationQuantizer::forward(const Variable& input) {
     }
 
     const Variable e_param = e_;
-    return make_result(y, "activation_quantize", {input, e_param}, [input, e_param, x, s, n, g = grid_](const Tensor& dy) {
-        Tensor dx = input.requires_grad() ? Tensor::empty(dy.shape()) : Tensor();
-        BackwardGroup bg;
-        bg.x = x.f32();
-        bg.grad = dy.f32();
-        bg.dx = dx.defined() ? dx.f32() : nullptr;
-        bg.want_scale_sum = e_param.requires_grad();
-        const double sum = backward_group(bg, n, s, g);
-        if (dx.defined()) input.accumulate_grad(dx);
-        if (e_param.requires_grad())
-            e_param.accumulate_grad(Tensor::full({1}, float(double(s) * std::log(2.0) * sum)));  // ds/de = s ln 2
-    });
+    return make_result(
+        y, "activation_quantize", {input, e_param}, [input, e_param, x, s, n, g = grid_](const Tensor& dy) {
+            Tensor dx = input.requires_grad() ? Tensor::empty(dy.shape()) : Tensor();
+            BackwardGroup bg;
+            bg.x = x.f32();
+            bg.grad = dy.f32();
+            bg.dx = dx.defined() ? dx.f32() : nullptr;
+            bg.want_scale_sum = e_param.requires_grad();
+            const double sum = backward_group(bg, n, s, g);
+            if (dx.defined()) input.accumulate_grad(dx);
+            if (e_param.requires_grad())
+                e_param.accumulate_grad(Tensor::full({1}, float(double(s) * std::log(2.0) * sum)));  // ds/de = s ln 2
+        });
 }
 
 QuantizerDiagnostics ActivationQuantizer::report() {

@@ -60,8 +60,8 @@ private:
     Grid grid_;
     ExponentRounding rounding_;
     float min_init_scale_;
-    Variable e_;                                            // {1}
-    Tensor exponent_ = Tensor::zeros({1}, DType::s32);      // the last training step's k
+    Variable e_;                                        // {1}
+    Tensor exponent_ = Tensor::zeros({1}, DType::s32);  // the last training step's k
     Tensor step_ = Tensor::zeros({1}, DType::s64);
     Tensor initialized_ = Tensor::zeros({1}, DType::s32);
     std::vector<float> mask_;  // reused: the msqe-round weights

@@ -107,7 +107,8 @@ double bound_ratio(const Tensor& a, const Tensor& b, const std::vector<double>& 
 
 // max |a - b| / max |b|
 double relative_diff(const Tensor& a, const Tensor& b) {
-    HFQ_CHECK(a.shape() == b.shape(), "audit: output shapes differ: ", shape_str(a.shape()), " vs ", shape_str(b.shape()));
+    HFQ_CHECK(a.shape() == b.shape(), "audit: output shapes differ: ", shape_str(a.shape()), " vs ",
+              shape_str(b.shape()));
     double diff = 0, scale = 0;
     for (int64_t i = 0; i < a.numel(); ++i) {
         diff = std::max(diff, std::fabs(double(a.f32()[i]) - b.f32()[i]));
@@ -177,7 +178,8 @@ std::string AuditReport::to_string() const {
                   (long long)activations, (long long)activation_mismatches);
     out += line;
     if (!std::isnan(logits_rel_diff)) {
-        std::snprintf(line, sizeof line, "; logits rel diff %.3g, top-1 agreement %.4f", logits_rel_diff, top1_agreement);
+        std::snprintf(line, sizeof line, "; logits rel diff %.3g, top-1 agreement %.4f", logits_rel_diff,
+                      top1_agreement);
         out += line;
     }
     out += passed() ? " -> PASSED\n" : " -> FAILED\n";
@@ -224,8 +226,9 @@ AuditReport audit_export(Model& model, const std::string& export_path, const Ten
         for (const QuantizedActivationSite& s : quantized_activations(model)) {
             const Tensor& k = file.get(s.name + ".exp");
             ++report.activations;
-            report.activation_mismatches += !(k.dtype() == DType::s32 && k.numel() == 1 &&
-                                              k.data<int32_t>()[0] == s.quantizer->exponent() && s.quantizer->initialized());
+            report.activation_mismatches +=
+                !(k.dtype() == DType::s32 && k.numel() == 1 && k.data<int32_t>()[0] == s.quantizer->exponent() &&
+                  s.quantizer->initialized());
         }
         if (sample_input.defined()) {
             auto rebuilt = build_model_from_export(file);

@@ -41,10 +41,10 @@ namespace hfq::quant {
 
 struct LayerAudit {
     std::string name, kind;
-    int64_t weights = 0;             // elements compared
-    int64_t weight_mismatches = 0;   // rebuilt weight != training graph's
+    int64_t weights = 0;            // elements compared
+    int64_t weight_mismatches = 0;  // rebuilt weight != training graph's
     bool bias_exact = false;
-    double reference_rel_diff = 0;   // direct double loop vs training graph
+    double reference_rel_diff = 0;      // direct double loop vs training graph
     double integer_layer_rel_diff = 0;  // IntegerLayer vs training graph
     // The worst |difference| / its rounding bound (<= 1: within).
     double reference_bound_ratio = 0;

@@ -13,16 +13,16 @@ namespace hfq::quant {
 // step to compare with) is NaN.
 struct QuantizerDiagnostics {
     std::string method;
-    int64_t step = 0;                        // training forward passes so far
-    std::vector<int> exponents;              // power-of-two exponent per scale group in use
-                                             // (empty for lsq, whose scale is real)
-    std::vector<float> scales;               // scale per group in use (2^exponent, or lsq's s)
-    std::vector<float> continuous_exponents; // learnable-po2: the trained e per group; else empty
-    std::vector<int64_t> flips_per_group;    // exponent changes since the last report
-    int64_t flips = 0;                       // their sum
-    double error_per_element = 0;            // sum (x - Q(x))^2 / numel, unweighted
-    double clipped_fraction = 0;             // weights outside the grid's range
-    double codes_changed_fraction = 0;       // integer codes that changed since the previous step
+    int64_t step = 0;                         // training forward passes so far
+    std::vector<int> exponents;               // power-of-two exponent per scale group in use
+                                              // (empty for lsq, whose scale is real)
+    std::vector<float> scales;                // scale per group in use (2^exponent, or lsq's s)
+    std::vector<float> continuous_exponents;  // learnable-po2: the trained e per group; else empty
+    std::vector<int64_t> flips_per_group;     // exponent changes since the last report
+    int64_t flips = 0;                        // their sum
+    double error_per_element = 0;             // sum (x - Q(x))^2 / numel, unweighted
+    double clipped_fraction = 0;              // weights outside the grid's range
+    double codes_changed_fraction = 0;        // integer codes that changed since the previous step
 };
 
 }  // namespace hfq::quant

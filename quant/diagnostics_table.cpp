@@ -34,8 +34,8 @@ nlohmann::json nullable(double v) { return std::isnan(v) ? nlohmann::json(nullpt
 std::vector<LayerDiagnostics> collect_diagnostics(Model& model) {
     std::vector<LayerDiagnostics> rows;
     for (const QuantizedLayer& l : quantized_layers(model))
-        rows.push_back({l.name, l.kind, l.quantizer->options().bits, l.quantizer->options().per_channel,
-                        l.quantizer->report()});
+        rows.push_back(
+            {l.name, l.kind, l.quantizer->options().bits, l.quantizer->options().per_channel, l.quantizer->report()});
     for (const QuantizedActivationSite& a : quantized_activations(model))
         rows.push_back({a.name, "activation", a.quantizer->grid().bits, false, a.quantizer->report()});
     return rows;

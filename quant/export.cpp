@@ -173,7 +173,8 @@ void export_quantized_model(const std::string& path, Model& model, const QuantPo
         {"format", "pt"},
         {kModelConfigKey, model.config().to_json()},
         {kQuantPolicyKey, policy.to_json()},
-        {kExportKey, nlohmann::json{{"format", kExportFormat}, {"layers", meta_layers}, {"activations", meta_acts}}.dump()}};
+        {kExportKey,
+         nlohmann::json{{"format", kExportFormat}, {"layers", meta_layers}, {"activations", meta_acts}}.dump()}};
     if (preprocessing) metadata[kPreprocessingKey] = preprocessing->to_json();
     write_safetensors(path, tensors, metadata);
 }
@@ -223,15 +224,16 @@ IntegerLayer::IntegerLayer(const SafetensorsFile& file, const std::string& name)
 }
 
 Variable IntegerLayer::forward(const Variable& x) {
-    const Variable acc = is_conv_ ? conv2d(x, code_values_, bias_over_scale_, params_)
-                                  : linear(x, code_values_, bias_over_scale_);
+    const Variable acc =
+        is_conv_ ? conv2d(x, code_values_, bias_over_scale_, params_) : linear(x, code_values_, bias_over_scale_);
     return mul_channel(acc, Variable(channel_scale_));
 }
 
 Tensor IntegerLayer::weights() const {
     Tensor w = Tensor::empty(codes_.shape());
     const int64_t per = codes_.numel() / codes_.dim(0);
-    for (int64_t i = 0; i < w.numel(); ++i) w.f32()[i] = channel_scale_.f32()[i / per] * float(codes_.data<int8_t>()[i]);
+    for (int64_t i = 0; i < w.numel(); ++i)
+        w.f32()[i] = channel_scale_.f32()[i / per] * float(codes_.data<int8_t>()[i]);
     return w;
 }
 
@@ -270,18 +272,19 @@ std::shared_ptr<Model> build_model_from_export(const SafetensorsFile& file) {
         HFQ_CHECK(k.dtype() == DType::s32 && k.numel() == 1, file.source, ": '", name, ".exp' must be one int32");
         const auto [parent_path, child] = split_name(name);
         Module& parent = model->find(parent_path);
-        auto q = std::make_shared<ActivationQuantizer>(field<int>(e, "bits", file.source),
-                                                       parse_exponent_rounding(field<std::string>(e, "rounding", file.source)));
+        auto q = std::make_shared<ActivationQuantizer>(
+            field<int>(e, "bits", file.source),
+            parse_exponent_rounding(field<std::string>(e, "rounding", file.source)));
         parent.replace_child(child, std::make_shared<QuantizedActivation>(parent.child(child), q));
         activations.emplace_back(q.get(), k.data<int32_t>()[0]);
     }
     // The remaining tensors (float layers that were not folded, ...).
     const LoadReport report = load_state_dict(*model, file, LoadOptions{/*partial=*/true});
     for (const std::string& n : report.missing)
-        HFQ_CHECK(n.find(".activation_quantizer.") != std::string::npos, file.source,
-                  ": the export lacks the tensor '", n, "' the network needs");
-    HFQ_CHECK(report.mismatched.empty(), file.source, ": tensor '", report.mismatched.empty() ? "" : report.mismatched[0],
-              "' has the wrong shape or dtype");
+        HFQ_CHECK(n.find(".activation_quantizer.") != std::string::npos, file.source, ": the export lacks the tensor '",
+                  n, "' the network needs");
+    HFQ_CHECK(report.mismatched.empty(), file.source, ": tensor '",
+              report.mismatched.empty() ? "" : report.mismatched[0], "' has the wrong shape or dtype");
     // Activation quantizers evaluate with their stored exponent.
     for (auto [q, k] : activations) {
         for (auto& [n, t] : q->named_buffers()) {

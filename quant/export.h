@@ -53,9 +53,9 @@ void export_quantized_model(const std::string& path, Model& model, const QuantPo
 struct LayerTensors {
     Tensor weight;
     Quantizer::IntegerForm integer;
-    Tensor bias;                    // f32 {out}
-    const Conv2d* conv = nullptr;   // the convolution (null for a linear layer)
-    std::string batch_norm;         // the folded batch norm's full name, or ""
+    Tensor bias;                   // f32 {out}
+    const Conv2d* conv = nullptr;  // the convolution (null for a linear layer)
+    std::string batch_norm;        // the folded batch norm's full name, or ""
 };
 LayerTensors layer_tensors(const QuantizedLayer& layer);
 
@@ -75,10 +75,10 @@ public:
 
     const std::string& name() const { return name_; }
     bool is_conv() const { return is_conv_; }
-    const Tensor& codes() const { return codes_; }    // s8 {weight shape}
+    const Tensor& codes() const { return codes_; }                // s8 {weight shape}
     const std::vector<float>& scales() const { return scales_; }  // per group
-    const Tensor& bias() const { return bias_; }      // f32 {out}
-    const Conv2dParams& params() const { return params_; }  // convolutions
+    const Tensor& bias() const { return bias_; }                  // f32 {out}
+    const Conv2dParams& params() const { return params_; }        // convolutions
     // codes * scale: the weights the layer computes with, f32 {weight shape}.
     Tensor weights() const;
 
@@ -91,11 +91,11 @@ private:
     std::string name_;
     bool is_conv_ = true;
     Conv2dParams params_;
-    Tensor codes_;                 // s8
-    Variable code_values_;         // the codes as f32, the convolution's weights
-    std::vector<float> scales_;    // per group
-    Tensor channel_scale_;         // f32 {out}: scale of each output channel
-    Variable bias_over_scale_;     // f32 {out}
+    Tensor codes_;               // s8
+    Variable code_values_;       // the codes as f32, the convolution's weights
+    std::vector<float> scales_;  // per group
+    Tensor channel_scale_;       // f32 {out}: scale of each output channel
+    Variable bias_over_scale_;   // f32 {out}
     Tensor bias_;
 };
 

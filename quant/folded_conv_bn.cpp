@@ -113,9 +113,7 @@ BnStats parse_bn_stats(const std::string& name) {
     throw Error(cat("batch statistics must be float-conv or quantized-conv, got '", name, "'"));
 }
 
-const char* bn_stats_name(BnStats s) {
-    return s == BnStats::float_conv ? "float-conv" : "quantized-conv";
-}
+const char* bn_stats_name(BnStats s) { return s == BnStats::float_conv ? "float-conv" : "quantized-conv"; }
 
 Variable unfold_weight(const Variable& w_q, const Variable& gamma, const Tensor& running_var, float eps) {
     const int64_t channels = check_weight_and_channels("unfold_weight", w_q.value(), gamma.value(), running_var);
@@ -143,9 +141,9 @@ namespace {
 // gradient dy of its output.
 struct BatchStatCorrectionBackward {
     Variable y_q, y_f, gamma, beta;
-    Tensor ratio;                        // {C}: sigma_ema / sigma_B
-    BatchStatistics batch;               // of y_f
-    std::vector<double> inv_sigma_ema;   // before the running update
+    Tensor ratio;                       // {C}: sigma_ema / sigma_B
+    BatchStatistics batch;              // of y_f
+    std::vector<double> inv_sigma_ema;  // before the running update
     float eps;
     int64_t rows, channels;
 
@@ -168,7 +166,8 @@ struct BatchStatCorrectionBackward {
             dbeta.f32()[c] = float(G);
             dgamma.f32()[c] = float(-mean[c] * inv_sigma_b * G);
             const double dmean = -g * inv_sigma_b * G;
-            const double dvar = -0.5 * inv_sigma_b * inv_sigma_b * inv_sigma_b * (H / inv_sigma_ema[c] - g * mean[c] * G);
+            const double dvar =
+                -0.5 * inv_sigma_b * inv_sigma_b * inv_sigma_b * (H / inv_sigma_ema[c] - g * mean[c] * G);
             a[c] = float(2.0 * dvar / rows);
             d[c] = float(dmean / rows);
             m[c] = float(mean[c]);
@@ -189,7 +188,8 @@ struct BatchStatCorrectionBackward {
             float* p = df.f32();
 #pragma omp parallel for schedule(static) if (rows * channels >= kParallelElements)
             for (int64_t r = 0; r < rows; ++r)
-                for (int64_t c = 0; c < channels; ++c) p[r * channels + c] = a[c] * (pf[r * channels + c] - m[c]) + d[c];
+                for (int64_t c = 0; c < channels; ++c)
+                    p[r * channels + c] = a[c] * (pf[r * channels + c] - m[c]) + d[c];
             y_f.accumulate_grad(df);
         }
         gamma.accumulate_grad(dgamma);
@@ -209,7 +209,8 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
               shape_str(f.shape()));
     const int64_t channels = q.dim(3), rows = q.numel() / channels;
     HFQ_CHECK(rows > 1, op, ": batch statistics need more than one value per channel, got ", shape_str(q.shape()));
-    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"gamma", &gamma.value()}, {"beta", &beta.value()},
+    for (auto [name, t] : {std::pair<const char*, const Tensor*>{"gamma", &gamma.value()},
+                           {"beta", &beta.value()},
                            {"running_mean", &running_mean},
                            {"running_var", &running_var}})
         check_channel_vector(op, name, *t, channels);
@@ -236,16 +237,19 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < channels; ++c) py[r * channels + c] = pq[r * channels + c] * pr[c] + po[c];
     }
-    return make_result(out, op, {y_q, y_f, gamma, beta},
-                       BatchStatCorrectionBackward{y_q, y_f, gamma, beta, ratio, batch, inv_sigma_ema, eps, rows,
-                                                   channels});
+    return make_result(
+        out, op, {y_q, y_f, gamma, beta},
+        BatchStatCorrectionBackward{y_q, y_f, gamma, beta, ratio, batch, inv_sigma_ema, eps, rows, channels});
 }
 
 FoldedConvBn::FoldedConvBn(std::shared_ptr<Conv2d> conv, std::string conv_name, std::shared_ptr<BatchNorm2d> bn,
                            std::string bn_name, std::unique_ptr<Quantizer> quantizer, int64_t freeze_bn_step,
                            BnStats bn_stats)
-    : bn_(std::move(bn)), conv_name_(std::move(conv_name)), bn_name_(std::move(bn_name)),
-      freeze_bn_step_(freeze_bn_step), bn_stats_(bn_stats) {
+    : bn_(std::move(bn)),
+      conv_name_(std::move(conv_name)),
+      bn_name_(std::move(bn_name)),
+      freeze_bn_step_(freeze_bn_step),
+      bn_stats_(bn_stats) {
     HFQ_CHECK(conv != nullptr && bn_ != nullptr, "FoldedConvBn: null convolution or batch norm");
     HFQ_CHECK(!conv->bias().defined(), "FoldedConvBn: convolution '", conv_name_,
               "' has a bias; only a convolution without bias is folded with its batch norm");
@@ -270,7 +274,9 @@ bool FoldedConvBn::uses_batch_statistics() const {
 
 void FoldedConvBn::freeze(bool frozen) { frozen_.data<int32_t>()[0] = frozen ? 1 : 0; }
 
-Variable FoldedConvBn::folded_weight() { return fold_weight(conv().weight(), bn_->weight(), bn_->running_var(), bn_->eps()); }
+Variable FoldedConvBn::folded_weight() {
+    return fold_weight(conv().weight(), bn_->weight(), bn_->running_var(), bn_->eps());
+}
 
 Variable FoldedConvBn::folded_bias() {
     return fold_bias(bn_->weight(), bn_->bias(), bn_->running_mean(), bn_->running_var(), bn_->eps());
@@ -291,7 +297,7 @@ Variable FoldedConvBn::run(const Variable& x, bool with_relu6) {
     if (!batch_stats) {
         y = conv2d(x, w_q, folded_bias(), conv().config().params);
     } else {
-        const Variable y_q = conv().apply(x, w_q);             // conv(x, Q(W_fold))
+        const Variable y_q = conv().apply(x, w_q);              // conv(x, Q(W_fold))
         const Variable y_f = conv().apply(x, conv().weight());  // conv(x, W): the batch statistics
         y = batch_stat_correction(y_q, y_f, bn_->weight(), bn_->bias(), bn_->running_mean(), bn_->running_var(),
                                   bn_->momentum(), bn_->eps());

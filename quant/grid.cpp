@@ -150,8 +150,8 @@ namespace {
 // weighted_errors over one chunk for NC scales whose reciprocals are exact
 // (x / s = x * inverse, as group_sums computes it), codes rounded half to even.
 template <int NC, class Weight>
-std::array<double, NC> chunk_errors(const float* __restrict x, int64_t n, const float* inverse,
-                                    const double* scale, float lo, float hi, Weight weight) {
+std::array<double, NC> chunk_errors(const float* __restrict x, int64_t n, const float* inverse, const double* scale,
+                                    float lo, float hi, Weight weight) {
     double err[NC][kLanes] = {};
     over_lanes(n, [&](int lane, int64_t i) {
         const double wi = weight(i);
@@ -200,10 +200,11 @@ void weighted_errors(const float* x, const float* w, int64_t n, const float* sca
             const Errors<NC> total = reduce_chunks<Errors<NC>>(n, [&](int64_t begin, int64_t end) {
                 const float* xc = x + begin;
                 if (!w)
-                    return Errors<NC>{chunk_errors<NC>(xc, end - begin, inverse, scale, lo, hi, [](int64_t) { return 1.0; })};
+                    return Errors<NC>{
+                        chunk_errors<NC>(xc, end - begin, inverse, scale, lo, hi, [](int64_t) { return 1.0; })};
                 const float* wc = w + begin;
-                return Errors<NC>{
-                    chunk_errors<NC>(xc, end - begin, inverse, scale, lo, hi, [wc](int64_t i) { return double(wc[i]); })};
+                return Errors<NC>{chunk_errors<NC>(xc, end - begin, inverse, scale, lo, hi,
+                                                   [wc](int64_t i) { return double(wc[i]); })};
             });
             for (int c = 0; c < NC; ++c) errors[index[c]] = total.value[c];
         });
@@ -234,11 +235,15 @@ int msqe_rounded_exponent(const float* x, const float* w, int64_t n, double e, c
 }
 
 double population_std(const float* x, int64_t n) {
-    const double mean = reduce_chunks<Sum>(n, [&](int64_t begin, int64_t end) {
-                            double lanes[kLanes] = {};
-                            over_lanes(end - begin, [&](int lane, int64_t i) { lanes[lane] += x[begin + i]; });
-                            return Sum{add_lanes(lanes)};
-                        }).value / double(n);
+    const double mean =
+        reduce_chunks<Sum>(n,
+                           [&](int64_t begin, int64_t end) {
+                               double lanes[kLanes] = {};
+                               over_lanes(end - begin, [&](int lane, int64_t i) { lanes[lane] += x[begin + i]; });
+                               return Sum{add_lanes(lanes)};
+                           })
+            .value /
+        double(n);
     const double var = reduce_chunks<Sum>(n, [&](int64_t begin, int64_t end) {
                            double lanes[kLanes] = {};
                            over_lanes(end - begin, [&](int lane, int64_t i) {
@@ -258,12 +263,15 @@ float max_abs(const float* x, int64_t n) {
             return *this;
         }
     };
-    return reduce_chunks<Max>(n, [&](int64_t begin, int64_t end) {
-               float lanes[kLanes] = {};
-               over_lanes(end - begin,
-                          [&](int lane, int64_t i) { lanes[lane] = std::max(lanes[lane], std::fabs(x[begin + i])); });
-               return Max{*std::max_element(lanes, lanes + kLanes)};
-           }).value;
+    return reduce_chunks<Max>(n,
+                              [&](int64_t begin, int64_t end) {
+                                  float lanes[kLanes] = {};
+                                  over_lanes(end - begin, [&](int lane, int64_t i) {
+                                      lanes[lane] = std::max(lanes[lane], std::fabs(x[begin + i]));
+                                  });
+                                  return Max{*std::max_element(lanes, lanes + kLanes)};
+                              })
+        .value;
 }
 
 int64_t count_non_finite(const float* x, int64_t n) {
@@ -275,11 +283,13 @@ int64_t count_non_finite(const float* x, int64_t n) {
         }
     };
     constexpr float kMax = std::numeric_limits<float>::max();
-    return reduce_chunks<Count>(n, [&](int64_t begin, int64_t end) {
-               int64_t bad = 0;  // |x| <= max is false for infinities and NaN
-               for (int64_t i = begin; i < end; ++i) bad += !(std::fabs(x[i]) <= kMax);
-               return Count{bad};
-           }).value;
+    return reduce_chunks<Count>(n,
+                                [&](int64_t begin, int64_t end) {
+                                    int64_t bad = 0;  // |x| <= max is false for infinities and NaN
+                                    for (int64_t i = begin; i < end; ++i) bad += !(std::fabs(x[i]) <= kMax);
+                                    return Count{bad};
+                                })
+        .value;
 }
 
 namespace {
@@ -380,14 +390,14 @@ double chunk_backward(const float* __restrict x, const float* __restrict grad, f
 
 }  // namespace
 
-PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n,
-                         float code_scale, float out_scale, const Grid& g, Rounding rounding) {
+PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n, float code_scale,
+                         float out_scale, const Grid& g, Rounding rounding) {
     const float lo = float(-g.qn), hi = float(g.qp);
     return with_divide(code_scale, [&](auto divide) {
         return with_rounding(rounding, [&](auto round) {
             return reduce_chunks<PassStats>(n, [&](int64_t begin, int64_t end) {
-                return chunk_quantize(x + begin, y + begin, codes ? codes + begin : nullptr, compare_codes,
-                                      end - begin, out_scale, lo, hi, divide, round);
+                return chunk_quantize(x + begin, y + begin, codes ? codes + begin : nullptr, compare_codes, end - begin,
+                                      out_scale, lo, hi, divide, round);
             });
         });
     });
@@ -397,12 +407,14 @@ double backward_group(const BackwardGroup& b, int64_t n, float s, const Grid& g)
     const float lo = float(-g.qn), hi = float(g.qp);
     const double keep = b.decay, blend = 1.0 - double(b.decay);
     return with_divide(s, [&](auto divide) {
-        return reduce_chunks<Sum>(n, [&](int64_t begin, int64_t end) {
-                   return Sum{chunk_backward(b.x + begin, b.grad + begin, b.dx ? b.dx + begin : nullptr,
-                                             b.second_moments ? b.second_moments + begin : nullptr, end - begin,
-                                             b.identity_ste, !g.is_signed, keep, blend, b.want_scale_sum, lo, hi,
-                                             divide)};
-               }).value;
+        return reduce_chunks<Sum>(n,
+                                  [&](int64_t begin, int64_t end) {
+                                      return Sum{chunk_backward(
+                                          b.x + begin, b.grad + begin, b.dx ? b.dx + begin : nullptr,
+                                          b.second_moments ? b.second_moments + begin : nullptr, end - begin,
+                                          b.identity_ste, !g.is_signed, keep, blend, b.want_scale_sum, lo, hi, divide)};
+                                  })
+            .value;
     });
 }
 

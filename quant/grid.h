@@ -197,8 +197,8 @@ struct PassStats {
         return *this;
     }
 };
-PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n,
-                         float code_scale, float out_scale, const Grid& g, Rounding rounding);
+PassStats quantize_group(const float* x, float* y, int16_t* codes, bool compare_codes, int64_t n, float code_scale,
+                         float out_scale, const Grid& g, Rounding rounding);
 
 // The backward pass over one group (docs/quantizers.md, 2, 3.2, 4.1, 4.2), g = dL/dy:
 //   dx_i = g_i * m_i * gate_i       (m_i = 1 when identity_ste; gate_i =

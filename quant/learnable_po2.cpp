@@ -53,8 +53,6 @@ double LearnablePo2Quantizer::scale_gradient_factor(int64_t, float scale) const 
     return double(scale) * std::log(2.0);  // ds/de = s ln 2
 }
 
-void LearnablePo2Quantizer::describe(QuantizerDiagnostics& d) const {
-    d.continuous_exponents = e_.value().to_vector();
-}
+void LearnablePo2Quantizer::describe(QuantizerDiagnostics& d) const { d.continuous_exponents = e_.value().to_vector(); }
 
 }  // namespace hfq::quant

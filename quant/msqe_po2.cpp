@@ -96,9 +96,8 @@ std::vector<int> MsqePo2Quantizer::optimise(const Tensor& x, const std::vector<i
     std::vector<double> thresholds;
     if (options_.outlier_mask) {
         thresholds.resize(groups_.count);
-        for_each_group(groups_, [&](int64_t gi) {
-            thresholds[gi] = options_.outlier_sigma * population_std(px + gi * n, n);
-        });
+        for_each_group(groups_,
+                       [&](int64_t gi) { thresholds[gi] = options_.outlier_sigma * population_std(px + gi * n, n); });
     }
     const float* w = element_weights(x, options_.outlier_mask ? &thresholds : nullptr);
     std::vector<int> result(groups_.count);

@@ -67,8 +67,7 @@ void QuantPolicy::validate() const {
     check_bits("first_layer_bits", first_layer_bits, true);
     check_bits("last_layer_bits", last_layer_bits, true);
     check_bits("activation_bits", activation_bits, true);
-    HFQ_CHECK(freeze_bn_step >= -1, "quant policy: freeze_bn_step must be >= -1 (-1: never), got ",
-              freeze_bn_step);
+    HFQ_CHECK(freeze_bn_step >= -1, "quant policy: freeze_bn_step must be >= -1 (-1: never), got ", freeze_bn_step);
     try {
         parse_bn_stats(bn_stats);
     } catch (const Error& e) {
@@ -140,31 +139,51 @@ QuantPolicy QuantPolicy::from_json(const std::string& text) {
         } else if (key == "rounding") {
             need(v.is_string(), "a string");
             o.rounding = parse_exponent_rounding(v.get<std::string>());
-        } else if (key == "bits") integer(o.bits);
-        else if (key == "signed") boolean(o.is_signed);
-        else if (key == "per_channel") boolean(o.per_channel);
-        else if (key == "baseline_iters") integer(o.baseline_iters);
-        else if (key == "lls_iters") integer(o.lls_iters);
-        else if (key == "line_search") boolean(o.line_search);
-        else if (key == "line_search_range") integer(o.line_search_range);
-        else if (key == "second_moments") boolean(o.second_moments);
-        else if (key == "second_moments_decay") number(o.second_moments_decay);
-        else if (key == "sqrt_second_moments") boolean(o.sqrt_second_moments);
-        else if (key == "outlier_mask") boolean(o.outlier_mask);
-        else if (key == "outlier_sigma") number(o.outlier_sigma);
-        else if (key == "stable_scale") boolean(o.stable_scale);
-        else if (key == "stable_decay") number(o.stable_decay);
-        else if (key == "min_init_scale") number(o.min_init_scale);
-        else if (key == "first_layer_bits") integer(p.first_layer_bits);
-        else if (key == "last_layer_bits") integer(p.last_layer_bits);
-        else if (key == "fold_bn") boolean(p.fold_bn);
-        else if (key == "freeze_bn_step") integer(p.freeze_bn_step);
+        } else if (key == "bits")
+            integer(o.bits);
+        else if (key == "signed")
+            boolean(o.is_signed);
+        else if (key == "per_channel")
+            boolean(o.per_channel);
+        else if (key == "baseline_iters")
+            integer(o.baseline_iters);
+        else if (key == "lls_iters")
+            integer(o.lls_iters);
+        else if (key == "line_search")
+            boolean(o.line_search);
+        else if (key == "line_search_range")
+            integer(o.line_search_range);
+        else if (key == "second_moments")
+            boolean(o.second_moments);
+        else if (key == "second_moments_decay")
+            number(o.second_moments_decay);
+        else if (key == "sqrt_second_moments")
+            boolean(o.sqrt_second_moments);
+        else if (key == "outlier_mask")
+            boolean(o.outlier_mask);
+        else if (key == "outlier_sigma")
+            number(o.outlier_sigma);
+        else if (key == "stable_scale")
+            boolean(o.stable_scale);
+        else if (key == "stable_decay")
+            number(o.stable_decay);
+        else if (key == "min_init_scale")
+            number(o.min_init_scale);
+        else if (key == "first_layer_bits")
+            integer(p.first_layer_bits);
+        else if (key == "last_layer_bits")
+            integer(p.last_layer_bits);
+        else if (key == "fold_bn")
+            boolean(p.fold_bn);
+        else if (key == "freeze_bn_step")
+            integer(p.freeze_bn_step);
         else if (key == "bn_stats") {
             need(v.is_string(), "a string");
             p.bn_stats = v.get<std::string>();
-        }
-        else if (key == "activation_bits") integer(p.activation_bits);
-        else throw Error(cat("quant policy: unknown key '", written, "'"));
+        } else if (key == "activation_bits")
+            integer(p.activation_bits);
+        else
+            throw Error(cat("quant policy: unknown key '", written, "'"));
     }
     p.validate();
     return p;
@@ -194,8 +213,9 @@ void quantize_model(Model& model, const QuantPolicy& policy) {
         QuantizerOptions o = policy.options;
         if (&s == first && policy.first_layer_bits) o.bits = policy.first_layer_bits;
         if (&s == last && policy.last_layer_bits) o.bits = policy.last_layer_bits;
-        const Shape shape = dynamic_cast<Conv2d*>(s.layer.get()) ? std::static_pointer_cast<Conv2d>(s.layer)->weight().shape()
-                                                                  : std::static_pointer_cast<Linear>(s.layer)->weight().shape();
+        const Shape shape = dynamic_cast<Conv2d*>(s.layer.get())
+                                ? std::static_pointer_cast<Conv2d>(s.layer)->weight().shape()
+                                : std::static_pointer_cast<Linear>(s.layer)->weight().shape();
         quantizers.push_back(make_quantizer(policy.method, o, shape));
     }
     for (size_t k = 0; k < sites.size(); ++k) {
@@ -203,10 +223,10 @@ void quantize_model(Model& model, const QuantPolicy& policy) {
         if (auto conv = std::dynamic_pointer_cast<Conv2d>(s.layer)) {
             if (!s.bn_name.empty()) {
                 auto bn = std::dynamic_pointer_cast<BatchNorm2d>(s.parent->child(s.bn_name));
-                s.parent->replace_children({s.name, s.bn_name},
-                                           std::make_shared<FoldedConvBn>(conv, s.name, bn, s.bn_name, std::move(quantizers[k]),
-                                                                          policy.freeze_bn_step,
-                                                                          parse_bn_stats(policy.bn_stats)));
+                s.parent->replace_children(
+                    {s.name, s.bn_name},
+                    std::make_shared<FoldedConvBn>(conv, s.name, bn, s.bn_name, std::move(quantizers[k]),
+                                                   policy.freeze_bn_step, parse_bn_stats(policy.bn_stats)));
             } else {
                 s.parent->replace_child(s.name, std::make_shared<QuantizedConv2d>(conv, std::move(quantizers[k])));
             }

@@ -50,10 +50,10 @@ struct QuantPolicy {
     int first_layer_bits = 8;
     int last_layer_bits = 8;
     // Fold each convolution's following batch norm into it (docs/quantizers.md, 6).
-    bool fold_bn = true;                // train_mobilenet --fold-bn
+    bool fold_bn = true;  // train_mobilenet --fold-bn
     // Training steps after which folded layers stop using batch statistics and
     // switch to the moving statistics (-1: never, until switched by hand).
-    int64_t freeze_bn_step = -1;        // --freeze-bn-step
+    int64_t freeze_bn_step = -1;  // --freeze-bn-step
     // Where folded layers take their batch statistics from until they freeze
     // (quant/folded_conv_bn.h): "float-conv", a second float convolution
     // (Jacob et al.), or "quantized-conv", the quantized convolution's output
@@ -71,21 +71,21 @@ struct QuantPolicy {
     //  "activation_bits": 0}  (from_json: a missing key keeps its default; the
     //  keys of older policies, "fold_batch_norm", "freeze_bn_after_steps" and
     //  "batch_statistics", are read as the same settings)
-    std::string to_json() const;                    // stored in checkpoint metadata
+    std::string to_json() const;                            // stored in checkpoint metadata
     static QuantPolicy from_json(const std::string& json);  // strict, errors name the key
 };
 
 // A wrapped layer, as the trainer and the diagnostics see it.
 struct QuantizedLayer {
-    std::string name;       // the layer's name in the model ("features.3.0")
-    std::string kind;       // "conv", "conv+bn (folded)", "linear"
-    Quantizer* quantizer;   // owned by the wrapper module
+    std::string name;                   // the layer's name in the model ("features.3.0")
+    std::string kind;                   // "conv", "conv+bn (folded)", "linear"
+    Quantizer* quantizer;               // owned by the wrapper module
     QuantizedModule* module = nullptr;  // the wrapper (quant/quantized_layers.h, folded_conv_bn.h)
 };
 
 // An activation quantizer (policy.activation_bits > 0), as the diagnostics see it.
 struct QuantizedActivationSite {
-    std::string name;       // the activation's name ("features.3.2")
+    std::string name;                // the activation's name ("features.3.2")
     ActivationQuantizer* quantizer;  // owned by the model
 };
 
@@ -117,9 +117,9 @@ void set_stable_switched(Model& model, bool on);
 // after quantize_model and before the first training step (the quantizers
 // initialise their scales from the weights they first see).
 struct DeadChannels {
-    std::string layer;              // the convolution's name
-    int64_t channels = 0;           // its output channels
-    std::vector<int64_t> dead;      // the channels zeroed
+    std::string layer;          // the convolution's name
+    int64_t channels = 0;       // its output channels
+    std::vector<int64_t> dead;  // the channels zeroed
 };
 std::vector<DeadChannels> zero_dead_channels(Model& model);
 // Forgets every quantizer's diagnostics history (flips, previous codes), e.g.

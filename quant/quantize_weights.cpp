@@ -25,7 +25,8 @@ bool same_file(const std::string& a, const std::string& b) {
 QuantizeWeightsReport quantize_weights(const std::string& in, const std::string& out, const std::string& method,
                                        const QuantizerOptions& options) {
     make_quantizer(method, options, {1});  // the method name and options, before any file is touched
-    HFQ_CHECK(!same_file(in, out), "quantize_weights: the output ", out, " is the input file; refusing to overwrite it");
+    HFQ_CHECK(!same_file(in, out), "quantize_weights: the output ", out,
+              " is the input file; refusing to overwrite it");
     const SafetensorsFile file = read_safetensors(in);
 
     QuantizeWeightsReport report;
@@ -107,7 +108,8 @@ std::string quantize_weights_summary(const QuantizeWeightsReport& report) {
                       shape_str(t.shape).c_str(), t.scales.size(), scale.c_str(), total);
         out += line;
     }
-    if (!report.skipped.empty()) out += cat(report.skipped.size(), " tensor(s) not quantized (rank < 2 or not float)\n");
+    if (!report.skipped.empty())
+        out += cat(report.skipped.size(), " tensor(s) not quantized (rank < 2 or not float)\n");
     return out;
 }
 

@@ -22,8 +22,7 @@ void check_options(const std::string& method, const QuantizerOptions& o) {
               o.line_search_range);
     HFQ_CHECK(o.second_moments_decay >= 0 && o.second_moments_decay < 1, who,
               ": second_moments_decay must be in [0, 1), got ", o.second_moments_decay);
-    HFQ_CHECK(o.stable_decay >= 0 && o.stable_decay < 1, who, ": stable_decay must be in [0, 1), got ",
-              o.stable_decay);
+    HFQ_CHECK(o.stable_decay >= 0 && o.stable_decay < 1, who, ": stable_decay must be in [0, 1), got ", o.stable_decay);
     HFQ_CHECK(o.outlier_sigma > 0, who, ": outlier_sigma must be > 0, got ", o.outlier_sigma);
     HFQ_CHECK(o.min_init_scale > 0, who, ": min_init_scale must be > 0, got ", o.min_init_scale);
 }
@@ -104,8 +103,9 @@ Variable Quantizer::fake_quantize(const Variable& weight, bool training) {
     const bool update_m = training && second_moments_.defined();
     std::vector<Variable> inputs{weight};
     if (param.defined()) inputs.push_back(param);
-    auto backward = [this, weight, param, x, scales = std::move(choice.scale), factor,
-                     update_m](const Tensor& dy) { backward_groups(dy, weight, param, x, scales, factor, update_m); };
+    auto backward = [this, weight, param, x, scales = std::move(choice.scale), factor, update_m](const Tensor& dy) {
+        backward_groups(dy, weight, param, x, scales, factor, update_m);
+    };
     return make_result(y, "fake_quantize " + method_, inputs, backward);
 }
 
@@ -139,8 +139,7 @@ Tensor Quantizer::quantize_groups(const Tensor& x, const ScaleChoice& choice, bo
 }
 
 void Quantizer::backward_groups(const Tensor& dy, const Variable& weight, const Variable& param, const Tensor& x,
-                                const std::vector<float>& scales, const std::vector<double>& factor,
-                                bool update_m) {
+                                const std::vector<float>& scales, const std::vector<double>& factor, bool update_m) {
     HFQ_CHECK(dy.shape() == shape_, who(), ": backward got a gradient of shape ", shape_str(dy.shape()),
               " for weights of shape ", shape_str(shape_));
     HFQ_CHECK(dy.dtype() == DType::f32, who(), ": backward got a ", dtype_name(dy.dtype()), " gradient");

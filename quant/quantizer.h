@@ -73,21 +73,21 @@ const char* exponent_rounding_name(ExponentRounding r);
 // Every option of every method, with the paper's defaults. Options a method
 // does not use are ignored by it.
 struct QuantizerOptions {
-    int bits = 4;               // 2..8
-    bool is_signed = true;      // false: unsigned grid 0..2^b-1, input through ReLU first
-    bool per_channel = false;   // one scale per output channel (axis 0) instead of per tensor
+    int bits = 4;              // 2..8
+    bool is_signed = true;     // false: unsigned grid 0..2^b-1, input through ReLU first
+    bool per_channel = false;  // one scale per output channel (axis 0) instead of per tensor
 
     // msqe-baseline (3.1)
-    int baseline_iters = 5;     // least-squares iterations
+    int baseline_iters = 5;  // least-squares iterations
 
     // msqe-po2 (3.2) and, where said, learnable-po2 (4.1)
-    int lls_iters = 3;          // warm-started least-squares iterations, best kept
+    int lls_iters = 3;  // warm-started least-squares iterations, best kept
     bool line_search = true;
-    int line_search_range = 6;  // offsets -range/2 .. +range/2 around the LS result
-    bool second_moments = true; // weight the error by the gradients' second moments M (also 4.1)
+    int line_search_range = 6;   // offsets -range/2 .. +range/2 around the LS result
+    bool second_moments = true;  // weight the error by the gradients' second moments M (also 4.1)
     float second_moments_decay = 0.999f;
     bool sqrt_second_moments = true;  // weight by sqrt(M) rather than M (also 4.1)
-    bool outlier_mask = true;   // msqe-po2: drop |x| > sigma std; learnable: |x| > 2^e (qp + 0.5)
+    bool outlier_mask = true;         // msqe-po2: drop |x| > sigma std; learnable: |x| > 2^e (qp + 0.5)
     float outlier_sigma = 2.0f;
     bool stable_scale = false;  // keep an EMA ebar of the exponent the trainer can switch to
     float stable_decay = 0.99f;
@@ -189,7 +189,7 @@ protected:
     ScaleGroups groups_;
     Tensor step_ = Tensor::zeros({1}, DType::s64);
     Tensor initialized_ = Tensor::zeros({1}, DType::s32);
-    Tensor second_moments_;  // M, same shape as the weights; undefined when not kept
+    Tensor second_moments_;              // M, same shape as the weights; undefined when not kept
     std::vector<float> weights_buffer_;  // reused for the per-element weights w
 
 private:

@@ -32,8 +32,7 @@ FlipCounts flips_from(const Json& j) { return {j.at("total").get<int64_t>(), j.a
 std::vector<double> epoch_test_top1(const std::string& run_dir, const std::string& stage) {
     std::vector<double> out;
     const RunRecord run = read_run_log(run_dir + "/metrics.jsonl");
-    for (const Json& e : run.stage(stage).epochs)
-        out.push_back(number_or_nan(e.value("test", Json()), "top1"));
+    for (const Json& e : run.stage(stage).epochs) out.push_back(number_or_nan(e.value("test", Json()), "top1"));
     return out;
 }
 
@@ -99,8 +98,11 @@ CellResult summarize_run(const CellSpec& cell, const std::string& run_dir, const
 Json to_json(const CellResult& r) {
     Json traces = Json::array();
     for (const ExponentTrace& t : r.traces)
-        traces.push_back({{"layer", t.layer}, {"group", t.group}, {"per_channel", t.per_channel},
-                          {"flips", flips_json(t.flips)}, {"exponents", t.exponents}});
+        traces.push_back({{"layer", t.layer},
+                          {"group", t.group},
+                          {"per_channel", t.per_channel},
+                          {"flips", flips_json(t.flips)},
+                          {"exponents", t.exponents}});
     const DepthwiseLayer& h = r.histogram;
     return {{"cell", {{"arch", r.cell.arch}, {"method", r.cell.method}, {"fix", r.cell.fix}}},
             {"config", r.config},
@@ -118,7 +120,11 @@ Json to_json(const CellResult& r) {
             {"epoch_top1", r.epoch_top1},
             {"epoch_integer_top1", r.epoch_integer_top1},
             {"histogram",
-             {{"layer", h.name}, {"per_channel", h.per_channel}, {"qn", h.qn}, {"qp", h.qp}, {"scales", h.scales},
+             {{"layer", h.name},
+              {"per_channel", h.per_channel},
+              {"qn", h.qn},
+              {"qp", h.qp},
+              {"scales", h.scales},
               {"weights", h.weights}}}};
 }
 
@@ -142,8 +148,8 @@ CellResult cell_result_from_json(const Json& j, const std::string& source) {
         for (const Json& t : j.at("traces"))
             // Results written before traces carried "per_channel": the cell's setting.
             r.traces.push_back({t.at("layer").get<std::string>(), t.at("group").get<int64_t>(),
-                                t.value("per_channel", r.config.value("per-channel", false)),
-                                flips_from(t.at("flips")), t.at("exponents").get<std::vector<int>>()});
+                                t.value("per_channel", r.config.value("per-channel", false)), flips_from(t.at("flips")),
+                                t.at("exponents").get<std::vector<int>>()});
         for (const Json& e : j.at("epoch_top1")) r.epoch_top1.push_back(number_or_nan(e));
         for (const Json& e : j.at("epoch_integer_top1")) r.epoch_integer_top1.push_back(number_or_nan(e));
         const Json& h = j.at("histogram");

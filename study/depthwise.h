@@ -10,11 +10,11 @@
 namespace hfq::study {
 
 struct DepthwiseLayer {
-    std::string name;             // "features.5.0"
-    std::vector<float> weights;   // W (or W_fold), {channels, 1, k, k} row-major
-    std::vector<float> scales;    // the grid step per scale group, in evaluation mode
+    std::string name;            // "features.5.0"
+    std::vector<float> weights;  // W (or W_fold), {channels, 1, k, k} row-major
+    std::vector<float> scales;   // the grid step per scale group, in evaluation mode
     bool per_channel = false;
-    int qn = 7, qp = 7;           // codes in [-qn, qp]
+    int qn = 7, qp = 7;  // codes in [-qn, qp]
 };
 
 // Reads a checkpoint: a quantized model (final.safetensors of a QAT run,

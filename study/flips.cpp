@@ -20,8 +20,7 @@ FlipCounts count_flips(std::span<const int64_t> steps, std::span<const int> expo
     const int64_t late_start = late_window_start(total_steps, late_fraction);
     FlipCounts c;
     for (size_t i = 1; i < steps.size(); ++i) {
-        HFQ_CHECK(steps[i] > steps[i - 1], "count_flips: steps must increase, got ", steps[i - 1], " then ",
-                  steps[i]);
+        HFQ_CHECK(steps[i] > steps[i - 1], "count_flips: steps must increase, got ", steps[i - 1], " then ", steps[i]);
         if (exponents[i] == exponents[i - 1]) continue;
         ++c.total;
         if (steps[i] > late_start) ++c.late;

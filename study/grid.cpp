@@ -50,8 +50,8 @@ void StudyOptions::validate() const {
     HFQ_CHECK(qat_train_limit >= 0, "qat_study: --qat-train-limit must be >= 0 (0: all), got ", qat_train_limit);
     HFQ_CHECK(train.qat_epochs >= 1, "qat_study: --qat-epochs must be >= 1, got ", train.qat_epochs);
     HFQ_CHECK(stable_start >= 0 && stable_start <= stable_switch && stable_switch < 1,
-              "qat_study: --stable-start and --stable-switch must satisfy 0 <= start <= switch < 1, got ",
-              stable_start, " and ", stable_switch);
+              "qat_study: --stable-start and --stable-switch must satisfy 0 <= start <= switch < 1, got ", stable_start,
+              " and ", stable_switch);
     HFQ_CHECK(late_fraction > 0 && late_fraction <= 1, "qat_study: --late-fraction must be in (0, 1], got ",
               late_fraction);
     HFQ_CHECK(plot_layers >= 1 && plot_layers <= 10, "qat_study: --plot-layers must be in 1..10, got ", plot_layers);
@@ -83,8 +83,8 @@ const std::vector<std::string>& grid_methods() {
 }
 
 const std::vector<std::string>& grid_fixes() {
-    static const std::vector<std::string> f{"default",     "none",           "outlier-mask", "second-moments",
-                                            "line-search", "stable-exponent", "all"};
+    static const std::vector<std::string> f{"default",         "none", "outlier-mask", "second-moments", "line-search",
+                                            "stable-exponent", "all"};
     return f;
 }
 

@@ -31,10 +31,10 @@
 namespace hfq::study {
 
 struct StudyOptions {
-    std::string out = "qat-study";       // the report folder
+    std::string out = "qat-study";  // the report folder
     std::vector<std::string> archs = {"v1", "v2"};
-    std::vector<std::string> methods = {"msqe-baseline", "msqe-po2", "learnable-po2-ceil",
-                                        "learnable-po2-msqe-round", "lsq"};
+    std::vector<std::string> methods = {"msqe-baseline", "msqe-po2", "learnable-po2-ceil", "learnable-po2-msqe-round",
+                                        "lsq"};
     std::vector<std::string> fixes = {"default"};
     // Float models to start from, one per architecture (their metadata says
     // which); an architecture without one is trained first.
@@ -46,11 +46,11 @@ struct StudyOptions {
     // Each cell's QAT epoch sees this many training samples, evenly spaced
     // (0: all, as the float training does).
     int64_t qat_train_limit = 30000;
-    double stable_start = 0.5;   // stable-exponent fix: start averaging at this fraction of the QAT steps
-    double stable_switch = 0.8;  // ... and switch to the average here
-    double late_fraction = 0.2;  // "late" flips: in this last fraction of the QAT steps
-    int plot_layers = 3;         // layers per method in the exponent figure
-    std::string histogram_layer; // depthwise layer of the histogram ("": the most outlier-heavy)
+    double stable_start = 0.5;    // stable-exponent fix: start averaging at this fraction of the QAT steps
+    double stable_switch = 0.8;   // ... and switch to the average here
+    double late_fraction = 0.2;   // "late" flips: in this last fraction of the QAT steps
+    int plot_layers = 3;          // layers per method in the exponent figure
+    std::string histogram_layer;  // depthwise layer of the histogram ("": the most outlier-heavy)
 
     // The trainer's defaults with the study's, chosen so that the default
     // study (Fashion-MNIST, V1 and V2 at width 0.5) takes about an hour on 2
@@ -61,9 +61,9 @@ struct StudyOptions {
 };
 
 struct CellSpec {
-    std::string arch;     // "v1", "v2"
-    std::string method;   // one of the grid's method names
-    std::string fix;      // "default", "none", or one fix
+    std::string arch;    // "v1", "v2"
+    std::string method;  // one of the grid's method names
+    std::string fix;     // "default", "none", or one fix
     // "v1-msqe-po2", "v1-msqe-po2.line-search": the cell's folder name.
     std::string id() const;
     // "msqe-po2", "msqe-po2 + line-search", "msqe-po2, no fixes"

@@ -15,7 +15,7 @@ namespace hfq::study {
 namespace {
 
 // Tableau's ten colours (BGR), distinguishable in print and by most colour-blind readers.
-const cv::Scalar kPalette[] = {{180, 119, 31}, {14, 127, 255}, {44, 160, 44},   {40, 39, 214},   {189, 103, 148},
+const cv::Scalar kPalette[] = {{180, 119, 31}, {14, 127, 255},  {44, 160, 44},   {40, 39, 214},  {189, 103, 148},
                                {75, 86, 140},  {194, 119, 227}, {127, 127, 127}, {34, 189, 188}, {207, 190, 23}};
 const cv::Scalar kBlack{0, 0, 0}, kGridGrey{225, 225, 225}, kWhite{255, 255, 255};
 constexpr int kFont = cv::FONT_HERSHEY_SIMPLEX;
@@ -53,8 +53,8 @@ void put_vertical_text(cv::Mat& img, const std::string& s, int cx, int cy, doubl
     cv::rotate(strip, turned, cv::ROTATE_90_COUNTERCLOCKWISE);
     const cv::Rect where(cx - turned.cols / 2, cy - turned.rows / 2, turned.cols, turned.rows);
     const cv::Rect inside = where & cv::Rect(0, 0, img.cols, img.rows);
-    if (inside.area() > 0) turned(cv::Rect(inside.x - where.x, inside.y - where.y, inside.width, inside.height))
-                               .copyTo(img(inside));
+    if (inside.area() > 0)
+        turned(cv::Rect(inside.x - where.x, inside.y - where.y, inside.width, inside.height)).copyTo(img(inside));
 }
 
 // The data range of an axis, padded; a single value becomes a unit-wide range.
@@ -140,8 +140,8 @@ void draw_line(cv::Mat& img, const Mapping& m, const Line& l) {
                 pen.stroke(prev, p);
             }
         }
-        if (l.markers) cv::circle(img, cv::Point(int(std::lround(p.x)), int(std::lround(p.y))), 4, c, cv::FILLED,
-                                  cv::LINE_AA);
+        if (l.markers)
+            cv::circle(img, cv::Point(int(std::lround(p.x)), int(std::lround(p.y))), 4, c, cv::FILLED, cv::LINE_AA);
         prev = p;
         prev_y = vy;
         have_prev = true;
@@ -229,8 +229,8 @@ void draw_panel(cv::Mat& img, const cv::Rect& box, const Panel& p, int legend_ma
     if (!p.bars.counts.empty() && !p.log_y) m.y.lo = 0;  // bars stand on the axis
 
     // Grid lines and tick labels.
-    const std::vector<double> xt = p.integer_x ? integer_ticks(m.x.lo, m.x.hi)
-                                               : nice_ticks(m.x.lo, m.x.hi, std::max(3, m.area.width / 90));
+    const std::vector<double> xt =
+        p.integer_x ? integer_ticks(m.x.lo, m.x.hi) : nice_ticks(m.x.lo, m.x.hi, std::max(3, m.area.width / 90));
     std::vector<double> yt;
     if (p.log_y) {
         yt = log_ticks(m.y.lo, m.y.hi);
@@ -263,8 +263,8 @@ void draw_panel(cv::Mat& img, const cv::Rect& box, const Panel& p, int legend_ma
         }
         for (const VLines& v : p.vlines)
             for (double x : v.x)
-                draw_dashed_vertical(canvas, int(std::lround(m.at(x, m.y.lo).x)), m.area.y,
-                                     m.area.y + m.area.height, colour(v.color), v.dashed);
+                draw_dashed_vertical(canvas, int(std::lround(m.at(x, m.y.lo).x)), m.area.y, m.area.y + m.area.height,
+                                     colour(v.color), v.dashed);
         for (const Line& l : p.lines) draw_line(canvas, m, l);
         canvas(m.area).copyTo(img(m.area));
     }
@@ -314,8 +314,10 @@ std::vector<double> nice_ticks(double lo, double hi, int target) {
 
 std::string tick_label(double v) {
     char buf[32];
-    if (v != 0 && (std::abs(v) < 1e-3 || std::abs(v) >= 1e5)) std::snprintf(buf, sizeof buf, "%.0e", v);
-    else std::snprintf(buf, sizeof buf, "%.6g", v);
+    if (v != 0 && (std::abs(v) < 1e-3 || std::abs(v) >= 1e5))
+        std::snprintf(buf, sizeof buf, "%.0e", v);
+    else
+        std::snprintf(buf, sizeof buf, "%.6g", v);
     return buf;
 }
 

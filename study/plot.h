@@ -18,12 +18,12 @@
 namespace hfq::study {
 
 struct Line {
-    std::string label;          // legend entry ("" : none)
-    std::vector<double> x, y;   // same length; non-finite points are skipped (a gap)
-    int color = 0;              // index into the palette
-    bool steps = false;         // draw as a staircase (values hold until the next x)
-    bool markers = false;       // a dot at every point
-    bool dashed = false;        // dashes: a line that may lie on another one still lets it show
+    std::string label;         // legend entry ("" : none)
+    std::vector<double> x, y;  // same length; non-finite points are skipped (a gap)
+    int color = 0;             // index into the palette
+    bool steps = false;        // draw as a staircase (values hold until the next x)
+    bool markers = false;      // a dot at every point
+    bool dashed = false;       // dashes: a line that may lie on another one still lets it show
 };
 
 // A histogram: counts[i] of the values in [edges[i], edges[i+1]).
@@ -43,9 +43,9 @@ struct VLines {
 
 struct Panel {
     std::string title, x_label, y_label;
-    bool log_y = false;        // non-positive values are skipped
-    bool integer_x = false;    // ticks on integers only (epochs)
-    bool integer_y = false;    // ticks on integers only (exponents)
+    bool log_y = false;      // non-positive values are skipped
+    bool integer_x = false;  // ticks on integers only (epochs)
+    bool integer_y = false;  // ticks on integers only (exponents)
     std::vector<Line> lines;
     Bars bars;
     std::vector<VLines> vlines;
@@ -55,7 +55,7 @@ struct Figure {
     std::string title;
     std::vector<Panel> panels;
     int columns = 1;
-    int panel_width = 640;     // pixels per panel, legend margin included
+    int panel_width = 640;  // pixels per panel, legend margin included
     int panel_height = 360;
     bool align_panels = false;  // every legend margin as wide as the widest: the plot areas line up
 };

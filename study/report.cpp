@@ -62,14 +62,16 @@ Figure panel_per_method(const std::string& title) {
 
 Figure exponent_figure(const FloatModel& f, const std::vector<const CellResult*>& cells, const StudyOptions& o,
                        int64_t qat_steps) {
-    Figure fig = panel_per_method(cat(f.model_name, ": exponent against QAT step, the layers whose exponent flips most"));
+    Figure fig =
+        panel_per_method(cat(f.model_name, ": exponent against QAT step, the layers whose exponent flips most"));
     for (const CellResult* c : cells) {
         if (!c->has_exponents) continue;
-        Panel& p = fig.panels.emplace_back(exponent_panel(
-            cat(c->cell.label(), ": ", c->flips.total, " flips, ", c->flips.late, " late"), "QAT step", c->steps,
-            c->traces));
+        Panel& p = fig.panels.emplace_back(
+            exponent_panel(cat(c->cell.label(), ": ", c->flips.total, " flips, ", c->flips.late, " late"), "QAT step",
+                           c->steps, c->traces));
         p.vlines.push_back({cat("last ", std::lround(100 * o.late_fraction), " %"),
-                            {double(late_window_start(qat_steps, o.late_fraction))}, kGrey});
+                            {double(late_window_start(qat_steps, o.late_fraction))},
+                            kGrey});
     }
     fig.columns = fig.panels.size() > 1 ? 2 : 1;
     return fig;
@@ -132,7 +134,8 @@ Figure histogram_figure(const FloatModel& f, const std::vector<const CellResult*
         // scale, so one grid (the integers) fits every channel.
         const size_t per_group = h.weights.size() / h.scales.size();
         std::vector<double> v(h.weights.size());
-        for (size_t k = 0; k < v.size(); ++k) v[k] = h.per_channel ? h.weights[k] / h.scales[k / per_group] : h.weights[k];
+        for (size_t k = 0; k < v.size(); ++k)
+            v[k] = h.per_channel ? h.weights[k] / h.scales[k / per_group] : h.weights[k];
         const double step = h.per_channel ? 1.0 : double(h.scales[0]);
         double range = step * (std::max(h.qn, h.qp) + 1);
         for (double x : v) range = std::max(range, std::abs(x) * 1.02);
@@ -145,8 +148,8 @@ Figure histogram_figure(const FloatModel& f, const std::vector<const CellResult*
         for (int b = 0; b <= kBins; ++b) p.bars.edges.push_back(-range + 2 * range * b / kBins);
         p.bars.counts.assign(kBins, 0);
         for (double x : v) p.bars.counts[std::min(kBins - 1, int((x + range) / (2 * range) * kBins))] += 1;
-        VLines grid{h.per_channel ? std::string("grid (integer codes)") : cat("grid, s = ", scale_text(h.scales[0])),
-                    {}, 3};
+        VLines grid{
+            h.per_channel ? std::string("grid (integer codes)") : cat("grid, s = ", scale_text(h.scales[0])), {}, 3};
         for (int q = -h.qn; q <= h.qp; ++q) grid.x.push_back(q * step);
         p.vlines.push_back(grid);
     }
@@ -158,9 +161,10 @@ Figure histogram_figure(const FloatModel& f, const std::vector<const CellResult*
 
 std::string results_table(const std::vector<FloatModel>& floats, const std::vector<CellResult>& cells,
                           const StudyOptions& o) {
-    std::string t = cat("| model | method | float top-1 | fake-quant top-1 | integer top-1 | exponent flips | flips in the "
-                        "last ", std::lround(100 * o.late_fraction),
-                        " % | mean clipped | mean codes changed | QAT time | img/s |\n");
+    std::string t =
+        cat("| model | method | float top-1 | fake-quant top-1 | integer top-1 | exponent flips | flips in the "
+            "last ",
+            std::lround(100 * o.late_fraction), " % | mean clipped | mean codes changed | QAT time | img/s |\n");
     t += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for (const FloatModel& f : floats)
         for (const CellResult* c : cells_of(cells, f.arch))
@@ -180,8 +184,8 @@ std::string comparisons(const std::vector<FloatModel>& floats, const std::vector
     std::string out;
     auto compare = [&](const FloatModel& f, const CellResult* better, const CellResult* base) {
         if (!better || !base) return;
-        out += cat("- ", f.model_name, ", ", better->cell.label(), " against ", base->cell.label(), ": fake-quant top-1 ",
-                   signed_points(better->fake_quant_top1, base->fake_quant_top1), " (",
+        out += cat("- ", f.model_name, ", ", better->cell.label(), " against ", base->cell.label(),
+                   ": fake-quant top-1 ", signed_points(better->fake_quant_top1, base->fake_quant_top1), " (",
                    percent(better->fake_quant_top1), " vs ", percent(base->fake_quant_top1), "), integer ",
                    signed_points(better->integer_top1, base->integer_top1), "; exponent flips ", better->flips.total,
                    " vs ", base->flips.total, ", late ", better->flips.late, " vs ", base->flips.late, ".\n");
@@ -189,7 +193,8 @@ std::string comparisons(const std::vector<FloatModel>& floats, const std::vector
     for (const FloatModel& f : floats) {
         const auto mine = cells_of(cells, f.arch);
         compare(f, find_cell(mine, "msqe-po2", "default"), find_cell(mine, "msqe-baseline", "default"));
-        compare(f, find_cell(mine, "learnable-po2-msqe-round", "default"), find_cell(mine, "learnable-po2-ceil", "default"));
+        compare(f, find_cell(mine, "learnable-po2-msqe-round", "default"),
+                find_cell(mine, "learnable-po2-ceil", "default"));
         for (const char* m : {"msqe-po2", "learnable-po2-msqe-round"})
             for (const std::string& fix : grid_fixes())
                 if (fix != "none") compare(f, find_cell(mine, m, fix), find_cell(mine, m, "none"));
@@ -201,19 +206,18 @@ std::string comparisons(const std::vector<FloatModel>& floats, const std::vector
 
 }  // namespace
 
-std::vector<FigureFile> write_report(const StudyOptions& o, const StudyData& data, const std::vector<FloatModel>& floats,
-                                     const std::vector<CellResult>& cells) {
+std::vector<FigureFile> write_report(const StudyOptions& o, const StudyData& data,
+                                     const std::vector<FloatModel>& floats, const std::vector<CellResult>& cells) {
     namespace fs = std::filesystem;
     std::vector<FigureFile> figures;
     std::string figure_md;
     for (const FloatModel& f : floats) {
         const auto mine = cells_of(cells, f.arch);
         figure_md += cat("\n### ", f.model_name, "\n\n");
-        const std::pair<std::string, Figure> figs[] = {
-            {"exponents", exponent_figure(f, mine, o, data.qat_steps)},
-            {"error", error_figure(f, mine)},
-            {"accuracy", accuracy_figure(f, mine)},
-            {"histogram", histogram_figure(f, mine)}};
+        const std::pair<std::string, Figure> figs[] = {{"exponents", exponent_figure(f, mine, o, data.qat_steps)},
+                                                       {"error", error_figure(f, mine)},
+                                                       {"accuracy", accuracy_figure(f, mine)},
+                                                       {"histogram", histogram_figure(f, mine)}};
         for (const auto& [stem, fig] : figs) {
             if (fig.panels.empty()) continue;
             const std::string file = cat(stem, "_", f.arch, ".png");
@@ -228,42 +232,45 @@ std::vector<FigureFile> write_report(const StudyOptions& o, const StudyData& dat
     const TrainConfig& t = o.train;
     std::string md = "# Hardware-friendly weight quantization: the study\n\n";
     md += cat("Data: ", data.kind, " (", data.train_samples, " training images per QAT epoch, ", data.test_samples,
-              " test images, ",
-              data.input_size, "x", data.input_size, "). Seed ", t.seed, ", batch ", t.batch_size, ", schedule ",
-              t.schedule, ".\n\n");
+              " test images, ", data.input_size, "x", data.input_size, "). Seed ", t.seed, ", batch ", t.batch_size,
+              ", schedule ", t.schedule, ".\n\n");
     for (const FloatModel& f : floats)
         md += cat("- ", f.model_name, ": float model ", f.checkpoint,
                   f.epoch_top1.empty() ? std::string(" (given)")
                                        : cat(" (trained here: ", f.epoch_top1.size(), " epochs, lr ", t.lr, ")"),
                   "; histogram layer ", f.histogram_layer, "\n");
-    md += cat("\nEvery cell: quantization-aware training from that float model, ", t.qat_epochs, " epoch(s) = ",
-              data.qat_steps, " steps, lr ", t.qat_lr, " (", t.schedule, "), weights at ", t.bits, " bits ",
-              t.per_channel ? "per output channel" : "per tensor", " (first convolution ",
-              t.first_layer_bits ? t.first_layer_bits : t.bits, " bits, classifier ",
-              t.last_layer_bits ? t.last_layer_bits : t.bits, " bits), batch norm ",
-              t.fold_bn ? "folded" : "not folded", ". Learnable scales: ", t.quantizer_optimizer, ", lr ",
-              t.quantizer_lr, ".\n\n");
+    md +=
+        cat("\nEvery cell: quantization-aware training from that float model, ", t.qat_epochs,
+            " epoch(s) = ", data.qat_steps, " steps, lr ", t.qat_lr, " (", t.schedule, "), weights at ", t.bits,
+            " bits ", t.per_channel ? "per output channel" : "per tensor", " (first convolution ",
+            t.first_layer_bits ? t.first_layer_bits : t.bits, " bits, classifier ",
+            t.last_layer_bits ? t.last_layer_bits : t.bits, " bits), batch norm ", t.fold_bn ? "folded" : "not folded",
+            ". Learnable scales: ", t.quantizer_optimizer, ", lr ", t.quantizer_lr, ".\n\n");
     md += "## Results\n\n" + results_table(floats, cells, o);
     md += "\n## Improved methods against their traditional forms\n\n" + comparisons(floats, cells);
     md += "\n## Figures\n" + figure_md;
-    md += cat("## How the columns are computed\n\n"
-              "- *float top-1*: the float model on the test set; *fake-quant top-1*: the trained model with "
-              "fake-quantized weights; *integer top-1*: the network rebuilt from the integer export alone "
-              "(int8 codes, exponents, folded biases).\n"
-              "- *exponent flips*: over every quantized layer and scale group, the training steps whose exponent "
-              "differs from the previous step's (docs/quantizers.md, section 5), counted from the exponents logged at every step. "
-              "*flips in the last ", std::lround(100 * o.late_fraction), " %*: those at steps after ",
-              late_window_start(data.qat_steps, o.late_fraction), " of ", data.qat_steps,
-              ". lsq learns a real scale: it has no exponent (n/a).\n"
-              "- *mean clipped*: the fraction of weights outside the grid's range; *mean codes changed*: the "
-              "fraction of integer codes that changed from the previous step; both averaged over the steps and the "
-              "quantized layers (each layer counting once).\n"
-              "- *QAT time* and *img/s*: training throughput of the cell, evaluations excluded from img/s.\n"
-              "- Figures: the exponent traces show, per method, the ", o.plot_layers,
-              " layers with the most flips (per channel: the channel that flips most); the error is "
-              "sum (w - Q(w))^2 over a layer's weights divided by their number, averaged over the layers.\n\n"
-              "## Cells\n\nEach cell's trainer folder (config, metrics.jsonl with the per-step diagnostics, "
-              "checkpoints, export, summary) is `cells/<cell>/run/`, its result `cells/<cell>/result.json`.\n");
+    md +=
+        cat("## How the columns are computed\n\n"
+            "- *float top-1*: the float model on the test set; *fake-quant top-1*: the trained model with "
+            "fake-quantized weights; *integer top-1*: the network rebuilt from the integer export alone "
+            "(int8 codes, exponents, folded biases).\n"
+            "- *exponent flips*: over every quantized layer and scale group, the training steps whose exponent "
+            "differs from the previous step's (docs/quantizers.md, section 5), counted from the exponents logged at "
+            "every step. "
+            "*flips in the last ",
+            std::lround(100 * o.late_fraction), " %*: those at steps after ",
+            late_window_start(data.qat_steps, o.late_fraction), " of ", data.qat_steps,
+            ". lsq learns a real scale: it has no exponent (n/a).\n"
+            "- *mean clipped*: the fraction of weights outside the grid's range; *mean codes changed*: the "
+            "fraction of integer codes that changed from the previous step; both averaged over the steps and the "
+            "quantized layers (each layer counting once).\n"
+            "- *QAT time* and *img/s*: training throughput of the cell, evaluations excluded from img/s.\n"
+            "- Figures: the exponent traces show, per method, the ",
+            o.plot_layers,
+            " layers with the most flips (per channel: the channel that flips most); the error is "
+            "sum (w - Q(w))^2 over a layer's weights divided by their number, averaged over the layers.\n\n"
+            "## Cells\n\nEach cell's trainer folder (config, metrics.jsonl with the per-step diagnostics, "
+            "checkpoints, export, summary) is `cells/<cell>/run/`, its result `cells/<cell>/result.json`.\n");
     write_file_atomically((fs::path(o.out) / "report.md").string(), md);
     return figures;
 }

@@ -25,7 +25,7 @@ struct FloatModel {
 };
 
 struct StudyData {
-    std::string kind;  // "fashion-mnist", "imagenet"
+    std::string kind;                             // "fashion-mnist", "imagenet"
     int64_t train_samples = 0, test_samples = 0;  // what a cell trains and evaluates on
     int input_size = 0;
     int64_t qat_steps = 0;  // per cell

@@ -86,8 +86,8 @@ Panel loss_panel(const RunRecord& run) {
 
 Panel top1_panel(const RunRecord& run) {
     Panel p = epoch_panel(run, "Top-1 per epoch", "top-1 (%)");
-    p.lines.push_back(epoch_line("train", run, kTrainColour,
-                                 [](const Json& e) { return 100 * number_or_nan(e, "train_top1"); }));
+    p.lines.push_back(
+        epoch_line("train", run, kTrainColour, [](const Json& e) { return 100 * number_or_nan(e, "train_top1"); }));
     p.lines.push_back(epoch_line("test", run, kTestColour,
                                  [](const Json& e) { return 100 * number_or_nan(e.value("test", Json()), "top1"); }));
     if (!run.qat.epochs.empty()) {
@@ -124,20 +124,25 @@ std::string model_name(const RunRecord& run) {
     const Json model = start_value(run, "model", Json());
     if (!model.is_object()) return "MobileNet";
     const std::string arch = model.value("arch", std::string());
-    return cat(arch == "mobilenet_v1" ? "MobileNetV1" : arch == "mobilenet_v2" ? "MobileNetV2" : arch, " x",
-               model.value("width", 0.0));
+    return cat(arch == "mobilenet_v1"   ? "MobileNetV1"
+               : arch == "mobilenet_v2" ? "MobileNetV2"
+                                        : arch,
+               " x", model.value("width", 0.0));
 }
 
 std::string figure_title(const RunRecord& run) {
     const std::string quantizer = config_value(run, "quantizer", std::string("none"));
-    std::string t = cat(model_name(run), " on ", start_value(run, "data", std::string("?")),
-                        ": float ", last_epoch(run.float_stage), "/", config_value(run, "epochs", 0), " epochs");
+    std::string t = cat(model_name(run), " on ", start_value(run, "data", std::string("?")), ": float ",
+                        last_epoch(run.float_stage), "/", config_value(run, "epochs", 0), " epochs");
     if (quantizer != "none")
         t += cat(", ", quantizer, " ", config_value(run, "bits", 0), "-bit QAT ", last_epoch(run.qat), "/",
                  config_value(run, "qat-epochs", 0), " epochs");
-    if (run.finished) t += " (finished)";
-    else if (run.stopped_at >= 0) t += cat(" (stopped at step ", run.stopped_at, ")");
-    else t += " (not finished)";
+    if (run.finished)
+        t += " (finished)";
+    else if (run.stopped_at >= 0)
+        t += cat(" (stopped at step ", run.stopped_at, ")");
+    else
+        t += " (not finished)";
     if (run.truncated) t += ", last line of metrics.jsonl cut short";
     return t;
 }

@@ -59,7 +59,7 @@ RunRecord read_run_log(const std::string& path);
 struct ExponentTrace {
     std::string layer;
     int64_t group = 0;
-    bool per_channel = false;    // the layer has a scale per output channel: group is a channel
+    bool per_channel = false;  // the layer has a scale per output channel: group is a channel
     FlipCounts flips;
     std::vector<int> exponents;  // at each step of the stage's steps
 };

@@ -32,12 +32,13 @@ std::optional<Json> finished_result(const fs::path& job, const TrainConfig& conf
     if (!fs::exists(path)) return std::nullopt;
     std::ifstream in(path);
     Json j = Json::parse(in, nullptr, /*allow_exceptions=*/false);
-    HFQ_CHECK(j.is_object() && j.contains("config"), path, ": not a study result (delete the folder ",
-              job.string(), " to run it again)");
+    HFQ_CHECK(j.is_object() && j.contains("config"), path, ": not a study result (delete the folder ", job.string(),
+              " to run it again)");
     TrainConfig stored;
     stored.apply_json(j.at("config").dump(), path);
     const std::vector<std::string> changed = TrainConfig::training_differences(config, stored);
-    HFQ_CHECK(changed.empty(), "qat_study: ", path, " was made with other settings (--", changed.empty() ? "" : changed[0],
+    HFQ_CHECK(changed.empty(), "qat_study: ", path, " was made with other settings (--",
+              changed.empty() ? "" : changed[0],
               " differs: ", changed.empty() ? "" : Json::parse(stored.to_json()).at(changed[0]).dump(), " there, ",
               changed.empty() ? "" : Json::parse(config.to_json()).at(changed[0]).dump(),
               " now); use another --out, or delete ", job.string(), " to run it again");
@@ -48,8 +49,10 @@ std::optional<Json> finished_result(const fs::path& job, const TrainConfig& conf
 // invocation stopped inside it.
 RunResult run_or_resume(TrainConfig config, const fs::path& job) {
     const std::string run = run_folder(job);
-    if (fs::exists(fs::path(run) / "checkpoint.safetensors")) config.resume = run;
-    else fs::remove_all(run);  // stopped before its first checkpoint: nothing to keep
+    if (fs::exists(fs::path(run) / "checkpoint.safetensors"))
+        config.resume = run;
+    else
+        fs::remove_all(run);  // stopped before its first checkpoint: nothing to keep
     config.out = run;
     const RunResult r = run_training(config);
     // The pool keeps freed blocks for the next step of the same shapes; the
@@ -123,8 +126,7 @@ StudyOutcome run_study(const StudyOptions& options_in, const std::function<void(
     auto interrupted = [&](const RunResult& r) {
         outcome.interrupted = true;
         outcome.signal = r.signal;
-        say(cat("Stopped in ", r.out_dir, " at step ", r.global_step,
-                "; run the same command again to continue."));
+        say(cat("Stopped in ", r.out_dir, " at step ", r.global_step, "; run the same command again to continue."));
         return outcome;
     };
 
@@ -155,9 +157,10 @@ StudyOutcome run_study(const StudyOptions& options_in, const std::function<void(
         policy_config.quantizer = "msqe-po2";
         const std::vector<DepthwiseLayer> dw = depthwise_layers(f.checkpoint, policy_config.quant_policy());
         f.histogram_layer = o.histogram_layer.empty() ? most_outlier_heavy(dw).name : o.histogram_layer;
-        HFQ_CHECK(std::any_of(dw.begin(), dw.end(), [&](const DepthwiseLayer& d) { return d.name == f.histogram_layer; }),
-                  "qat_study: --histogram-layer ", f.histogram_layer, " is not a depthwise convolution of ",
-                  f.model_name, " (e.g. ", dw.empty() ? std::string("none") : dw.front().name, ")");
+        HFQ_CHECK(
+            std::any_of(dw.begin(), dw.end(), [&](const DepthwiseLayer& d) { return d.name == f.histogram_layer; }),
+            "qat_study: --histogram-layer ", f.histogram_layer, " is not a depthwise convolution of ", f.model_name,
+            " (e.g. ", dw.empty() ? std::string("none") : dw.front().name, ")");
         floats.push_back(f);
     }
 
@@ -166,8 +169,8 @@ StudyOutcome run_study(const StudyOptions& options_in, const std::function<void(
     std::vector<CellResult> results;
     for (size_t i = 0; i < grid.size(); ++i) {
         const CellSpec& cell = grid[i];
-        const FloatModel& f = *std::find_if(floats.begin(), floats.end(),
-                                            [&](const FloatModel& m) { return m.arch == cell.arch; });
+        const FloatModel& f =
+            *std::find_if(floats.begin(), floats.end(), [&](const FloatModel& m) { return m.arch == cell.arch; });
         const fs::path job = out / "cells" / cell.id();
         const TrainConfig config = cell_train_config(o, cell, f.checkpoint, run_folder(job), data.qat_steps);
         if (const std::optional<Json> stored = finished_result(job, config)) {

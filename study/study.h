@@ -24,10 +24,10 @@ namespace hfq::study {
 struct StudyOutcome {
     bool interrupted = false;
     int signal = 0;
-    int cells_run = 0;      // trained (or resumed) by this invocation
-    int cells_reused = 0;   // finished earlier
+    int cells_run = 0;            // trained (or resumed) by this invocation
+    int cells_reused = 0;         // finished earlier
     bool floats_trained = false;  // a float model was trained (or resumed) by this invocation
-    std::string report;     // report.md, when written
+    std::string report;           // report.md, when written
     std::vector<FigureFile> figures;
 };
 

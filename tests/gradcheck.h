@@ -128,8 +128,8 @@ inline std::vector<GradientPoint> gradient_points(const OpFn& f, const std::vect
             const Tensor up = output_at(h), down = output_at(-h);
             const double steps = (double(x0 + h) - x0) + (x0 - double(x0 - h));  // h+ + h-
             const double numeric = (weighted_sum(up, r) - weighted_sum(down, r)) / steps;
-            const double bound = opt.tolerance * std::fabs(numeric) + rounding_of_difference(up, down, r) / steps +
-                                 opt.abs_tolerance;
+            const double bound =
+                opt.tolerance * std::fabs(numeric) + rounding_of_difference(up, down, r) / steps + opt.abs_tolerance;
             points.push_back({i, j, analytic.f32()[j], numeric, bound});
         }
     }
@@ -149,8 +149,8 @@ inline void check_gradients(const OpFn& f, const std::vector<Tensor>& inputs, Gr
     const std::vector<GradientPoint> points = gradient_points(f, inputs, opt);
     if (std::getenv("HFQ_SHOW_ERRORS")) MESSAGE("gradient check: worst |a - q| / bound = ", worst_ratio(points));
     for (const GradientPoint& p : points) {
-        INFO("input ", p.input, " element ", p.element, ": analytic ", p.analytic, " numeric ", p.numeric,
-             " bound ", p.bound);
+        INFO("input ", p.input, " element ", p.element, ": analytic ", p.analytic, " numeric ", p.numeric, " bound ",
+             p.bound);
         CHECK(p.ratio() <= 1.0);
     }
 }

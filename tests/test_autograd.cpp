@@ -46,9 +46,8 @@ Variable plus(const Variable& a, const Variable& b) {
 
 Variable total(const Variable& x) {
     Tensor y = Tensor::full({1}, static_cast<float>(sum_f64(x.value())));
-    return make_result(y, "total", {x}, [x](const Tensor& dy) {
-        x.accumulate_grad(Tensor::full(x.shape(), dy.item()));
-    });
+    return make_result(y, "total", {x},
+                       [x](const Tensor& dy) { x.accumulate_grad(Tensor::full(x.shape(), dy.item())); });
 }
 
 // y = -x, writing dx over dy through gradient_buffer; counts how often it
@@ -106,10 +105,10 @@ TEST_CASE("gradients accumulate where a value is used twice (residual add)") {
 
 TEST_CASE("a diamond graph: every path contributes exactly once") {
     Variable x(Tensor::from_vector({1}, {2}), true);
-    Variable a = square(x);          // x^2
-    Variable b = times(a, x);        // x^3
-    Variable c = plus(a, b);         // x^2 + x^3
-    Variable d = times(c, a);        // x^4 + x^5
+    Variable a = square(x);    // x^2
+    Variable b = times(a, x);  // x^3
+    Variable c = plus(a, b);   // x^2 + x^3
+    Variable d = times(c, a);  // x^4 + x^5
     d.backward();
     // Products and sums of small integers: exact in float.
     CHECK(x.grad().item() == 4 * 8 + 5 * 16);
@@ -197,7 +196,7 @@ TEST_CASE("op_profile charges each op's forward and backward to its name and out
     CHECK(by_name.at("autograd bookkeeping").calls == std::array<int64_t, 2>{0, 4});
     CHECK(entries.front().name == "slow [3]");  // the most expensive first
     CHECK(sum <= elapsed);                      // the spans do not overlap
-    CHECK(x.grad().f32()[0] == 8.0f);  // the profile changes no numbers: d(x^2)/dx = 4, twice
+    CHECK(x.grad().f32()[0] == 8.0f);           // the profile changes no numbers: d(x^2)/dx = 4, twice
 
     // Off: nothing is recorded.
     total(square(x)).backward();

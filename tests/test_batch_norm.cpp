@@ -79,9 +79,9 @@ TEST_CASE("batch_norm training: zero mean, unit variance, then the affine") {
     const Tensor z_bound = normalised_bound(x, in, gamma, beta, 1e-3f);
     testing::check_within_bound("batch statistics", z.value(), normalised(x, in, gamma, beta, 1e-3f), z_bound);
     const ChannelStats initial{std::vector<double>(6, 0.0), std::vector<double>(6, 1.0)};
-    testing::check_far_outside("the initial running statistics instead of the batch's",
-                               testing::worst_bound_ratio(z.value(), normalised(x, initial, gamma, beta, 1e-3f),
-                                                          z_bound));
+    testing::check_far_outside(
+        "the initial running statistics instead of the batch's",
+        testing::worst_bound_ratio(z.value(), normalised(x, initial, gamma, beta, 1e-3f), z_bound));
 }
 
 TEST_CASE("batch_norm training: a large channel mean costs no precision") {
@@ -107,9 +107,9 @@ TEST_CASE("batch_norm training: a large channel mean costs no precision") {
         in_float.mean[c] = m;
         in_float.var[c] = std::max(var, 0.0f);
     }
-    testing::check_far_outside("statistics summed in float",
-                               testing::worst_bound_ratio(y.value(), normalised(x, in_float, gamma, beta, 1e-5f),
-                                                          bound));
+    testing::check_far_outside(
+        "statistics summed in float",
+        testing::worst_bound_ratio(y.value(), normalised(x, in_float, gamma, beta, 1e-5f), bound));
 }
 
 TEST_CASE("batch_norm running statistics follow PyTorch's update over two steps") {

@@ -65,9 +65,9 @@ struct Bounds {
 Bounds fused_vs_unfused(const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& beta, bool training,
                         const Run& f) {
     const int64_t channels = gamma.numel(), rows = x.numel() / channels;
-    const testing::ChannelStats st = training ? testing::channel_stats(x)
-                                              : testing::ChannelStats{std::vector<double>(channels, 0.25),
-                                                                      std::vector<double>(channels, 1.5)};
+    const testing::ChannelStats st =
+        training ? testing::channel_stats(x)
+                 : testing::ChannelStats{std::vector<double>(channels, 0.25), std::vector<double>(channels, 1.5)};
     Bounds b{testing::bound_from(testing::batch_norm_magnitude(x, gamma, beta, st, 1e-4f), 2 * testing::gamma_n(6), 1),
              Tensor::empty(x.shape()), std::vector<double>(channels, 0.0), std::vector<double>(channels, 0.0)};
     std::vector<double> sum_dy(channels, 0.0), sum_dy_x(channels, 0.0);
@@ -191,7 +191,8 @@ TEST_CASE("batch_norm and batch_norm_relu6 give the same gradients when they wri
             for (bool seed_is_dy : {true, false}) {
                 Variable xv(x, true), g(gamma, true), b(beta, true);
                 Tensor rm = Tensor::zeros({16}), rv = Tensor::full({16}, 1.0f);
-                Variable y = fused ? batch_norm_relu6(xv, g, b, rm, rv, training) : batch_norm(xv, g, b, rm, rv, training);
+                Variable y =
+                    fused ? batch_norm_relu6(xv, g, b, rm, rv, training) : batch_norm(xv, g, b, rm, rv, training);
                 if (!seed_is_dy) y = mul_channel(y, Variable(Tensor::full({16}, 1.0f)));
                 y.backward(dy);
                 dx.push_back(xv.grad().to_vector());

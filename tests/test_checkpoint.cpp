@@ -150,10 +150,10 @@ TEST_CASE("mismatched files: errors name the tensor, the model is left unchanged
     SUBCASE("missing tensor") {
         tensors.erase(tensors.begin() + 10);
         write_safetensors(path, tensors);
-        CHECK_THROWS_WITH_AS(load_checkpoint(path, *target),
-                             doctest::Contains(("the model's tensor '" + original[10].first +
-                                            "' is missing from the file").c_str()),
-                             Error);
+        CHECK_THROWS_WITH_AS(
+            load_checkpoint(path, *target),
+            doctest::Contains(("the model's tensor '" + original[10].first + "' is missing from the file").c_str()),
+            Error);
         expect_unchanged();
     }
     SUBCASE("unexpected tensor") {
@@ -166,8 +166,9 @@ TEST_CASE("mismatched files: errors name the tensor, the model is left unchanged
     SUBCASE("bad metadata") {
         write_safetensors(path, tensors, {{kModelConfigKey, R"({"arch":"v3"})"}, {kPreprocessingKey, "{]"}});
         const SafetensorsFile f = read_safetensors(path);
-        CHECK_THROWS_WITH_AS(checkpoint_model_config(f), doctest::Contains("metadata 'hfq.model': model config: "
-                                                                           "unknown arch 'v3'"),
+        CHECK_THROWS_WITH_AS(checkpoint_model_config(f),
+                             doctest::Contains("metadata 'hfq.model': model config: "
+                                               "unknown arch 'v3'"),
                              Error);
         CHECK_THROWS_WITH_AS(checkpoint_preprocessing(f), doctest::Contains("not a JSON object"), Error);
     }
@@ -243,10 +244,11 @@ TEST_CASE("preprocessing metadata") {
     const Preprocessing p;
     CHECK(p.to_json() == R"({"resize_size":256,"crop_size":224,"mean":[0.485,0.456,0.406],"std":[0.229,0.224,0.225]})");
     CHECK(Preprocessing::from_json(p.to_json()).to_json() == p.to_json());
-    const Preprocessing grey = Preprocessing::from_json(R"({"resize_size":32,"crop_size":28,"mean":[0.286],"std":[0.353]})");
+    const Preprocessing grey =
+        Preprocessing::from_json(R"({"resize_size":32,"crop_size":28,"mean":[0.286],"std":[0.353]})");
     CHECK(grey.mean.size() == 1);
-    CHECK_THROWS_WITH_AS(Preprocessing::from_json(R"({"crop_size":300})"), doctest::Contains("crop_size <= resize_size"),
-                         Error);
+    CHECK_THROWS_WITH_AS(Preprocessing::from_json(R"({"crop_size":300})"),
+                         doctest::Contains("crop_size <= resize_size"), Error);
     CHECK_THROWS_WITH_AS(Preprocessing::from_json(R"({"mean":[0.5]})"), doctest::Contains("one value per channel"),
                          Error);
     CHECK_THROWS_WITH_AS(Preprocessing::from_json(R"({"std":[1, 0, 1]})"), doctest::Contains("positive"), Error);

@@ -86,7 +86,10 @@ const Case kCases[] = {
     {"depthwise 5x5, stride 2, pad 2", {1, 9, 8, 13}, {13, 1, 5, 5}, {2, 2, false, 13}, {5, 4, 2, 2}},
     {"depthwise SAME 5x5 stride 1", {1, 4, 3, 8}, {8, 1, 5, 5}, {1, 0, true, 8}, {4, 3, 2, 2}},
     {"depthwise 3x3, stride 2, no padding", {1, 8, 9, 16}, {16, 1, 3, 3}, {2, 0, false, 16}, {3, 4, 0, 0}},
-    {"depthwise 3x3 on a 1x1 image (a small network's tail)", {3, 1, 1, 16}, {16, 1, 3, 3}, {1, 1, false, 16},
+    {"depthwise 3x3 on a 1x1 image (a small network's tail)",
+     {3, 1, 1, 16},
+     {16, 1, 3, 3},
+     {1, 1, false, 16},
      {1, 1, 1, 1}},
     {"depthwise 3x3, stride 2 on a 2x2 image", {2, 2, 2, 9}, {9, 1, 3, 3}, {2, 1, false, 9}, {1, 1, 1, 1}},
     {"depthwise 7x7", {1, 5, 5, 8}, {8, 1, 7, 7}, {1, 3, false, 8}, {5, 5, 3, 3}},
@@ -124,11 +127,9 @@ TEST_CASE("conv2d forward equals a direct convolution loop") {
             // The loop with the window shifted one column (a wrong padding).
             Expected shifted = c.e;
             shifted.pad_left += 1;
-            testing::check_far_outside("conv2d vs the loop with a wrong padding",
-                                       testing::worst_bound_ratio(y.value(),
-                                                                  reference_conv(x, w, b, c.p.stride, c.p.groups,
-                                                                                 shifted),
-                                                                  bound));
+            testing::check_far_outside(
+                "conv2d vs the loop with a wrong padding",
+                testing::worst_bound_ratio(y.value(), reference_conv(x, w, b, c.p.stride, c.p.groups, shifted), bound));
         }
     }
 }
@@ -171,7 +172,9 @@ TEST_CASE("conv2d rejects bad arguments with a message naming conv2d and the pro
     const Variable x(random_tensor({1, 5, 5, 4}, 1));
     const Variable w(random_tensor({6, 4, 3, 3}, 2));
     const Conv2dParams p{1, 1, false, 1};
-    auto with = [](int stride, int padding, bool same, int groups) { return Conv2dParams{stride, padding, same, groups}; };
+    auto with = [](int stride, int padding, bool same, int groups) {
+        return Conv2dParams{stride, padding, same, groups};
+    };
 
     CHECK_THROWS_WITH_AS(conv2d(Variable(random_tensor({5, 5, 4}, 1)), w, Variable(), p),
                          doctest::Contains("conv2d: x must be NHWC"), Error);
@@ -184,8 +187,7 @@ TEST_CASE("conv2d rejects bad arguments with a message naming conv2d and the pro
     CHECK_THROWS_WITH_AS(conv2d(x, Variable(random_tensor({6, 1, 3, 3}, 2)), Variable(), with(1, 1, false, 3)),
                          doctest::Contains("conv2d: groups 3 must divide"), Error);
     CHECK_THROWS_WITH_AS(conv2d(x, Variable(random_tensor({6, 4, 9, 3}, 2)), Variable(), p),
-                         doctest::Contains("conv2d: kernel height 9 is larger than the padded input height 5"),
-                         Error);
+                         doctest::Contains("conv2d: kernel height 9 is larger than the padded input height 5"), Error);
     CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(), with(0, 1, false, 1)), doctest::Contains("conv2d: stride"), Error);
     CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(), with(1, -1, false, 1)), doctest::Contains("conv2d: padding"), Error);
     CHECK_THROWS_WITH_AS(conv2d(x, w, Variable(), with(1, 1, true, 1)), doctest::Contains("conv2d: same_padding"),
@@ -261,9 +263,8 @@ TEST_CASE("pointwise conv2d: output and every gradient do not depend on the thre
     // Shapes of a small network's tail (few rows, many columns: dW in row
     // blocks) and of large images (many row tiles; dW in chunks of rows from
     // 16384 rows on: 80000 here).
-    const std::vector<std::pair<Shape, Shape>> shapes{{{32, 1, 1, 256}, {512, 256, 1, 1}},
-                                                      {{4, 48, 48, 16}, {24, 16, 1, 1}},
-                                                      {{2, 200, 200, 8}, {8, 8, 1, 1}}};
+    const std::vector<std::pair<Shape, Shape>> shapes{
+        {{32, 1, 1, 256}, {512, 256, 1, 1}}, {{4, 48, 48, 16}, {24, 16, 1, 1}}, {{2, 200, 200, 8}, {8, 8, 1, 1}}};
     const int threads_before = compute_threads();
     for (const auto& [xs, ws] : shapes) {
         const Tensor x = random_tensor(xs, 1), w = random_tensor(ws, 2), b = random_tensor({ws[0]}, 4);

@@ -182,7 +182,8 @@ TEST_CASE("random_resized_crop follows torchvision's rules") {
         REQUIRE(c.y + c.height <= 375);
         const double area = double(c.width) * c.height / (500.0 * 375.0);
         const double ratio = double(c.width) / c.height;
-        if (c.width == 500 && c.height == 375) ++fallbacks;  // 4:3 fits the ratio range: whole image
+        if (c.width == 500 && c.height == 375)
+            ++fallbacks;  // 4:3 fits the ratio range: whole image
         else {
             CHECK(area >= 0.08 * 0.95);
             CHECK(area <= 1.0);
@@ -213,8 +214,8 @@ TEST_CASE("random_resized_crop follows torchvision's rules") {
     CHECK(t.height == 16);
     CHECK(t.y == 492);
 
-    CHECK_THROWS_WITH_AS(random_resized_crop(10, 10, {0.5, 0.2, 0.75, 1.33}, rng),
-                         doctest::Contains("scale range"), Error);
+    CHECK_THROWS_WITH_AS(random_resized_crop(10, 10, {0.5, 0.2, 0.75, 1.33}, rng), doctest::Contains("scale range"),
+                         Error);
 }
 
 TEST_CASE("center_crop is the region Resize(size / 0.875) + CenterCrop(size) keeps") {
@@ -250,7 +251,7 @@ TEST_CASE("resize_image box-filters strong shrinks instead of skipping pixels") 
     resize_image(checker, 2, 2, out);  // 4x shrink: INTER_AREA averages the 16 pixels
     for (int y = 0; y < 2; ++y)
         for (int x = 0; x < 2; ++x) CHECK(std::abs(out.at<uint8_t>(y, x) - 128) <= 1);  // 127.5, rounded either way
-    resize_image(checker, 8, 8, out);  // same size: a copy
+    resize_image(checker, 8, 8, out);                                                   // same size: a copy
     CHECK(cv::countNonZero(out != checker) == 0);
 }
 
@@ -280,8 +281,8 @@ TEST_CASE("write_normalized: normalization, flip, zero padding, channel replicat
 
     // Window shifted by (+1, -1): row -1 and column 3 are padding (pixel 0).
     write_normalized(rgb, 1, -1, false, norm, 2, 3, 3, out.data());
-    CHECK(out[0] == expect(0, 0));               // (0, 0) <- row -1: padding
-    CHECK(out[(1 * 3 + 0) * 3] == expect(1, 0));  // (1, 0) <- pixel (0, 1)
+    CHECK(out[0] == expect(0, 0));                    // (0, 0) <- row -1: padding
+    CHECK(out[(1 * 3 + 0) * 3] == expect(1, 0));      // (1, 0) <- pixel (0, 1)
     CHECK(out[(1 * 3 + 2) * 3 + 1] == expect(0, 1));  // (1, 2) <- column 3: padding
 
     cv::Mat gray(1, 2, CV_8UC1);

@@ -12,8 +12,8 @@
 #include "test_data_util.h"
 
 using namespace hfq;
-using hfq::test::TempDir;
 using hfq::test::read_bytes;
+using hfq::test::TempDir;
 using hfq::test::write_bytes;
 
 namespace {
@@ -93,7 +93,7 @@ TEST_CASE("normalized training pixels have mean 0 and standard deviation 1") {
     const FashionMnist& train = train_set();
     CHECK(train.sample_shape() == Shape{28, 28, 1});
     std::vector<float> out(28 * 28);
-    double sum = 0, sum_sq = 0;      // of the loader's normalized values
+    double sum = 0, sum_sq = 0;         // of the loader's normalized values
     int64_t pixels = 0, pixels_sq = 0;  // of the raw 8-bit pixels, exact
     Rng rng;
     for (int64_t i = 0; i < train.size(); ++i) {
@@ -198,7 +198,8 @@ TEST_CASE("damaged copies of the files are refused with the file named") {
     write_gz(dir / images, bad);
     CHECK(error_of(o) == dir / images + ": images are 32x28, expected 28x28");
 
-    bad.assign(pixels.begin(), pixels.begin() + 16 + 100);  // a valid gzip stream, 100 pixel bytes short of 10000 images
+    bad.assign(pixels.begin(),
+               pixels.begin() + 16 + 100);  // a valid gzip stream, 100 pixel bytes short of 10000 images
     write_gz(dir / images, bad);
     CHECK(error_of(o) == dir / images + ": truncated: the file ends after 100 of the 7840000 bytes of its pixels");
 

@@ -69,12 +69,13 @@ struct ImageNetTree {
     ImageNetTree() {
         // Written out of order: the class index must come from sorting.
         write_bytes(root + "/train/n02/b1.JPEG", encode_jpeg(solid_rgb(80, 60, 20, 40, 220)));
-        write_bytes(root + "/train/n02/notes.txt", {'h', 'i'});          // not an image: ignored
-        write_bytes(root + "/train/n02/.hidden.JPEG", {0, 1, 2});       // hidden: ignored
+        write_bytes(root + "/train/n02/notes.txt", {'h', 'i'});    // not an image: ignored
+        write_bytes(root + "/train/n02/.hidden.JPEG", {0, 1, 2});  // hidden: ignored
         write_bytes(root + "/train/n01/a1.JPEG", encode_jpeg(solid_rgb(64, 48, 200, 30, 40)));
         write_bytes(root + "/train/n01/a2_gray.JPEG", encode_jpeg(cv::Mat(50, 70, CV_8UC1, cv::Scalar(120))));
         // CMYK (Adobe-inverted: stored 255 - ink) of ink (0, 255, 0, 55): R = B = 200, G = 0.
-        write_bytes(root + "/train/n01/a3_cmyk.JPEG", encode_jpeg(cv::Mat(40, 40, CV_8UC4, cv::Scalar(255, 0, 255, 200))));
+        write_bytes(root + "/train/n01/a3_cmyk.JPEG",
+                    encode_jpeg(cv::Mat(40, 40, CV_8UC4, cv::Scalar(255, 0, 255, 200))));
         write_bytes(root + "/train/n01/a4_png.JPEG", encode_png(solid_rgb(30, 40, 10, 250, 90)));
         write_bytes(root + "/train/n03/deeper/c1.jpg", encode_jpeg(solid_rgb(60, 60, 128, 128, 128)));
 
@@ -103,9 +104,9 @@ TEST_CASE("ImageNet train layout: sorted wnids give the class index; every file 
     CHECK(train.name(5).ends_with("n03/deeper/c1.jpg"));
 
     // Solid colours make the expected output exact: RGB order and ImageNet normalization.
-    CHECK(all_pixels_near(load(train, 0), 200, 30, 40));  // RGB JPEG
-    CHECK(all_pixels_near(load(train, 1), 120, 120, 120));  // grayscale JPEG
-    CHECK(all_pixels_near(load(train, 2), 200, 0, 200));  // CMYK JPEG
+    CHECK(all_pixels_near(load(train, 0), 200, 30, 40));        // RGB JPEG
+    CHECK(all_pixels_near(load(train, 1), 120, 120, 120));      // grayscale JPEG
+    CHECK(all_pixels_near(load(train, 2), 200, 0, 200));        // CMYK JPEG
     CHECK(all_pixels_near(load(train, 3), 10, 250, 90, 0.5f));  // PNG named .JPEG: lossless
     CHECK(all_pixels_near(load(train, 4), 20, 40, 220));
 }
@@ -123,8 +124,8 @@ TEST_CASE("ImageNet val: flat folder with LOC_val_solution.csv, or class folders
     // Two-column list: labels as class names or indices.
     std::ofstream(tree.dir / "labels.csv") << "ILSVRC2012_val_00000002.JPEG,2\n\n"
                                               "ILSVRC2012_val_00000001.JPEG, n02\n";
-    const ImageFolder listed =
-        ImageFolder::from_flat_folder(tree.root + "/val", tree.dir / "labels.csv", list_class_folders(tree.root + "/train"), eval_options(8));
+    const ImageFolder listed = ImageFolder::from_flat_folder(tree.root + "/val", tree.dir / "labels.csv",
+                                                             list_class_folders(tree.root + "/train"), eval_options(8));
     REQUIRE(listed.size() == 2);
     CHECK(listed.label(0) == 1);  // ..._00000001 -> n02
     CHECK(listed.label(1) == 2);
@@ -142,8 +143,9 @@ TEST_CASE("ImageNet val: flat folder with LOC_val_solution.csv, or class folders
 TEST_CASE("missing or empty folders and bad ground truth fail clearly") {
     ImageNetTree tree;
     const auto opts = eval_options(8);
-    CHECK(error_of([&] { ImageFolder::imagenet(tree.dir / "nowhere", "train", opts); }).find("nowhere/train does not exist") !=
-          std::string::npos);
+    CHECK(error_of([&] {
+              ImageFolder::imagenet(tree.dir / "nowhere", "train", opts);
+          }).find("nowhere/train does not exist") != std::string::npos);
     CHECK(error_of([&] { ImageFolder::imagenet(tree.root, "test", opts); }).find("split must be") != std::string::npos);
 
     std::filesystem::create_directories(tree.root + "/train/n04");
@@ -152,8 +154,9 @@ TEST_CASE("missing or empty folders and bad ground truth fail clearly") {
     std::filesystem::remove(tree.root + "/train/n04");
 
     std::filesystem::create_directories(tree.dir / "flat_only");
-    CHECK(error_of([&] { ImageFolder::from_class_folders(tree.dir / "flat_only", opts); }).find("has no class sub-folders") !=
-          std::string::npos);
+    CHECK(error_of([&] {
+              ImageFolder::from_class_folders(tree.dir / "flat_only", opts);
+          }).find("has no class sub-folders") != std::string::npos);
 
     write_bytes(tree.dir / "v/val/n99/q.JPEG", encode_jpeg(solid_rgb(8, 8, 1, 2, 3)));
     CHECK(error_of([&] {
@@ -162,9 +165,8 @@ TEST_CASE("missing or empty folders and bad ground truth fail clearly") {
 
     const auto classes = std::vector<std::string>{"n01", "n02", "n03"};
     std::ofstream(tree.dir / "missing.csv") << "ILSVRC2012_val_00000001.JPEG,n01\nILSVRC2012_val_00000009.JPEG,n01\n";
-    const std::string missing = error_of([&] {
-        ImageFolder::from_flat_folder(tree.root + "/val", tree.dir / "missing.csv", classes, opts);
-    });
+    const std::string missing =
+        error_of([&] { ImageFolder::from_flat_folder(tree.root + "/val", tree.dir / "missing.csv", classes, opts); });
     CHECK(missing.find("missing.csv:2") != std::string::npos);
     CHECK(missing.find("ILSVRC2012_val_00000009.JPEG does not exist") != std::string::npos);
 
@@ -242,7 +244,8 @@ TEST_CASE("Loader over an ImageFolder: identical batches for 1, 2 and 3 threads"
     TempDir dir;
     for (int c = 0; c < 3; ++c)
         for (int k = 0; k < 7; ++k)
-            write_bytes(dir / cat("t/n0", c, "/", k, ".JPEG"), encode_jpeg(gradient_rgb(120 + 9 * k, 90 + 5 * c, 40 * c)));
+            write_bytes(dir / cat("t/n0", c, "/", k, ".JPEG"),
+                        encode_jpeg(gradient_rgb(120 + 9 * k, 90 + 5 * c, 40 * c)));
     auto ds = std::make_shared<ImageFolder>(ImageFolder::from_class_folders(dir / "t", transform_options(24)));
     LoaderOptions options;
     options.batch_size = 4;
@@ -271,10 +274,11 @@ TEST_CASE("Loader over an ImageFolder: identical batches for 1, 2 and 3 threads"
 
 TEST_CASE("corrupt and truncated files are skipped, counted, logged once, and replaced by a real image") {
     TempDir dir;
-    for (int k = 0; k < 10; ++k) write_bytes(dir / cat("t/n01/", k, ".JPEG"), encode_jpeg(gradient_rgb(60 + k, 50, 20 * k)));
+    for (int k = 0; k < 10; ++k)
+        write_bytes(dir / cat("t/n01/", k, ".JPEG"), encode_jpeg(gradient_rgb(60 + k, 50, 20 * k)));
     const auto good = read_bytes(dir / "t/n01/3.JPEG");
     write_bytes(dir / "t/n01/3.JPEG", std::vector<uint8_t>(good.begin(), good.begin() + good.size() / 2));  // truncated
-    write_bytes(dir / "t/n01/7.JPEG", std::vector<uint8_t>(300, 0x5A));                                   // corrupt bytes
+    write_bytes(dir / "t/n01/7.JPEG", std::vector<uint8_t>(300, 0x5A));  // corrupt bytes
     auto ds = std::make_shared<ImageFolder>(ImageFolder::from_class_folders(dir / "t", transform_options(16)));
     REQUIRE(ds->size() == 10);
     CHECK_THROWS_AS(load(*ds, 3), UnreadableSample);
@@ -336,6 +340,7 @@ TEST_CASE("corrupt and truncated files are skipped, counted, logged once, and re
     std::cerr.rdbuf(saved);
     INFO(error);
     CHECK(error.starts_with("stopping: 2 of the 10 images could not be read (the first: "));
-    CHECK(error.find("; --max-bad-fraction 0.1 allows 1 of 10. Fix or remove the files, or raise --max-bad-fraction.") !=
-          std::string::npos);
+    CHECK(
+        error.find("; --max-bad-fraction 0.1 allows 1 of 10. Fix or remove the files, or raise --max-bad-fraction.") !=
+        std::string::npos);
 }

@@ -187,8 +187,9 @@ TEST_CASE("unreadable samples are replaced by the next index and counted; too ma
     {
         Loader loader(ds, options);
         CHECK(loader.next().has_value());
-        CHECK_THROWS_WITH_AS(loader.next(), doctest::Contains("stopping: 3 of the 20 images could not be read (the "
-                                                              "first: sample6: bad bytes)"),
+        CHECK_THROWS_WITH_AS(loader.next(),
+                             doctest::Contains("stopping: 3 of the 20 images could not be read (the "
+                                               "first: sample6: bad bytes)"),
                              Error);
     }
 
@@ -199,8 +200,9 @@ TEST_CASE("unreadable samples are replaced by the next index and counted; too ma
         CHECK(strict.next().has_value());
         CHECK(strict.next().has_value());
         CHECK(strict.next().has_value());
-        CHECK_THROWS_WITH_AS(strict.next(), doctest::Contains("1 of the 20 images could not be read (the first: "
-                                                              "sample19: bad bytes); --max-bad-fraction 0 allows 0 of 20"),
+        CHECK_THROWS_WITH_AS(strict.next(),
+                             doctest::Contains("1 of the 20 images could not be read (the first: "
+                                               "sample19: bad bytes); --max-bad-fraction 0 allows 0 of 20"),
                              Error);
     }
 
@@ -210,8 +212,9 @@ TEST_CASE("unreadable samples are replaced by the next index and counted; too ma
     for (int64_t i = 0; i < 20; ++i) ds->unreadable.insert(i);
     {
         Loader hopeless(ds, options);
-        CHECK_THROWS_WITH_AS(hopeless.next(), doctest::Contains("20 of the 20 images could not be read (the first: "
-                                                                "sample0: bad bytes); --max-bad-fraction 1 allows 19 of 20"),
+        CHECK_THROWS_WITH_AS(hopeless.next(),
+                             doctest::Contains("20 of the 20 images could not be read (the first: "
+                                               "sample0: bad bytes); --max-bad-fraction 1 allows 19 of 20"),
                              Error);
     }
 
@@ -255,7 +258,7 @@ TEST_CASE("the loader shuts down promptly when the consumer stops early") {
     }  // queue full or a batch in flight: must not hang
     { Loader never_read(ds, options); }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    CHECK(seconds < 0.5);          // 2000 loads would take >= 0.5 s
+    CHECK(seconds < 0.5);           // 2000 loads would take >= 0.5 s
     CHECK(ds->loads.load() < 200);  // only the prefetched batches were loaded
 }
 
@@ -265,8 +268,8 @@ TEST_CASE("bad loader settings fail clearly") {
     CHECK_THROWS_WITH_AS(make({.batch_size = 0}), doctest::Contains("batch_size must be positive"), Error);
     CHECK_THROWS_WITH_AS(make({.threads = 0}), doctest::Contains("threads must be at least 1"), Error);
     CHECK_THROWS_WITH_AS(make({.prefetch_batches = 0}), doctest::Contains("prefetch_batches"), Error);
-    CHECK_THROWS_WITH_AS(make({.max_bad_fraction = 1.5}), doctest::Contains("max_bad_fraction must be in [0, 1], got 1.5"),
-                         Error);
+    CHECK_THROWS_WITH_AS(make({.max_bad_fraction = 1.5}),
+                         doctest::Contains("max_bad_fraction must be in [0, 1], got 1.5"), Error);
     CHECK_THROWS_WITH_AS(make({.max_bad_fraction = -0.1}), doctest::Contains("max_bad_fraction"), Error);
     CHECK_THROWS_WITH_AS(make({.batch_size = 11, .drop_last = true}), doctest::Contains("no full batch"), Error);
     CHECK_THROWS_WITH_AS(make({.batch_size = 4}, {0, 3}), doctest::Contains("outside an epoch of 3 batches"), Error);

@@ -8,9 +8,9 @@
 #include <string>
 #include <vector>
 
+#include <turbojpeg.h>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
-#include <turbojpeg.h>
 
 #include "engine/check.h"
 
@@ -67,8 +67,10 @@ inline std::vector<uint8_t> encode_jpeg(const cv::Mat& image, int quality = 95, 
 // PNG of an RGB (or gray) image.
 inline std::vector<uint8_t> encode_png(const cv::Mat& image) {
     cv::Mat bgr;
-    if (image.channels() == 3) cv::cvtColor(image, bgr, cv::COLOR_RGB2BGR);
-    else bgr = image;
+    if (image.channels() == 3)
+        cv::cvtColor(image, bgr, cv::COLOR_RGB2BGR);
+    else
+        bgr = image;
     std::vector<uint8_t> bytes;
     HFQ_CHECK(cv::imencode(".png", bgr, bytes), "encode_png failed");
     return bytes;
@@ -80,9 +82,9 @@ inline cv::Mat gradient_rgb(int width, int height, int blue = 60) {
     cv::Mat image(height, width, CV_8UC3);
     for (int y = 0; y < height; ++y)
         for (int x = 0; x < width; ++x)
-            image.at<cv::Vec3b>(y, x) = cv::Vec3b(static_cast<uint8_t>(255 * x / std::max(1, width - 1)),
-                                                  static_cast<uint8_t>(255 * y / std::max(1, height - 1)),
-                                                  static_cast<uint8_t>(blue));
+            image.at<cv::Vec3b>(y, x) =
+                cv::Vec3b(static_cast<uint8_t>(255 * x / std::max(1, width - 1)),
+                          static_cast<uint8_t>(255 * y / std::max(1, height - 1)), static_cast<uint8_t>(blue));
     return image;
 }
 

@@ -46,8 +46,9 @@ TEST_CASE("relu and relu6 values and their gradient at the kinks") {
 TEST_CASE("relu and relu6 gradients match finite differences") {
     const Tensor x = away_from(random_tensor({2, 3, 4, 5}, 1, 4.0f), {0, 6});
     testing::check_gradients([](const std::vector<Variable>& in) { return relu(in[0]); }, {x});
-    testing::check_gradients([](const std::vector<Variable>& in) { return relu6(in[0]); },
-                             {away_from(hfq::add(random_tensor({2, 3, 4, 5}, 2, 4.0f), Tensor::full({2, 3, 4, 5}, 3)), {0, 6})});
+    testing::check_gradients(
+        [](const std::vector<Variable>& in) { return relu6(in[0]); },
+        {away_from(hfq::add(random_tensor({2, 3, 4, 5}, 2, 4.0f), Tensor::full({2, 3, 4, 5}, 3)), {0, 6})});
 }
 
 TEST_CASE("add: values and gradients, also when both inputs are the same value") {
@@ -84,8 +85,10 @@ TEST_CASE("dropout: identity in evaluation or at p = 0, inverted dropout from th
     const Tensor y = dropout(in, p, true, rng).value();
     int64_t zeros = 0, wrong = 0;  // kept values are x / (1 - p)
     for (int64_t i = 0; i < x.numel(); ++i) {
-        if (y.f32()[i] == 0) ++zeros;
-        else wrong += y.f32()[i] != x.f32()[i] * (1.0f / (1.0f - p));
+        if (y.f32()[i] == 0)
+            ++zeros;
+        else
+            wrong += y.f32()[i] != x.f32()[i] * (1.0f / (1.0f - p));
     }
     CHECK(wrong == 0);
     // zeros ~ Binomial(10000, 0.3): 3000, standard deviation 46; within 5.

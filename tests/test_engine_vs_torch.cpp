@@ -107,8 +107,10 @@ void check_broken(const SafetensorsFile& f, const std::string& what, const Resul
 }
 
 Conv2dParams conv_params(const SafetensorsFile& f, const std::string& c) {
-    return {.stride = meta_int(f, c + ".stride"), .padding = meta_int(f, c + ".padding"),
-            .same_padding = meta_int(f, c + ".same_padding") != 0, .groups = meta_int(f, c + ".groups")};
+    return {.stride = meta_int(f, c + ".stride"),
+            .padding = meta_int(f, c + ".padding"),
+            .same_padding = meta_int(f, c + ".same_padding") != 0,
+            .groups = meta_int(f, c + ".groups")};
 }
 
 Results run_conv2d(const SafetensorsFile& f, const std::string& c, const Conv2dParams& p) {
@@ -128,12 +130,9 @@ Results run_batch_norm(const SafetensorsFile& f, const std::string& c, bool trai
     Variable y = batch_norm(x, gamma, beta, running_mean, running_var, training, meta_float(f, c + ".momentum"),
                             meta_float(f, c + ".eps"));
     y.backward(f.get(c + ".dy"));
-    return {{c + ".y", y.value()},
-            {c + ".running_mean_after", running_mean},
-            {c + ".running_var_after", running_var},
-            {c + ".grad.x", x.grad()},
-            {c + ".grad.gamma", gamma.grad()},
-            {c + ".grad.beta", beta.grad()}};
+    return {
+        {c + ".y", y.value()},     {c + ".running_mean_after", running_mean}, {c + ".running_var_after", running_var},
+        {c + ".grad.x", x.grad()}, {c + ".grad.gamma", gamma.grad()},         {c + ".grad.beta", beta.grad()}};
 }
 
 Results run_avg_pool2d(const SafetensorsFile& f, const std::string& c, int kernel, int stride, int padding) {
@@ -154,8 +153,8 @@ Results run_cross_entropy(const SafetensorsFile& f, const std::string& c, float 
 
 TEST_CASE("conv2d matches PyTorch: forward, dx, dweight, dbias") {
     const SafetensorsFile f = load("engine_conv2d.safetensors");
-    for (const std::string c : {"std3x3_s1_p1", "std3x3_s2_p1", "dw3x3_s1_p1", "dw3x3_s2_p1", "pw1x1", "same3x3_s2_even",
-                                "same_dw3x3_s2_even", "same3x3_s2_odd"}) {
+    for (const std::string c : {"std3x3_s1_p1", "std3x3_s2_p1", "dw3x3_s1_p1", "dw3x3_s2_p1", "pw1x1",
+                                "same3x3_s2_even", "same_dw3x3_s2_even", "same3x3_s2_odd"}) {
         CAPTURE(c);
         check_results(f, run_conv2d(f, c, conv_params(f, c)));
     }
@@ -190,7 +189,7 @@ TEST_CASE("avg_pool2d (count_include_pad=False) and global_avg_pool match PyTorc
     for (const std::string c : {"avg3x3_s2_p1", "avg3x3_s1_p1", "avg2x2_s2"}) {
         CAPTURE(c);
         check_results(f, run_avg_pool2d(f, c, meta_int(f, c + ".kernel"), meta_int(f, c + ".stride"),
-                                         meta_int(f, c + ".padding")));
+                                        meta_int(f, c + ".padding")));
     }
     Variable x = leaf(f, "global_avg_pool.x");
     Variable y = global_avg_pool(x);
@@ -227,7 +226,7 @@ TEST_CASE("cross_entropy with and without label smoothing matches PyTorch") {
 TEST_CASE("a small network's training step matches PyTorch: loss, logits, every gradient, running statistics") {
     const SafetensorsFile f = load("engine_network.safetensors");
     const float momentum = meta_float(f, "net.momentum"), eps = meta_float(f, "net.eps");
-    const std::vector<std::string> names = {"conv1.weight", "bn1.gamma", "bn1.beta", "dw.weight",
+    const std::vector<std::string> names = {"conv1.weight", "bn1.gamma", "bn1.beta",  "dw.weight",
                                             "bn2.gamma",    "bn2.beta",  "fc.weight", "fc.bias"};
     // The two batch norms and their ReLU6 as separate ops, or as the fused op
     // the layers use in training.
@@ -244,10 +243,10 @@ TEST_CASE("a small network's training step matches PyTorch: loss, logits, every 
                          : relu6(batch_norm(in, gamma, beta, mean, var, true, momentum, eps));
         };
         const Conv2dParams dw{.stride = 1, .padding = 1, .groups = static_cast<int>(p["bn1.gamma"].value().numel())};
-        Variable x = leaf(f, "net.x");                                          // {4,16,16,3}
+        Variable x = leaf(f, "net.x");                                                  // {4,16,16,3}
         Variable h = bn_relu6(conv2d(x, p["conv1.weight"], Variable(), conv1), "bn1");  // {4,8,8,8}
-        h = bn_relu6(conv2d(h, p["dw.weight"], Variable(), dw), "bn2");                  // {4,8,8,8}
-        Variable logits = linear(global_avg_pool(h), p["fc.weight"], p["fc.bias"]);    // {4,10}
+        h = bn_relu6(conv2d(h, p["dw.weight"], Variable(), dw), "bn2");                 // {4,8,8,8}
+        Variable logits = linear(global_avg_pool(h), p["fc.weight"], p["fc.bias"]);     // {4,10}
         Variable loss = cross_entropy(logits, labels(f, "net.labels"), meta_float(f, "net.label_smoothing"));
         loss.backward();
         Results r = {{"net.logits", logits.value()}, {"net.loss", loss.value()}, {"net.grad.x", x.grad()}};

@@ -105,9 +105,8 @@ public:
 
 TEST_CASE("names, groups and order follow PyTorch's state_dict") {
     auto block = conv_bn_act(3, 8, 3, 2, 1, Activation::relu6);
-    CHECK(names_of(block->state_dict()) == std::vector<std::string>{"0.weight", "1.weight", "1.bias",
-                                                                    "1.running_mean", "1.running_var",
-                                                                    "1.num_batches_tracked"});
+    CHECK(names_of(block->state_dict()) == std::vector<std::string>{"0.weight", "1.weight", "1.bias", "1.running_mean",
+                                                                    "1.running_var", "1.num_batches_tracked"});
     const auto params = block->named_parameters();
     REQUIRE(params.size() == 3);
     CHECK(params[0].group == ParamGroup::weight);
@@ -338,8 +337,7 @@ TEST_CASE("Sequential runs BatchNorm2d + ReLU6 as one op while recording gradien
     // Each within gamma(6) of batch_norm_magnitude (float_error.h) before
     // the clamp, which moves no two values apart.
     const Tensor ones = Tensor::full({3}, 1.0f), zeros = Tensor::zeros({3});
-    const Tensor bound =
-        bound_from(batch_norm_magnitude(x, ones, zeros, channel_stats(x), 1e-5f), 2 * gamma_n(6), 1);
+    const Tensor bound = bound_from(batch_norm_magnitude(x, ones, zeros, channel_stats(x), 1e-5f), 2 * gamma_n(6), 1);
     check_within_bound("fused vs separate", y.value(), expected.value(), bound);
     auto& bn = dynamic_cast<BatchNorm2d&>(*fused->child("0"));
     CHECK(bn.num_batches_tracked() == 1);
@@ -382,8 +380,12 @@ TEST_CASE("dropout: seeded by initialize, state restorable, identity in eval") {
 }
 
 TEST_CASE("model config: JSON round trip and strict parsing") {
-    ModelConfig c{.arch = Arch::mobilenet_v1, .width = 0.75, .classes = 10, .input_channels = 1,
-                  .small_input = true, .activation = Activation::relu};
+    ModelConfig c{.arch = Arch::mobilenet_v1,
+                  .width = 0.75,
+                  .classes = 10,
+                  .input_channels = 1,
+                  .small_input = true,
+                  .activation = Activation::relu};
     const std::string json = c.to_json();
     CHECK(json == R"({"arch":"mobilenet_v1","width":0.75,"classes":10,"input_channels":1,)"
                   R"("small_input":true,"activation":"relu","dropout":0.0})");
@@ -394,8 +396,7 @@ TEST_CASE("model config: JSON round trip and strict parsing") {
     CHECK_THROWS_WITH_AS(ModelConfig::from_json(R"({"arch":"resnet"})"), doctest::Contains("unknown arch 'resnet'"),
                          Error);
     CHECK_THROWS_WITH_AS(ModelConfig::from_json(R"({"widht":1})"), doctest::Contains("unknown key 'widht'"), Error);
-    CHECK_THROWS_WITH_AS(ModelConfig::from_json(R"({"classes":"ten"})"), doctest::Contains("'classes' must be"),
-                         Error);
+    CHECK_THROWS_WITH_AS(ModelConfig::from_json(R"({"classes":"ten"})"), doctest::Contains("'classes' must be"), Error);
     CHECK_THROWS_WITH_AS(ModelConfig::from_json(R"({"width":-1})"), doctest::Contains("width"), Error);
     CHECK_THROWS_WITH_AS(ModelConfig::from_json("[1, 2"), doctest::Contains("not a JSON object"), Error);
     CHECK_THROWS_WITH_AS(ModelConfig::from_json(R"({"activation":"relu"})"), doctest::Contains("relu6 throughout"),

@@ -94,7 +94,8 @@ TEST_CASE("linear rejects bad arguments") {
                          doctest::Contains("linear: need f32 input {N,In} and weight {Out,In} with matching In, got "
                                            "input [2, 3] and weight [4, 5]"),
                          Error);
-    CHECK_THROWS_WITH_AS(linear(Variable(Tensor::zeros({2, 3, 1})), w, Variable()), doctest::Contains("linear:"), Error);
+    CHECK_THROWS_WITH_AS(linear(Variable(Tensor::zeros({2, 3, 1})), w, Variable()), doctest::Contains("linear:"),
+                         Error);
     CHECK_THROWS_WITH_AS(linear(x, w, Variable(Tensor::zeros({3}))),
                          doctest::Contains("linear: bias must have shape [4]"), Error);
     CHECK_THROWS_WITH_AS(linear(x, Variable(), Variable()), doctest::Contains("linear: weight is undefined"), Error);
@@ -102,7 +103,8 @@ TEST_CASE("linear rejects bad arguments") {
 
 TEST_CASE("linear results do not depend on the thread count") {
     // A classifier-like shape for which oneDNN's gemm would split the sum over In.
-    const Tensor x = random_tensor({128, 1024}, 10), w = random_tensor({1000, 1024}, 11, 0.05f), b = random_tensor({1000}, 12);
+    const Tensor x = random_tensor({128, 1024}, 10), w = random_tensor({1000, 1024}, 11, 0.05f),
+                 b = random_tensor({1000}, 12);
     const Tensor dy = random_tensor({128, 1000}, 13);
     auto run = [&](int threads) {
         set_compute_threads(threads);

@@ -118,15 +118,18 @@ TEST_CASE("cross_entropy gradient: (softmax - target) / N, and finite difference
     CHECK(worst <= 1.0);
     testing::check_far_outside("the gradient vs (softmax - one hot) / N", worst_unsmoothed);
     for (float e : {0.0f, 0.1f}) {
-        testing::check_gradients([&](const std::vector<Variable>& in) { return cross_entropy(in[0], {1, 4, 0, 2}, e); },
-                                 {random_tensor({4, 5}, 3, 2.0f)});
+        testing::check_gradients(
+            [&](const std::vector<Variable>& in) {
+                return cross_entropy(in[0], {1, 4, 0, 2}, e);
+            },
+            {random_tensor({4, 5}, 3, 2.0f)});
     }
 }
 
 TEST_CASE("cross_entropy rejects bad labels and arguments") {
     const Variable z(Tensor::zeros({2, 5}));
-    CHECK_THROWS_WITH_AS(cross_entropy(z, {0, 5}), doctest::Contains("cross_entropy: label 5 at index 1 is outside [0, 5)"),
-                         Error);
+    CHECK_THROWS_WITH_AS(cross_entropy(z, {0, 5}),
+                         doctest::Contains("cross_entropy: label 5 at index 1 is outside [0, 5)"), Error);
     CHECK_THROWS_WITH_AS(cross_entropy(z, {-1, 0}), doctest::Contains("label -1 at index 0"), Error);
     CHECK_THROWS_WITH_AS(cross_entropy(z, {0}), doctest::Contains("cross_entropy: 1 labels for logits [2, 5]"), Error);
     CHECK_THROWS_WITH_AS(cross_entropy(z, {0, 1}, 1.5f), doctest::Contains("label_smoothing must be in [0, 1]"), Error);

@@ -53,8 +53,7 @@ constexpr double kBrokenFactor = 100;
 // The deliberately broken variant: this batch norm runs in the other mode
 // than the model (running statistics in training mode, batch statistics in
 // evaluation mode).
-const std::map<std::string, std::string> kWrongStatistics = {{"v1", "features.13.1"},
-                                                             {"v2", "features.10.conv.1.1"}};
+const std::map<std::string, std::string> kWrongStatistics = {{"v1", "features.13.1"}, {"v2", "features.10.conv.1.1"}};
 
 std::vector<int32_t> labels_of(const Tensor& t) {
     std::vector<int32_t> out;
@@ -218,8 +217,10 @@ TEST_CASE("summary: parameters and MACs at 224x224, width 1.0, 1000 classes") {
     CHECK(dynamic_cast<BatchNorm2d&>(v2->find("features.0.1")).num_batches_tracked() == 0);
 
     // Width 0.5, 10 classes at 64x64, as PyTorch counts (torch_baseline.py).
-    CHECK(summarize(*build_model({.arch = Arch::mobilenet_v1, .width = 0.5, .classes = 10}), {1, 64, 64, 3})
-              .total_macs == 12167168);
-    CHECK(summarize(*build_model({.arch = Arch::mobilenet_v2, .width = 0.5, .classes = 10}), {1, 64, 64, 3})
-              .total_macs == 7837440);
+    CHECK(
+        summarize(*build_model({.arch = Arch::mobilenet_v1, .width = 0.5, .classes = 10}), {1, 64, 64, 3}).total_macs ==
+        12167168);
+    CHECK(
+        summarize(*build_model({.arch = Arch::mobilenet_v2, .width = 0.5, .classes = 10}), {1, 64, 64, 3}).total_macs ==
+        7837440);
 }

@@ -89,11 +89,9 @@ TEST_CASE("a tensor batch: logits as the model computes them, top5 from them") {
     test::TempDir dir;
     const SafetensorsFile ref = read_safetensors(kData + "/model_v2_reference.safetensors");
     // "input" is not the first tensor: it is still the one used.
-    write_safetensors(dir / "batch.safetensors",
-                      {{"other", Tensor::zeros({1})}, {"input", to_nchw(ref.get("input"))}});
-    const Run r = run_predict("--weights " + q(kData + "/model_v2.safetensors") + " --tensor " +
-                                  q(dir / "batch.safetensors"),
-                              dir);
+    write_safetensors(dir / "batch.safetensors", {{"other", Tensor::zeros({1})}, {"input", to_nchw(ref.get("input"))}});
+    const Run r = run_predict(
+        "--weights " + q(kData + "/model_v2.safetensors") + " --tensor " + q(dir / "batch.safetensors"), dir);
     INFO(r.err);
     REQUIRE(r.status == 0);
     REQUIRE(r.lines.size() == 2);
@@ -168,8 +166,8 @@ TEST_CASE("images: preprocessed as the checkpoint says, same result as the tenso
     images.load(0, rng, batch.f32());
     images.load(1, rng, batch.f32() + 64 * 64 * 3);
     write_safetensors(dir / "images.safetensors", {{"images", to_nchw(batch)}});
-    const Run t_run = run_predict(
-        "--weights " + q(dir / "m.safetensors") + " --tensor " + q(dir / "images.safetensors"), dir);
+    const Run t_run =
+        run_predict("--weights " + q(dir / "m.safetensors") + " --tensor " + q(dir / "images.safetensors"), dir);
     REQUIRE(t_run.status == 0);
     REQUIRE(t_run.lines.size() == 2);
     // The same pixels in a batch of the same shape through the same model:
@@ -188,9 +186,8 @@ TEST_CASE("architecture from the command line for weights without metadata; erro
     const Tensor one = to_nchw(ref.get("input").slice0(1, 2));
     write_safetensors(dir / "one.safetensors", {{"x", one.reshape({3, 64, 64})}});  // CHW: one input
 
-    const Run no_arch = run_predict("--weights " + q(dir / "bare.safetensors") + " --tensor " +
-                                        q(dir / "one.safetensors"),
-                                    dir);
+    const Run no_arch =
+        run_predict("--weights " + q(dir / "bare.safetensors") + " --tensor " + q(dir / "one.safetensors"), dir);
     CHECK(no_arch.status == 1);
     CHECK(no_arch.err.find("no \"hfq.model\" metadata; give the architecture with --arch") != std::string::npos);
 

@@ -62,15 +62,15 @@ std::vector<double> sgd_magnitudes(double p, const std::vector<double>& grads, d
 // constants.
 struct AdamConstants {
     double beta1, beta2, one_minus_beta1, one_minus_beta2;  // the float kernels' multipliers
-    double correction_beta1, correction_beta2;               // the betas of 1 - beta^t
+    double correction_beta1, correction_beta2;              // the betas of 1 - beta^t
     double lr, weight_decay, eps;
 };
 AdamConstants hfq_constants(const AdamOptions& o) {
     return {o.beta1, o.beta2, 1.0f - o.beta1, 1.0f - o.beta2, o.beta1, o.beta2, o.lr, o.weight_decay, o.eps};
 }
 AdamConstants torch_constants(double lr, double beta1, double beta2, double weight_decay) {
-    return {float(beta1), float(beta2), float(1 - beta1), float(1 - beta2), beta1, beta2, lr, float(weight_decay),
-            float(1e-8)};
+    return {float(beta1), float(beta2), float(1 - beta1),    float(1 - beta2), beta1,
+            beta2,        lr,           float(weight_decay), float(1e-8)};
 }
 
 struct AdamTrace {
@@ -80,8 +80,12 @@ struct AdamTrace {
 };
 AdamTrace adam_trace(const Tensor& init) {
     const size_t n = size_t(init.numel());
-    return {std::vector<double>(init.f32(), init.f32() + n), std::vector<double>(n, 0.0), std::vector<double>(n, 0.0),
-            std::vector<double>(n, 0.0),  std::vector<double>(n, 0.0), std::vector<double>(n, 0.0)};
+    return {std::vector<double>(init.f32(), init.f32() + n),
+            std::vector<double>(n, 0.0),
+            std::vector<double>(n, 0.0),
+            std::vector<double>(n, 0.0),
+            std::vector<double>(n, 0.0),
+            std::vector<double>(n, 0.0)};
 }
 void adam_trace_step(AdamTrace& t, const Tensor& grad, const AdamConstants& c) {
     using hfq::testing::gamma_n;
@@ -94,8 +98,7 @@ void adam_trace_step(AdamTrace& t, const Tensor& grad, const AdamConstants& c) {
         const double g = grad.f32()[k];
         // d = g + wd p: the product and the sum.
         const double d = g + c.weight_decay * t.p[k];
-        const double ed =
-            c.weight_decay * t.ep[k] + gamma_n(2) * (std::fabs(g) + std::fabs(c.weight_decay * t.p[k]));
+        const double ed = c.weight_decay * t.ep[k] + gamma_n(2) * (std::fabs(g) + std::fabs(c.weight_decay * t.p[k]));
         // m = beta1 m + (1 - beta1) d: a product and the sum on each term.
         const double m = c.beta1 * t.m[k] + c.one_minus_beta1 * d;
         t.em[k] = c.beta1 * t.em[k] + (1 + gamma_n(2)) * c.one_minus_beta1 * ed +
@@ -247,8 +250,7 @@ TEST_CASE("SGD matches torch.optim.SGD over three steps: plain, momentum, Nester
                     const double wd = params[k].group == ParamGroup::weight ? 0.1 : 0.0;
                     const double bound =
                         gamma_n(10 * step + 1) *
-                        sgd_magnitudes(std::fabs(f.get("initial." + name).f32()[i]), grads, 0.5, momentum, nesterov,
-                                       wd)
+                        sgd_magnitudes(std::fabs(f.get("initial." + name).f32()[i]), grads, 0.5, momentum, nesterov, wd)
                             .back();
                     const double e = expected.f32()[i];
                     worst = std::max(worst, std::fabs(params[k].var.value().f32()[i] - e) / bound);
@@ -268,7 +270,8 @@ TEST_CASE("Adam: PyTorch's torch.optim.Adam, step by step, with a skipped gradie
     // tests/fixtures/make_train_fixtures.py: w with lr 0.01, weight decay
     // 0.01 and the default betas (0.9, 0.999); e with lr 0.05, betas (0.8, 0.99).
     const AdamOptions ow{.lr = 0.01f, .weight_decay = 0.01f}, oe{.lr = 0.05f, .beta1 = 0.8f, .beta2 = 0.99f};
-    const AdamConstants torch_w = torch_constants(0.01, 0.9, 0.999, 0.01), torch_e = torch_constants(0.05, 0.8, 0.99, 0);
+    const AdamConstants torch_w = torch_constants(0.01, 0.9, 0.999, 0.01),
+                        torch_e = torch_constants(0.05, 0.8, 0.99, 0);
     // Broken: no weight decay for w, the default betas for e.
     const AdamOptions broken_w{.lr = 0.01f}, broken_e{.lr = 0.05f};
     struct Run {
@@ -307,8 +310,8 @@ TEST_CASE("Adam: PyTorch's torch.optim.Adam, step by step, with a skipped gradie
         // constants: the recurrence is PyTorch's Adam.
         check_trace(cat("PyTorch w after step ", k), f.get(cat("after.w.", k)), tw.p, tw.ep);
         check_trace(cat("PyTorch e after step ", k), f.get(cat("after.e.", k)), te.p, te.ep);
-        broken_ratio = std::max({broken_ratio, trace_ratio(broken.w.value(), hw.p, hw.ep),
-                                 trace_ratio(broken.e.value(), he.p, he.ep)});
+        broken_ratio = std::max(
+            {broken_ratio, trace_ratio(broken.w.value(), hw.p, hw.ep), trace_ratio(broken.e.value(), he.p, he.ep)});
     }
     hfq::testing::check_far_outside("Adam without weight decay, default betas", broken_ratio);
     for (auto [opt, name, h, t] : {std::tuple{&run.adam_w, "w", &hw, &tw}, std::tuple{&run.adam_e, "e", &he, &te}}) {
@@ -354,10 +357,10 @@ TEST_CASE("Adam: state round trip continues bit for bit; bad state is rejected w
                          doctest::Contains("unknown state tensor 'q.exp_avg'"), Error);
     CHECK_THROWS_WITH_AS(resumed.load_state({{"p.exp_avg", Tensor::zeros({3})}}),
                          doctest::Contains("incomplete state for 'p'"), Error);
-    CHECK_THROWS_WITH_AS(resumed.load_state({{"p.exp_avg", Tensor::zeros({3})},
-                                             {"p.exp_avg_sq", Tensor::zeros({3})},
-                                             {"p.step", Tensor::zeros({1})}}),
-                         doctest::Contains("'p.step' is f32 [1], expected s64 [1]"), Error);
+    CHECK_THROWS_WITH_AS(
+        resumed.load_state(
+            {{"p.exp_avg", Tensor::zeros({3})}, {"p.exp_avg_sq", Tensor::zeros({3})}, {"p.step", Tensor::zeros({1})}}),
+        doctest::Contains("'p.step' is f32 [1], expected s64 [1]"), Error);
     CHECK(same_bits(resumed.state()[0].second, straight.state()[0].second));  // unchanged by the failures
     CHECK_THROWS_WITH_AS(Adam({{"p", a, ParamGroup::quantizer}}, {.beta1 = 1.0f}), doctest::Contains("betas"), Error);
 }

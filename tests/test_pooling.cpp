@@ -72,9 +72,8 @@ TEST_CASE("avg_pool2d matches a direct loop and finite differences") {
         // A sum of at most k^2 terms and the division (at most 2 roundings),
         // and the loop's rounding to float: within gamma(k^2 + 2) of the
         // average of |x| over the window.
-        const Tensor bound = testing::bound_from(
-            reference_avg_pool(testing::abs_of(x), c.kernel, c.stride, c.padding),
-            testing::gamma_n(c.kernel * c.kernel + 2), 1);
+        const Tensor bound = testing::bound_from(reference_avg_pool(testing::abs_of(x), c.kernel, c.stride, c.padding),
+                                                 testing::gamma_n(c.kernel * c.kernel + 2), 1);
         testing::check_within_bound("avg_pool2d vs the loop", y, expected, bound);
         if (c.padding > 0)
             testing::check_far_outside(

@@ -112,7 +112,9 @@ TEST_CASE("bad input to fake_quantize: shape, dtype, NaN") {
     auto l = make_quantizer("learnable-po2", QuantizerOptions{}, {4});
     l->fake_quantize(Variable(Tensor::from_vector({4}, {1, 2, 3, 4})), true);
     l->named_parameters()[0].second->value().f32()[0] = std::numeric_limits<float>::quiet_NaN();
-    CHECK(contains(error_message([&] { l->fake_quantize(Variable(Tensor::from_vector({4}, {1, 2, 3, 4})), true); }),
+    CHECK(contains(error_message([&] {
+                       l->fake_quantize(Variable(Tensor::from_vector({4}, {1, 2, 3, 4})), true);
+                   }),
                    "log2-scale e of scale group 0"));
 }
 
@@ -232,7 +234,7 @@ TEST_CASE("diagnostics: exponents, flips, error, clipped and changed fractions")
     // orders, then divide by 8 (exact): each within gamma_double(8) of the
     // exact sum of positive terms, so within 2 gamma_double(9) of each other.
     CHECK(std::fabs(d.error_per_element - err / 8) <= 2 * hfq::testing::gamma_double_n(9) * err / 8);
-    CHECK(d.clipped_fraction == clipped / 8.0);  // a count over 8: exact
+    CHECK(d.clipped_fraction == clipped / 8.0);   // a count over 8: exact
     CHECK(std::isnan(d.codes_changed_fraction));  // nothing to compare with yet
     CHECK(d.continuous_exponents.empty());
 

@@ -208,7 +208,8 @@ TEST_CASE("export then audit round-trips bit-exactly for every method, folded or
     };
     const Case cases[] = {
         {"v1 msqe-po2 per-channel folded", Arch::mobilenet_v1, "msqe-po2", true, true, 0, -1},
-        {"v2 learnable-po2 folded, activations, frozen after 2", Arch::mobilenet_v2, "learnable-po2", false, true, 8, 2},
+        {"v2 learnable-po2 folded, activations, frozen after 2", Arch::mobilenet_v2, "learnable-po2", false, true, 8,
+         2},
         {"v1 lsq per-channel folded", Arch::mobilenet_v1, "lsq", true, true, 0, -1},
         {"v1 msqe-baseline, batch norm not folded", Arch::mobilenet_v1, "msqe-baseline", false, false, 0, -1},
     };
@@ -250,14 +251,15 @@ TEST_CASE("export then audit round-trips bit-exactly for every method, folded or
             const Tensor bound = rebuilt_logits_bound(*model, sample);
             hfq::testing::check_within_bound("logits", ours, theirs, bound);
             const std::string last = quantized_layers(*model).back().name;  // the classifier
-            auto doubled = build_model_from_export(
-                rewritten(read_safetensors(path), last + (std::string(c.method) == "lsq" ? ".scale" : ".exp"),
-                          [&](Tensor& t) {
-                              for (int64_t i = 0; i < t.numel(); ++i) {
-                                  if (t.dtype() == DType::s32) t.data<int32_t>()[i] += 1;
-                                  else t.f32()[i] *= 2;
-                              }
-                          }));
+            auto doubled = build_model_from_export(rewritten(
+                read_safetensors(path), last + (std::string(c.method) == "lsq" ? ".scale" : ".exp"), [&](Tensor& t) {
+                    for (int64_t i = 0; i < t.numel(); ++i) {
+                        if (t.dtype() == DType::s32)
+                            t.data<int32_t>()[i] += 1;
+                        else
+                            t.f32()[i] *= 2;
+                    }
+                }));
             hfq::testing::check_far_outside(
                 "logits with a layer's scale doubled",
                 hfq::testing::worst_bound_ratio((*doubled)(Variable(sample)).value(), theirs, bound));
@@ -280,7 +282,8 @@ TEST_CASE("export then audit round-trips bit-exactly for every method, folded or
         CHECK(scale.numel() == (c.per_channel ? 8 : 1));
         CHECK(f.get(first + ".bias").shape() == Shape{8});
         const std::string mid = quantized_layers(*model)[3].name;
-        for (int64_t i = 0; i < f.get(mid + ".q").numel(); ++i) CHECK(std::abs(int(f.get(mid + ".q").data<int8_t>()[i])) <= 7);
+        for (int64_t i = 0; i < f.get(mid + ".q").numel(); ++i)
+            CHECK(std::abs(int(f.get(mid + ".q").data<int8_t>()[i])) <= 7);
         CHECK(f.has("features.0.1.running_mean") == !c.fold);  // float batch norms only when not folded
         CHECK(!f.has(first + ".weight"));
         CHECK(!f.has(first + ".weight_quantizer.step"));
@@ -337,7 +340,8 @@ TEST_CASE("the audit notices a changed code, exponent or bias; bad exports are c
     SafetensorsFile f = read_safetensors(path);
     auto rewrite = [&](const std::string& name, auto edit) { return rewritten(f, name, edit); };
     const std::string mid = quantized_layers(*model)[4].name;
-    std::string bad = rewrite(mid + ".q", [](Tensor& t) { t.data<int8_t>()[3] = int8_t(t.data<int8_t>()[3] == 5 ? 4 : 5); });
+    std::string bad =
+        rewrite(mid + ".q", [](Tensor& t) { t.data<int8_t>()[3] = int8_t(t.data<int8_t>()[3] == 5 ? 4 : 5); });
     AuditReport r = audit_export(*model, bad);
     CHECK(!r.passed());
     CHECK(r.weight_mismatches() == 1);
@@ -396,7 +400,8 @@ TEST_CASE("diagnostics: per-layer table and JSON") {
     CHECK(contains(table, "conv+bn (folded)"));
     CHECK(contains(table, "classifier"));
     const auto mm = std::minmax_element(first.report.exponents.begin(), first.report.exponents.end());
-    CHECK(contains(table, std::to_string(*mm.first) + (*mm.first == *mm.second ? "" : ".." + std::to_string(*mm.second))));
+    CHECK(contains(table,
+                   std::to_string(*mm.first) + (*mm.first == *mm.second ? "" : ".." + std::to_string(*mm.second))));
     const nlohmann::json j = diagnostics_json(rows);
     CHECK(j.size() == rows.size());
     CHECK(j[0]["name"] == "features.0.0");

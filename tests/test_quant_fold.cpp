@@ -336,7 +336,8 @@ TEST_CASE("unfold_weight: U = Q(W_fold) * sigma_ema / gamma, undoing fold_weight
     }
     // gamma = 0 (W_fold = 0): U = 0, not 0 / 0.
     gamma.f32()[1] = 0.0f;
-    const Tensor u0 = unfold_weight(fold_weight(Variable(w), Variable(gamma), var, eps), Variable(gamma), var, eps).value();
+    const Tensor u0 =
+        unfold_weight(fold_weight(Variable(w), Variable(gamma), var, eps), Variable(gamma), var, eps).value();
     for (int i = 0; i < 18; ++i) CHECK(u0.f32()[18 + i] == 0.0f);
 }
 
@@ -365,65 +366,67 @@ TEST_CASE("fold ops and the batch-statistics correction: gradients against finit
 
 TEST_CASE("folded wrapper, training with batch statistics = conv then batch norm when Q(W_fold) = W_fold") {
     for (const char* method : {"msqe-po2", "learnable-po2"})
-    for (BnStats statistics : {BnStats::float_conv, BnStats::quantized_conv}) {
-        INFO(std::string(method), " ", std::string(bn_stats_name(statistics)));
-        ExactPair p;
-        ExactPair::Float ref = p.clone();
-        QuantizerOptions opt;
-        opt.per_channel = std::string(method) == "msqe-po2";
-        opt.rounding = ExponentRounding::rint;
-        FoldedConvBn folded(p.conv, "0", p.bn, "1", make_quantizer(method, opt, p.conv->weight().shape()), -1,
-                            statistics);
-        if (std::string(method) == "learnable-po2") {  // put e where the weights are on the grid: 2^-3
-            folded.quantizer().named_parameters()[0].second->value().fill(-3.0f);
-            hfq::testing::edit_state(folded.quantizer(), [](const std::string& name, Tensor& t) {
-                if (name == "initialized") t.data<int32_t>()[0] = 1;
-            });
-        }
-        folded.train();
-        CHECK(folded.uses_batch_statistics());
-        // The bounds' premise: W_fold, hence Q(W_fold) and U, is W bit for bit,
-        // so both sides convolve x with the same weights.
-        {
-            NoGradGuard ng;
-            CHECK(same_bytes(folded.folded_weight().value(), ref.w.value()));
-        }
+        for (BnStats statistics : {BnStats::float_conv, BnStats::quantized_conv}) {
+            INFO(std::string(method), " ", std::string(bn_stats_name(statistics)));
+            ExactPair p;
+            ExactPair::Float ref = p.clone();
+            QuantizerOptions opt;
+            opt.per_channel = std::string(method) == "msqe-po2";
+            opt.rounding = ExponentRounding::rint;
+            FoldedConvBn folded(p.conv, "0", p.bn, "1", make_quantizer(method, opt, p.conv->weight().shape()), -1,
+                                statistics);
+            if (std::string(method) == "learnable-po2") {  // put e where the weights are on the grid: 2^-3
+                folded.quantizer().named_parameters()[0].second->value().fill(-3.0f);
+                hfq::testing::edit_state(folded.quantizer(), [](const std::string& name, Tensor& t) {
+                    if (name == "initialized") t.data<int32_t>()[0] = 1;
+                });
+            }
+            folded.train();
+            CHECK(folded.uses_batch_statistics());
+            // The bounds' premise: W_fold, hence Q(W_fold) and U, is W bit for bit,
+            // so both sides convolve x with the same weights.
+            {
+                NoGradGuard ng;
+                CHECK(same_bytes(folded.folded_weight().value(), ref.w.value()));
+            }
 
-        const Tensor x = random_tensor({2, 5, 5, 3}, 9);
-        Variable xa(x, true);
-        Variable y = folded(xa);
-        const Tensor g = random_tensor(y.shape(), 10);
-        y.backward(g);
-        const ConvBn right = conv_then_batch_norm(x, ref, p.conv->config().params, true, 0.25f, g);
-        const Bounds b = training_bounds(x, right.c, ref.w.value(), ref.w.value(), ref.gamma.value(), ref.beta.value(),
-                                         g, p.conv->config().params, 0.25f);
-        const Side folded_side{y.value(), xa.grad(), p.conv->weight().grad(), p.bn->weight().grad()};
-        check_within("training", folded_side, right.side, b);
-        CHECK(same_bytes(p.bn->bias().grad(), right.dbeta));
-        // PyTorch's running statistics update, as BatchNorm2d: both sides
-        // evaluate the same double expression of the same sums and round it
-        // to float, so they are at most one rounding, 2 u |v|, apart (a
-        // multiply-add contracted in one build and not the other moves the
-        // double in its last bits).
-        for (auto [mine, theirs] : {std::pair<Tensor*, Tensor*>{&p.bn->running_mean(), &ref.mean},
-                                    {&p.bn->running_var(), &ref.var}})
-            check_within_bound("running statistics", *mine, *theirs,
-                               bound_from(abs_of(*theirs), 2 * hfq::testing::kUnitRoundoff, 0));
-        CHECK(p.bn->num_batches_tracked() == 1);
-        // The quantizer's scale gets a gradient through the folded weights.
-        if (std::string(method) == "learnable-po2") CHECK(folded.quantizer().named_parameters()[0].second->grad().defined());
+            const Tensor x = random_tensor({2, 5, 5, 3}, 9);
+            Variable xa(x, true);
+            Variable y = folded(xa);
+            const Tensor g = random_tensor(y.shape(), 10);
+            y.backward(g);
+            const ConvBn right = conv_then_batch_norm(x, ref, p.conv->config().params, true, 0.25f, g);
+            const Bounds b = training_bounds(x, right.c, ref.w.value(), ref.w.value(), ref.gamma.value(),
+                                             ref.beta.value(), g, p.conv->config().params, 0.25f);
+            const Side folded_side{y.value(), xa.grad(), p.conv->weight().grad(), p.bn->weight().grad()};
+            check_within("training", folded_side, right.side, b);
+            CHECK(same_bytes(p.bn->bias().grad(), right.dbeta));
+            // PyTorch's running statistics update, as BatchNorm2d: both sides
+            // evaluate the same double expression of the same sums and round it
+            // to float, so they are at most one rounding, 2 u |v|, apart (a
+            // multiply-add contracted in one build and not the other moves the
+            // double in its last bits).
+            for (auto [mine, theirs] :
+                 {std::pair<Tensor*, Tensor*>{&p.bn->running_mean(), &ref.mean}, {&p.bn->running_var(), &ref.var}})
+                check_within_bound("running statistics", *mine, *theirs,
+                                   bound_from(abs_of(*theirs), 2 * hfq::testing::kUnitRoundoff, 0));
+            CHECK(p.bn->num_batches_tracked() == 1);
+            // The quantizer's scale gets a gradient through the folded weights.
+            if (std::string(method) == "learnable-po2")
+                CHECK(folded.quantizer().named_parameters()[0].second->grad().defined());
 
-        // Broken: batch norm normalising with the running statistics instead of the batch's.
-        ExactPair::Float fresh = ExactPair().clone();
-        check_separates("training with the running statistics", folded_side,
-                        conv_then_batch_norm(x, fresh, p.conv->config().params, false, 0.25f, g).side, b);
-    }
+            // Broken: batch norm normalising with the running statistics instead of the batch's.
+            ExactPair::Float fresh = ExactPair().clone();
+            check_separates("training with the running statistics", folded_side,
+                            conv_then_batch_norm(x, fresh, p.conv->config().params, false, 0.25f, g).side, b);
+        }
 }
 
 TEST_CASE("folded wrapper, evaluation = conv then batch norm in evaluation (Q(W_fold) = W_fold)") {
     ExactPair p;
     ExactPair::Float ref = p.clone();
-    FoldedConvBn folded(p.conv, "0", p.bn, "1", make_quantizer("msqe-po2", QuantizerOptions{}, p.conv->weight().shape()));
+    FoldedConvBn folded(p.conv, "0", p.bn, "1",
+                        make_quantizer("msqe-po2", QuantizerOptions{}, p.conv->weight().shape()));
     folded.eval();
     CHECK(!folded.uses_batch_statistics());
     const Conv2dParams& params = p.conv->config().params;
@@ -494,8 +497,9 @@ TEST_CASE("folded wrapper, evaluation = conv then batch norm in evaluation (Q(W_
 TEST_CASE("folded wrapper with real quantization: conv(x, Q(W_fold)) + b_fold; freezing after N steps or by hand") {
     auto [conv, bn] = random_pair(13, /*stride=*/2);
     const QuantizerOptions opt = per_channel_options();
-    auto folded = std::make_shared<FoldedConvBn>(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()),
-                                                 /*freeze_bn_step=*/2);
+    auto folded =
+        std::make_shared<FoldedConvBn>(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()),
+                                       /*freeze_bn_step=*/2);
     const Tensor x = random_tensor({2, 7, 7, 4}, 18);
 
     // Two training steps with batch statistics: the statistics move.
@@ -565,7 +569,8 @@ TEST_CASE("folded wrapper with real quantization: conv(x, Q(W_fold)) + b_fold; f
 TEST_CASE("folded wrapper, quantized-conv statistics with real quantization: batch norm of conv(x, U)") {
     auto [conv, bn] = random_pair(21);
     const Tensor w0 = conv->weight().value().clone(), gamma0 = bn->weight().value().clone();
-    const Tensor beta0 = bn->bias().value().clone(), mean0 = bn->running_mean().clone(), var0 = bn->running_var().clone();
+    const Tensor beta0 = bn->bias().value().clone(), mean0 = bn->running_mean().clone(),
+                 var0 = bn->running_var().clone();
     const QuantizerOptions opt = per_channel_options();
     FoldedConvBn folded(conv, "0", bn, "1", make_quantizer("msqe-po2", opt, conv->weight().shape()), -1,
                         BnStats::quantized_conv);
@@ -582,8 +587,8 @@ TEST_CASE("folded wrapper, quantized-conv statistics with real quantization: bat
     const Tensor u = unfolded_by_hand(folded.quantizer(), w0, gamma0, var0, bn->eps());
     Tensor mean = mean0.clone(), var = var0.clone();
     Variable xb(x, true), gamma(gamma0.clone(), true), beta(beta0.clone(), true);
-    Variable expect = batch_norm(conv2d(xb, Variable(u), Variable(), conv->config().params), gamma, beta, mean, var, true,
-                                 bn->momentum(), bn->eps());
+    Variable expect = batch_norm(conv2d(xb, Variable(u), Variable(), conv->config().params), gamma, beta, mean, var,
+                                 true, bn->momentum(), bn->eps());
     CHECK(same_bytes(y.value(), expect.value()));
     CHECK(same_bytes(bn->running_mean(), mean));  // statistics of conv(x, U), not of conv(x, W)
     CHECK(same_bytes(bn->running_var(), var));

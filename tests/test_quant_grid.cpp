@@ -92,11 +92,11 @@ TEST_CASE("rint rounds half to even, never half away from zero") {
 
 TEST_CASE("po2 includes the 1e-7") {
     CHECK(po2_exponent(1.0) == 0);
-    CHECK(po2_exponent(3.5) == 2);        // log2 3.5 = 1.81
-    CHECK(po2_exponent(2.8284) == 1);     // just below 2^1.5
-    CHECK(po2_exponent(2.8285) == 2);     // just above
-    CHECK(po2_exponent(0.0) == -23);      // log2(1e-7) = -23.25
-    CHECK(po2_exponent(1e-7) == -22);     // log2(2e-7) = -22.25: the 1e-7 counts
+    CHECK(po2_exponent(3.5) == 2);     // log2 3.5 = 1.81
+    CHECK(po2_exponent(2.8284) == 1);  // just below 2^1.5
+    CHECK(po2_exponent(2.8285) == 2);  // just above
+    CHECK(po2_exponent(0.0) == -23);   // log2(1e-7) = -23.25
+    CHECK(po2_exponent(1e-7) == -22);  // log2(2e-7) = -22.25: the 1e-7 counts
     CHECK(exp2_scale(-3) == 0.125f);
 }
 
@@ -152,8 +152,8 @@ TEST_CASE("least squares: the 1e-7 sits on the denominator of the mean form") {
     // the sum would give 4e-4 / (1e-4 + 1e-7) ~ 4 -> exponent 2.
     const int64_t n = 1000;
     CHECK(least_squares_exponent(4e-7 * n, 1e-7 * n, n) == 1);
-    CHECK(least_squares_exponent(4.0 * n, 1.0 * n, n) == 2);     // 4 / (1 + 1e-7)
-    CHECK(least_squares_exponent(0.0, 0.0, n) == -23);           // no codes: po2(0)
+    CHECK(least_squares_exponent(4.0 * n, 1.0 * n, n) == 2);  // 4 / (1 + 1e-7)
+    CHECK(least_squares_exponent(0.0, 0.0, n) == -23);        // no codes: po2(0)
 }
 
 TEST_CASE("reference 1: least squares gives s = 1, the line search then s = 2") {

@@ -77,7 +77,9 @@ double initial_exponent(const std::vector<float>& x, int qp) {
 // terms, the square root and the logarithm, a generous 4 n + 8 roundings of
 // 2^-53 on values below |e| + 1 (the variance's condition, 1 + mean^2 / var,
 // is below 2 for these groups).
-double initial_exponent_slack(size_t n, double e) { return 2 * gamma_double_n(4.0 * double(n) + 8) * (std::fabs(e) + 1); }
+double initial_exponent_slack(size_t n, double e) {
+    return 2 * gamma_double_n(4.0 * double(n) + 8) * (std::fabs(e) + 1);
+}
 
 }  // namespace
 
@@ -238,12 +240,15 @@ TEST_CASE("learnable-po2 gradients: closed form and finite differences of the su
                 magnitude += std::fabs(rv[i] * s * std::log(2.0) * t);
                 clipped += !in;
                 // Surrogate with s(e) = 2^(e + (k - e)) = s * 2^(de): central difference in e.
-                numeric_e += rv[i] * (surrogate(xv[i], s * std::exp2(h), xv[i], s, g) -
-                                      surrogate(xv[i], s * std::exp2(-h), xv[i], s, g)) / (2 * h);
+                numeric_e += rv[i] *
+                             (surrogate(xv[i], s * std::exp2(h), xv[i], s, g) -
+                              surrogate(xv[i], s * std::exp2(-h), xv[i], s, g)) /
+                             (2 * h);
                 difference_slack += std::fabs(rv[i]) * surrogate_difference_slack(xv[i], s, g, h);
                 // d/dx of the surrogate: 1 in range, 0 clipped: the STE.
                 const double dx_num = (surrogate(double(xv[i]) + 1e-3, s, xv[i], s, g) -
-                                       surrogate(double(xv[i]) - 1e-3, s, xv[i], s, g)) / 2e-3;
+                                       surrogate(double(xv[i]) - 1e-3, s, xv[i], s, g)) /
+                                      2e-3;
                 CHECK(std::fabs(dx_num - (in ? 1 : 0)) <= surrogate_difference_slack(xv[i], s, g, 1e-3));
                 CHECK(w.grad().f32()[i] == (in ? rv[i] : 0.0f));
             }

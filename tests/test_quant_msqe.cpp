@@ -124,7 +124,7 @@ TEST_CASE("msqe-po2 warm-starts from the previous exponent; evaluation changes n
     opt.outlier_mask = false;
     auto q = make_quantizer("msqe-po2", opt, {6});
     auto& mq = static_cast<MsqePo2Quantizer&>(*q);
-    const std::vector<float> a{7, -7, 3, 1, -5, 2};  // exact at s = 1
+    const std::vector<float> a{7, -7, 3, 1, -5, 2};      // exact at s = 1
     const std::vector<float> b{28, -28, 12, 4, -20, 8};  // exact at s = 4
 
     // Evaluating a quantizer that never trained: what training would pick, nothing stored.
@@ -167,7 +167,8 @@ TEST_CASE("msqe-po2 stable exponent: EMA of e, first update assigns, switch free
     auto& mq = static_cast<MsqePo2Quantizer&>(*q);
     CHECK(q->has_stable_scale());
     CHECK_NOTHROW(q->set_stable_switched(true));  // allowed ...
-    CHECK_THROWS_AS(q->fake_quantize(Variable(Tensor::from_vector({3, 6}, first)), true), Error);  // ... but no value yet
+    CHECK_THROWS_AS(q->fake_quantize(Variable(Tensor::from_vector({3, 6}, first)), true),
+                    Error);  // ... but no value yet
     q->set_stable_switched(false);
 
     // Not updating yet: ebar untouched.
@@ -241,7 +242,8 @@ TEST_CASE("msqe-baseline: stateless, identity STE, and flips on a tensor that al
 
     // The flips are counted since the last report: replay a-b-a-b.
     auto fresh = make_quantizer("msqe-baseline", opt, {8});
-    for (int step = 0; step < 4; ++step) fresh->fake_quantize(Variable(Tensor::from_vector({8}, step % 2 ? b : a)), true);
+    for (int step = 0; step < 4; ++step)
+        fresh->fake_quantize(Variable(Tensor::from_vector({8}, step % 2 ? b : a)), true);
     d = fresh->report();
     CHECK(d.flips == 3);
     CHECK(d.flips_per_group == std::vector<int64_t>{3});

@@ -208,7 +208,8 @@ TEST_CASE("policy: bits 0 = same, fold off, learnable exponents in their own gro
                    "float-conv or quantized-conv"));
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"bitz": 4})"); }), "unknown key 'bitz'"));
     CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"bits": "4"})"); }), "'bits' must be an integer"));
-    CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"rounding": "floor"})"); }), "unknown exponent rounding"));
+    CHECK(contains(error_message([] { QuantPolicy::from_json(R"({"rounding": "floor"})"); }),
+                   "unknown exponent rounding"));
 }
 
 TEST_CASE("Quantized<Conv2d> and Quantized<Linear> run the layer with Q(W); gradients reach W and the scale") {
@@ -217,7 +218,8 @@ TEST_CASE("Quantized<Conv2d> and Quantized<Linear> run the layer with Q(W); grad
     auto conv = Conv2d::make(4, 6, 3, 1, 1);
     conv->initialize(2);
     const Tensor w0 = conv->weight().value().clone();
-    auto wrapped = std::make_shared<QuantizedConv2d>(conv, make_quantizer("learnable-po2", opt, conv->weight().shape()));
+    auto wrapped =
+        std::make_shared<QuantizedConv2d>(conv, make_quantizer("learnable-po2", opt, conv->weight().shape()));
     auto reference = make_quantizer("learnable-po2", opt, conv->weight().shape());
 
     const Tensor x = random_tensor({2, 5, 5, 4}, 4);

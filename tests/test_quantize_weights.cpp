@@ -48,7 +48,8 @@ std::string make_input(const fs::path& dir) {
         {"conv.weight", random_tensor({4, 2, 3, 3}, 1, 0.2f)},
         {"conv.bias", random_tensor({4}, 2)},
         {"fc.weight", big},
-        {"reference", Tensor::from_vector({3, 3}, {-0.17f, 2.58f, -8.75f, -3.56f, 1.56f, -0.15f, 2.15f, -0.66f, 0.49f})},
+        {"reference",
+         Tensor::from_vector({3, 3}, {-0.17f, 2.58f, -8.75f, -3.56f, 1.56f, -0.15f, 2.15f, -0.66f, 0.49f})},
         {"steps", steps}};
     const std::string path = (dir / "in.safetensors").string();
     write_safetensors(path, tensors);

@@ -53,21 +53,28 @@ Json start_line(const std::string& quantizer) {
             {"model", {{"arch", "mobilenet_v1"}, {"width", 0.25}}},
             {"data", "fashion-mnist"},
             {"config",
-             {{"epochs", kFloatEpochs}, {"qat-epochs", kQatEpochs}, {"quantizer", quantizer}, {"bits", 4},
+             {{"epochs", kFloatEpochs},
+              {"qat-epochs", kQatEpochs},
+              {"quantizer", quantizer},
+              {"bits", 4},
               {"label-smoothing", 0.1}}}};
 }
 
 // A step line; `shift` is added to every exponent (a rerun that differs).
 Json step_line(const std::string& stage, int64_t stage_step, int64_t step, int shift = 0) {
-    Json j = {{"type", "step"}, {"stage", stage}, {"epoch", (stage_step - 1) / kStepsPerEpoch + 1},
-              {"step", step},   {"stage_step", stage_step}, {"loss", 1.0}, {"train_top1", 0.5}};
+    Json j = {{"type", "step"},   {"stage", stage},           {"epoch", (stage_step - 1) / kStepsPerEpoch + 1},
+              {"step", step},     {"stage_step", stage_step}, {"loss", 1.0},
+              {"train_top1", 0.5}};
     if (stage != "qat") return j;
     Json layers = Json::array();
     for (const ScriptedLayer& l : kLayers) {
         std::vector<int> e;
         for (const std::vector<int>& group : l.exponents) e.push_back(group.at(size_t(stage_step - 1)) + shift);
-        layers.push_back({{"name", l.name}, {"per_channel", l.per_channel}, {"exponents", e},
-                          {"error_per_element", 1e-4}, {"clipped_fraction", 0.01},
+        layers.push_back({{"name", l.name},
+                          {"per_channel", l.per_channel},
+                          {"exponents", e},
+                          {"error_per_element", 1e-4},
+                          {"clipped_fraction", 0.01},
                           {"codes_changed_fraction", nullptr}});
     }
     j["quantizers"] = layers;
@@ -78,8 +85,8 @@ Json step_line(const std::string& stage, int64_t stage_step, int64_t step, int s
 // QAT epochs continue from there; `evaluated` false: no test (--eval-every).
 Json epoch_line(const std::string& stage, int epoch, int64_t step, bool evaluated = true) {
     const int x = stage == "qat" ? kFloatEpochs + epoch : epoch;  // on the common epoch axis
-    Json j = {{"type", "epoch"}, {"stage", stage},         {"epoch", epoch},
-              {"step", step},    {"train_loss", 2 - 0.3 * x}, {"train_top1", 0.1 * x}};
+    Json j = {{"type", "epoch"},           {"stage", stage},       {"epoch", epoch}, {"step", step},
+              {"train_loss", 2 - 0.3 * x}, {"train_top1", 0.1 * x}};
     if (evaluated) j["test"] = {{"loss", 2.1 - 0.3 * x}, {"top1", 0.1 * x - 0.02}, {"top5", 0.9}};
     if (evaluated && stage == "qat") j["test_integer"] = {{"loss", 2.2 - 0.3 * x}, {"top1", 0.1 * x - 0.03}};
     return j;
@@ -288,7 +295,9 @@ TEST_CASE("run curves: runs with little to draw still get a picture") {
         size_t panels;
         std::string title_part;
     };
-    std::vector<Json> stopped{start_line("msqe-po2"), step_line("float", 1, 1), step_line("float", 2, 2),
+    std::vector<Json> stopped{start_line("msqe-po2"),
+                              step_line("float", 1, 1),
+                              step_line("float", 2, 2),
                               {{"type", "stop"}, {"step", 2}, {"signal", 0}}};
     std::vector<Json> one_epoch = run_lines(1, 0, "none");
     std::vector<Json> qat_only = run_lines(0, 1);  // from --init-from: QAT epoch 1 only

@@ -89,7 +89,7 @@ NamedTensors all_kinds() {
     const float nan_with_payload = std::bit_cast<float>(0x7fc01234u);
     return {
         {"conv.weight", tensor_of<float>({2, 1, 2, 2}, {1.5f, -0.0f, nan_with_payload, 1e-40f, -3e38f,
-                                                         std::numeric_limits<float>::infinity(), 0.1f, -7})},
+                                                        std::numeric_limits<float>::infinity(), 0.1f, -7})},
         {"scale", tensor_of<float>({}, {0.125f})},
         {"empty", tensor_of<float>({0}, {})},
         {"empty_too", tensor_of<int32_t>({2, 0, 3}, {})},
@@ -205,11 +205,10 @@ TEST_CASE("half, bfloat16 and small integers convert to f32 exactly, including s
         data.push_back(static_cast<uint8_t>(v & 0xff));
         data.push_back(static_cast<uint8_t>((v >> 8) & 0xff));
     }
-    const std::string header =
-        R"({"h":{"dtype":"F16","shape":[8],"data_offsets":[0,16]},)"
-        R"("b":{"dtype":"BF16","shape":[4],"data_offsets":[16,24]},)"
-        R"("u":{"dtype":"U8","shape":[3],"data_offsets":[24,27]},)"
-        R"("s":{"dtype":"I16","shape":[3],"data_offsets":[27,33]}})";
+    const std::string header = R"({"h":{"dtype":"F16","shape":[8],"data_offsets":[0,16]},)"
+                               R"("b":{"dtype":"BF16","shape":[4],"data_offsets":[16,24]},)"
+                               R"("u":{"dtype":"U8","shape":[3],"data_offsets":[24,27]},)"
+                               R"("s":{"dtype":"I16","shape":[3],"data_offsets":[27,33]}})";
     const std::vector<std::byte> bytes = file_image(header, data);
     const SafetensorsFile file = parse_safetensors(bytes.data(), bytes.size(), "converted");
 
@@ -268,38 +267,51 @@ TEST_CASE("every kind of corrupt header is rejected, naming the file, the tensor
         {entry(R"("dtype":"BOOL","shape":[2],"data_offsets":[0,2])"), 2, {"tensor 'w'", "unsupported dtype \"BOOL\""}},
         {entry(R"("dtype":"F32","data_offsets":[0,8])"), 8, {"tensor 'w'", "\"shape\" is missing"}},
         {entry(R"("dtype":"F32","shape":2,"data_offsets":[0,8])"), 8, {"tensor 'w'", "\"shape\" is not an array"}},
-        {entry(R"("dtype":"F32","shape":[2.0],"data_offsets":[0,8])"), 8,
+        {entry(R"("dtype":"F32","shape":[2.0],"data_offsets":[0,8])"),
+         8,
          {"tensor 'w'", "shape dimension 2.0 is not an integer"}},
         {entry(R"("dtype":"F32","shape":["2"],"data_offsets":[0,8])"), 8, {"tensor 'w'", "is not an integer"}},
-        {entry(R"("dtype":"F32","shape":[-2],"data_offsets":[0,8])"), 8,
+        {entry(R"("dtype":"F32","shape":[-2],"data_offsets":[0,8])"),
+         8,
          {"tensor 'w'", "shape dimension -2 is negative"}},
-        {entry(R"("dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,8])"), 8,
+        {entry(R"("dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,8])"),
+         8,
          {"tensor 'w'", "shape dimension 9223372036854775808 is too large"}},
-        {entry(R"("dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8])"), 8,
+        {entry(R"("dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8])"),
+         8,
          {"tensor 'w'", "more elements than fit in 64 bits"}},
-        {entry(R"("dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,8])"), 8,
+        {entry(R"("dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,8])"),
+         8,
          {"tensor 'w'", "more bytes than fit in 64 bits"}},
         {entry(R"("dtype":"F32","shape":[2])"), 8, {"tensor 'w'", "\"data_offsets\" is missing"}},
         {entry(dtype_shape + R"("data_offsets":[0])"), 8, {"tensor 'w'", "\"data_offsets\" is not [begin, end]"}},
-        {entry(dtype_shape + R"("data_offsets":[0,"8"])"), 8, {"tensor 'w'", "data_offsets end \"8\" is not an integer"}},
+        {entry(dtype_shape + R"("data_offsets":[0,"8"])"),
+         8,
+         {"tensor 'w'", "data_offsets end \"8\" is not an integer"}},
         {entry(dtype_shape + R"("data_offsets":[-1,7])"), 8, {"tensor 'w'", "data_offsets begin -1 is negative"}},
         {entry(dtype_shape + R"("data_offsets":[8,0])"), 8, {"tensor 'w'", "end before they begin"}},
-        {entry(dtype_shape + R"("data_offsets":[0,16])"), 8,
+        {entry(dtype_shape + R"("data_offsets":[0,16])"),
+         8,
          {"tensor 'w'", "data_offsets [0, 16] lie outside the data buffer of 8 bytes"}},
-        {entry(dtype_shape + R"("data_offsets":[0,18446744073709551615])"), 8, {"tensor 'w'", "outside the data buffer"}},
-        {entry(R"("dtype":"F32","shape":[3],"data_offsets":[0,8])"), 8,
+        {entry(dtype_shape + R"("data_offsets":[0,18446744073709551615])"),
+         8,
+         {"tensor 'w'", "outside the data buffer"}},
+        {entry(R"("dtype":"F32","shape":[3],"data_offsets":[0,8])"),
+         8,
          {"tensor 'w'", "data_offsets [0, 8] hold 8 bytes, but shape [3] of F32 needs 12"}},
         {entry(dtype_shape + R"("data_offsets":[0,8],"extra":1)"), 8, {"tensor 'w'", "unknown field 'extra'"}},
         {entry(R"("dtype":"F32","shape":[[2]],"data_offsets":[0,8])"), 8, {"'w'", "nested deeper"}},
-        {entry(R"("dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8])"), 8,
-         {"'w'", "duplicate key 'dtype'"}},
+        {entry(R"("dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8])"), 8, {"'w'", "duplicate key 'dtype'"}},
         {R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
-         16, {"duplicate tensor name 'w'"}},
+         16,
+         {"duplicate tensor name 'w'"}},
         // The data buffer must be covered exactly.
         {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-         12, {"tensor 'b'", "overlap tensor 'a', which ends at 8"}},
+         12,
+         {"tensor 'b'", "overlap tensor 'a', which ends at 8"}},
         {R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
-         12, {"tensor 'b'", "bytes [4, 8)", "(a gap)"}},
+         12,
+         {"tensor 'b'", "bytes [4, 8)", "(a gap)"}},
         {entry(dtype_shape + R"("data_offsets":[4,12])"), 12, {"tensor 'w'", "bytes [0, 4)", "(a gap)"}},
         {w, 12, {"the data buffer has 12 bytes, but the tensors cover 8 (4 trailing bytes"}},
         {"{}", 4, {"the data buffer has 4 bytes, but the tensors cover 0"}},
@@ -331,8 +343,7 @@ TEST_CASE("bad lengths are rejected without reading or allocating what the heade
 
 TEST_CASE("every truncation, extension and byte change of a valid file is handled cleanly") {
     const std::vector<std::byte> valid =
-        serialize_safetensors({{"a", tensor_of<float>({2}, {1, 2})}, {"n", tensor_of<int64_t>({}, {7})}},
-                              {{"k", "v"}});
+        serialize_safetensors({{"a", tensor_of<float>({2}, {1, 2})}, {"n", tensor_of<int64_t>({}, {7})}}, {{"k", "v"}});
     REQUIRE(parse_error(valid).empty());
     // Each prefix is copied into a buffer of exactly its size, so the
     // sanitizer build catches any read past the end.
@@ -361,12 +372,11 @@ TEST_CASE("every truncation, extension and byte change of a valid file is handle
 
 TEST_CASE("the writer rejects names it could not write back") {
     const Tensor t = tensor_of<float>({1}, {1});
-    CHECK_THROWS_WITH_AS(serialize_safetensors({{"a", t}, {"a", t}}),
-                         doctest::Contains("duplicate tensor name 'a'"), Error);
+    CHECK_THROWS_WITH_AS(serialize_safetensors({{"a", t}, {"a", t}}), doctest::Contains("duplicate tensor name 'a'"),
+                         Error);
     CHECK_THROWS_WITH_AS(serialize_safetensors({{"", t}}), doctest::Contains("a tensor name is empty"), Error);
     CHECK_THROWS_WITH_AS(serialize_safetensors({{"__metadata__", t}}), doctest::Contains("is reserved"), Error);
-    CHECK_THROWS_WITH_AS(serialize_safetensors({{"u", Tensor()}}), doctest::Contains("tensor 'u' is undefined"),
-                         Error);
+    CHECK_THROWS_WITH_AS(serialize_safetensors({{"u", Tensor()}}), doctest::Contains("tensor 'u' is undefined"), Error);
     CHECK_THROWS_WITH_AS(serialize_safetensors({{"\xff", t}}), doctest::Contains("not valid UTF-8"), Error);
 
     // A rejected write names the path and leaves the old file alone.

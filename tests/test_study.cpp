@@ -236,8 +236,7 @@ TEST_CASE("The grid: which fixes make cells, and each cell's quantizer options")
     // msqe-po2 takes every fix; msqe-round the mask and second moments (and none); the others only default.
     CHECK(ids == std::vector<std::string>{"v1-msqe-baseline", "v1-msqe-po2", "v1-msqe-po2.none",
                                           "v1-msqe-po2.stable-exponent", "v1-msqe-po2.all", "v1-learnable-po2-ceil",
-                                          "v1-learnable-po2-msqe-round", "v1-learnable-po2-msqe-round.none",
-                                          "v1-lsq"});
+                                          "v1-learnable-po2-msqe-round", "v1-learnable-po2-msqe-round.none", "v1-lsq"});
 
     auto config = [&](const std::string& method, const std::string& fix) {
         return study::cell_train_config(o, {"v1", method, fix}, float_file, dir / "run", 100);
@@ -245,7 +244,7 @@ TEST_CASE("The grid: which fixes make cells, and each cell's quantizer options")
     const TrainConfig all = config("msqe-po2", "all"), alone = config("msqe-po2", "stable-exponent"),
                       plain = config("msqe-po2", "default");
     CHECK((all.outlier_mask && all.second_moments && all.line_search));  // the defaults ...
-    CHECK(all.stable_start_step == 50);                                   // ... plus the stable exponent
+    CHECK(all.stable_start_step == 50);                                  // ... plus the stable exponent
     CHECK(all.stable_switch_step == 80);
     CHECK((!alone.outlier_mask && !alone.second_moments && !alone.line_search));  // the fix alone
     CHECK(alone.stable_start_step == 50);

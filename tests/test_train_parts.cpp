@@ -87,13 +87,11 @@ TEST_CASE("Config: defaults, command line, config file layering, errors") {
     test::TempDir dir;
     const std::string file = dir / "run.json";
     test::write_bytes(file, {});
-    {
-        std::ofstream(file) << R"({"lr": 0.3, "epochs": 3, "nesterov": true, "quantizer": "none"})";
-    }
+    { std::ofstream(file) << R"({"lr": 0.3, "epochs": 3, "nesterov": true, "quantizer": "none"})"; }
     const ParsedArgs f = parse({"--config", file.c_str(), "--epochs", "5"});
     REQUIRE(f.run);
-    CHECK(f.config.lr == 0.3);       // from the file
-    CHECK(f.config.epochs == 5);     // the command line wins
+    CHECK(f.config.lr == 0.3);    // from the file
+    CHECK(f.config.epochs == 5);  // the command line wins
     CHECK(f.config.nesterov);
     CHECK(!f.config.qat());
     CHECK(f.config.batch_size == TrainConfig{}.batch_size);  // neither: the default
@@ -132,23 +130,16 @@ TEST_CASE("Config: defaults, command line, config file layering, errors") {
     fails({"--max-bad-fraction", "1.5"}, "--max-bad-fraction must be in [0, 1], got 1.5");
     fails({"--max-bad-fraction", "-0.01"}, "--max-bad-fraction must be in [0, 1], got -0.01");
     fails({"--max-bad-fraction", "nan"}, "option 'max-bad-fraction' must be a number");  // NaN is null in JSON
-    fails({"--bn-stats", "quantized"}, "--bn-stats: batch statistics must be float-conv or quantized-conv, got 'quantized'");
+    fails({"--bn-stats", "quantized"},
+          "--bn-stats: batch statistics must be float-conv or quantized-conv, got 'quantized'");
     fails({"--config", (dir / "missing.json").c_str()}, "cannot open");
-    {
-        std::ofstream(file) << R"({"lr": 0.3, "speed": 11})";
-    }
+    { std::ofstream(file) << R"({"lr": 0.3, "speed": 11})"; }
     fails({"--config", file.c_str()}, "unknown option 'speed'");
-    {
-        std::ofstream(file) << R"({"epochs": "many"})";
-    }
+    { std::ofstream(file) << R"({"epochs": "many"})"; }
     fails({"--config", file.c_str()}, "option 'epochs' must be an integer, got \"many\"");
-    {
-        std::ofstream(file) << R"([1, 2])";
-    }
+    { std::ofstream(file) << R"([1, 2])"; }
     fails({"--config", file.c_str()}, "must hold a JSON object");
-    {
-        std::ofstream(file) << R"({"lr": )";
-    }
+    { std::ofstream(file) << R"({"lr": )"; }
     fails({"--config", file.c_str()}, "not valid JSON");
 }
 
@@ -157,9 +148,7 @@ TEST_CASE("Config: --resume takes the run's config; only run-control options may
     TrainConfig saved;
     saved.lr = 0.123;
     saved.epochs = 7;
-    {
-        std::ofstream(dir / "config.json") << saved.to_json();
-    }
+    { std::ofstream(dir / "config.json") << saved.to_json(); }
     const std::string run = dir.path.string();
     const ParsedArgs r = parse({"--resume", run.c_str(), "--threads", "1", "--log-every", "3"});
     REQUIRE(r.run);
@@ -283,17 +272,17 @@ TEST_CASE("TrainStep: optimizer groups, gradient clipping, label smoothing, non-
 
 TEST_CASE("Evaluation counts: loss, top-1, top-5, ties") {
     // 3 rows, 6 classes.
-    const Tensor logits = Tensor::from_vector({3, 6}, {5, 1, 1, 1, 1, 1,     // label 0: rank 0
-                                                       6, 5, 4, 3, 2, 1,     // label 5: rank 5
-                                                       1, 1, 1, 1, 1, 1});   // label 2: ties -> rank 2
+    const Tensor logits = Tensor::from_vector({3, 6}, {5, 1, 1, 1, 1, 1,    // label 0: rank 0
+                                                       6, 5, 4, 3, 2, 1,    // label 5: rank 5
+                                                       1, 1, 1, 1, 1, 1});  // label 2: ties -> rank 2
     EvalResult r;
     accumulate_eval(logits, {0, 5, 2}, r);
     CHECK(r.samples == 3);
     CHECK(r.top1 == 1);
     CHECK(r.top5 == 2);
     const double l0 = std::log(std::exp(5.0) + 5 * std::exp(1.0)) - 5;
-    const double l1 = std::log(std::exp(6.0) + std::exp(5.0) + std::exp(4.0) + std::exp(3.0) + std::exp(2.0) +
-                               std::exp(1.0)) - 1;
+    const double l1 =
+        std::log(std::exp(6.0) + std::exp(5.0) + std::exp(4.0) + std::exp(3.0) + std::exp(2.0) + std::exp(1.0)) - 1;
     const double l2 = std::log(6.0);
     // Both in double: per row 6 exponentials, their sum, a logarithm and two
     // additions, each within 2^-52 (exp and log as glibc's, within an ulp) of
@@ -324,6 +313,6 @@ TEST_CASE("SubsetDataset: evenly spaced samples") {
     for (int64_t i = 0; i < 4; ++i) labels.push_back(s.label(i));
     CHECK(labels == std::vector<int32_t>{0, 2, 5, 7});
     CHECK(s.name(3) == "n7");
-    CHECK_THROWS_WITH_AS(SubsetDataset(std::make_shared<Numbers>(), 11), doctest::Contains("11 samples asked of a set of 10"),
-                         Error);
+    CHECK_THROWS_WITH_AS(SubsetDataset(std::make_shared<Numbers>(), 11),
+                         doctest::Contains("11 samples asked of a set of 10"), Error);
 }

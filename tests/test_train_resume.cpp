@@ -111,8 +111,8 @@ void check_resume_equality(bool learnable) {
     check_same_checkpoint(straight.out + "/checkpoint.safetensors", pieces.out + "/checkpoint.safetensors");
     for (const char* file : {"final.safetensors", "float.safetensors"}) {
         INFO(file);
-        const std::vector<std::string> differ = test::differing_tensors(
-            read_safetensors(straight.out + "/" + file), read_safetensors(pieces.out + "/" + file));
+        const std::vector<std::string> differ = test::differing_tensors(read_safetensors(straight.out + "/" + file),
+                                                                        read_safetensors(pieces.out + "/" + file));
         CHECK(differ.empty());
     }
     // Resuming a finished run only reports again, with the same numbers.

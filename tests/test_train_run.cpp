@@ -88,8 +88,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     CHECK(r.global_step == steps);
     CHECK(test::list_files(c.out) == std::vector<std::string>{"checkpoint.safetensors", "config.json",
                                                               "export.safetensors", "final.safetensors",
-                                                              "float.safetensors", "metrics.jsonl",
-                                                              "summary.json"});
+                                                              "float.safetensors", "metrics.jsonl", "summary.json"});
     const auto lines = read_metrics(c.out + "/metrics.jsonl");
     REQUIRE(lines.size() > 3);
     CHECK(lines.front().at("type") == "start");

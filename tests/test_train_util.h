@@ -31,8 +31,8 @@ inline void make_image_folder(const std::string& root, int train_per_class = 16,
                     for (int x = 0; x < 24; ++x) {
                         const bool inside = (x - cx) * (x - cx) + (y - cy) * (y - cy) < 30;
                         for (int k = 0; k < 3; ++k)
-                            image.at<cv::Vec3b>(y, x)[k] = static_cast<uint8_t>(
-                                inside ? colours[c][k] : 100 + static_cast<int>(rng.below(60)));
+                            image.at<cv::Vec3b>(y, x)[k] =
+                                static_cast<uint8_t>(inside ? colours[c][k] : 100 + static_cast<int>(rng.below(60)));
                     }
                 std::vector<uint8_t> bytes;
                 HFQ_CHECK(cv::imencode(".jpg", image, bytes), "make_image_folder: imencode failed");

@@ -26,6 +26,8 @@ enum class Kind { training, control };
 template <class Config, class Visitor>
 void visit_fields(Config& c, Visitor&& v) {
     const Kind T = Kind::training, C = Kind::control;
+    // One option per entry, its help text continued below it: kept as written.
+    // clang-format off
     v.section("Data");
     v("data", c.data, C, "Dataset folder: Fashion-MNIST's IDX files, or ImageNet (DIR/train/<class>/*.JPEG, DIR/val)");
     v("val-ground-truth", c.val_ground_truth, C, "ImageNet with a flat val/ folder: its label file "
@@ -112,6 +114,7 @@ void visit_fields(Config& c, Visitor&& v) {
     v("eval-every", c.eval_every, C, "Epochs between evaluations (the last epoch of each stage always)");
     v("stop-after-steps", c.stop_after_steps, C, "Stop with a checkpoint after this many steps (0: run to the end)");
     v("progress", c.progress, C, "Progress display: auto (a bar on a terminal, lines otherwise), bar, lines, none");
+    // clang-format on
 }
 
 // ---- JSON ----------------------------------------------------------------
@@ -120,7 +123,9 @@ struct JsonWriter {
     Json& j;
     void section(const char*) {}
     template <class T>
-    void operator()(const char* name, const T& field, Kind, const char*) { j[name] = field; }
+    void operator()(const char* name, const T& field, Kind, const char*) {
+        j[name] = field;
+    }
 };
 
 struct JsonReader {
@@ -135,15 +140,21 @@ struct JsonReader {
         if (it == j.end()) return;
         const nlohmann::json& v = *it;
         bool ok;
-        if constexpr (std::is_same_v<T, bool>) ok = v.is_boolean();
-        else if constexpr (std::is_same_v<T, std::string>) ok = v.is_string();
-        else if constexpr (std::is_same_v<T, uint64_t>) ok = v.is_number_unsigned();
-        else if constexpr (std::is_integral_v<T>) ok = v.is_number_integer();
-        else ok = v.is_number();
-        const char* expected = std::is_same_v<T, bool> ? "true or false"
+        if constexpr (std::is_same_v<T, bool>)
+            ok = v.is_boolean();
+        else if constexpr (std::is_same_v<T, std::string>)
+            ok = v.is_string();
+        else if constexpr (std::is_same_v<T, uint64_t>)
+            ok = v.is_number_unsigned();
+        else if constexpr (std::is_integral_v<T>)
+            ok = v.is_number_integer();
+        else
+            ok = v.is_number();
+        const char* expected = std::is_same_v<T, bool>          ? "true or false"
                                : std::is_same_v<T, std::string> ? "a string"
-                               : std::is_same_v<T, uint64_t> ? "a non-negative integer"
-                               : std::is_integral_v<T> ? "an integer" : "a number";
+                               : std::is_same_v<T, uint64_t>    ? "a non-negative integer"
+                               : std::is_integral_v<T>          ? "an integer"
+                                                                : "a number";
         HFQ_CHECK(ok, source, ": option '", name, "' must be ", expected, ", got ", v.dump());
         field = v.get<T>();
     }
@@ -184,8 +195,10 @@ public:
         std::string name;
         bool in_braces = false;
         for (char ch : CLI::Formatter::make_option_name(opt, positional)) {
-            if (ch == '{' || ch == '}') in_braces = ch == '{';
-            else if (!in_braces) name += ch == ',' ? std::string(", ") : std::string(1, ch);
+            if (ch == '{' || ch == '}')
+                in_braces = ch == '{';
+            else if (!in_braces)
+                name += ch == ',' ? std::string(", ") : std::string(1, ch);
         }
         return name;
     }
@@ -249,8 +262,10 @@ void TrainConfig::validate() const {
         return false;
     };
     HFQ_CHECK(!data.empty(), "--data: a dataset folder is needed");
-    HFQ_CHECK(input_size == 0 || (input_size >= 16 && input_size <= 1024), "--input-size must be 0 (automatic) or "
-              "in 16..1024, got ", input_size);
+    HFQ_CHECK(input_size == 0 || (input_size >= 16 && input_size <= 1024),
+              "--input-size must be 0 (automatic) or "
+              "in 16..1024, got ",
+              input_size);
     HFQ_CHECK(train_limit >= 0 && test_limit >= 0, "--train-limit and --test-limit must be >= 0 (0: all), got ",
               train_limit, " and ", test_limit);
     HFQ_CHECK(threads >= 1 && threads <= 1024, "--threads must be in 1..1024, got ", threads);
@@ -302,23 +317,24 @@ void TrainConfig::validate() const {
         HFQ_CHECK(stable_start_step >= -1 && stable_switch_step >= -1,
                   "--stable-start-step and --stable-switch-step must be >= 0, or -1 (off)");
         if (stable_start_step >= 0 || stable_switch_step >= 0) {
-            HFQ_CHECK(quantizer == "msqe-po2", "--stable-start-step / --stable-switch-step: only msqe-po2 keeps "
-                      "a stable exponent, the quantizer is ", quantizer);
+            HFQ_CHECK(quantizer == "msqe-po2",
+                      "--stable-start-step / --stable-switch-step: only msqe-po2 keeps "
+                      "a stable exponent, the quantizer is ",
+                      quantizer);
             HFQ_CHECK(stable_switch_step < 0 || (stable_start_step >= 0 && stable_switch_step >= stable_start_step),
-                      "--stable-switch-step (", stable_switch_step, ") needs --stable-start-step (",
-                      stable_start_step, ") set and not later");
+                      "--stable-switch-step (", stable_switch_step, ") needs --stable-start-step (", stable_start_step,
+                      ") set and not later");
         }
         HFQ_CHECK(in_set(quantizer_optimizer, {"adam", "sgd"}), "--quantizer-optimizer must be adam or sgd, got '",
                   quantizer_optimizer, "'");
         HFQ_CHECK(quantizer_lr > 0, "--quantizer-lr must be positive, got ", quantizer_lr);
-        HFQ_CHECK(quantizer_weight_decay >= 0, "--quantizer-weight-decay must be >= 0, got ",
-                  quantizer_weight_decay);
+        HFQ_CHECK(quantizer_weight_decay >= 0, "--quantizer-weight-decay must be >= 0, got ", quantizer_weight_decay);
     }
-    HFQ_CHECK(epochs > 0 || qat() || !init_from.empty(), "nothing to do: --epochs 0 with --quantizer none and no "
+    HFQ_CHECK(epochs > 0 || qat() || !init_from.empty(),
+              "nothing to do: --epochs 0 with --quantizer none and no "
               "--init-from to evaluate");
     HFQ_CHECK(log_every >= 1, "--log-every must be >= 1, got ", log_every);
-    HFQ_CHECK(checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: each epoch's end), got ",
-              checkpoint_every);
+    HFQ_CHECK(checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: each epoch's end), got ", checkpoint_every);
     HFQ_CHECK(eval_every >= 1, "--eval-every must be >= 1, got ", eval_every);
     HFQ_CHECK(stop_after_steps >= 0, "--stop-after-steps must be >= 0 (0: never), got ", stop_after_steps);
     HFQ_CHECK(in_set(progress, {"auto", "bar", "lines", "none"}), "--progress must be auto, bar, lines or none, got '",
@@ -350,9 +366,10 @@ ParsedArgs parse_args(int argc, const char* const* argv) {
     ParsedArgs r;
     r.exit_code = 2;
     TrainConfig& c = r.config;
-    CLI::App app{"train_mobilenet: trains a MobileNet in float, then fine-tunes it with hardware-friendly weight "
-                 "quantization (QAT).\nWith no options: MobileNetV1 on Fashion-MNIST, float then 4-bit msqe-po2.",
-                 "train_mobilenet"};
+    CLI::App app{
+        "train_mobilenet: trains a MobileNet in float, then fine-tunes it with hardware-friendly weight "
+        "quantization (QAT).\nWith no options: MobileNetV1 on Fashion-MNIST, float then 4-bit msqe-po2.",
+        "train_mobilenet"};
     auto formatter = std::make_shared<HelpFormatter>();
     formatter->column_width(34);
     app.formatter(formatter);
@@ -390,7 +407,8 @@ ParsedArgs parse_args(int argc, const char* const* argv) {
             result.out = c.resume;
             const std::vector<std::string> changed = TrainConfig::training_differences(result, base);
             std::set<std::string> names(changed.begin(), changed.end());
-            HFQ_CHECK(names.empty(), "--resume: ", option_list(names), " would change what the run computes; "
+            HFQ_CHECK(names.empty(), "--resume: ", option_list(names),
+                      " would change what the run computes; "
                       "only run-control options (threads, logging, checkpointing, stopping, --max-bad-fraction) "
                       "can differ when resuming");
         }

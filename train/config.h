@@ -28,11 +28,11 @@ namespace hfq {
 struct TrainConfig {
     // ---- Data ----
     std::string data = "/usr/share/datasets/fashion-mnist";
-    std::string val_ground_truth;     // ImageNet with a flat val/ folder (default ROOT/LOC_val_solution.csv)
-    int input_size = 0;               // 0: 32 for Fashion-MNIST, 224 for ImageNet
+    std::string val_ground_truth;  // ImageNet with a flat val/ folder (default ROOT/LOC_val_solution.csv)
+    int input_size = 0;            // 0: 32 for Fashion-MNIST, 224 for ImageNet
     bool augment = true;
-    int64_t train_limit = 0;          // use this many training samples (0: all), evenly spaced
-    int64_t test_limit = 0;           // likewise for the test set
+    int64_t train_limit = 0;  // use this many training samples (0: all), evenly spaced
+    int64_t test_limit = 0;   // likewise for the test set
     // Unreadable images (corrupt or truncated files) tolerated, as a fraction
     // of the training or test set; each is replaced by the next image.
     double max_bad_fraction = kDefaultMaxBadFraction;
@@ -44,8 +44,8 @@ struct TrainConfig {
     double width = 0.5;
     std::string small_input = "auto";  // auto: on for inputs of 64 pixels or less
     std::string activation = "relu6";
-    double dropout = -1;               // < 0: the architecture's default
-    int input_channels = 0;            // 0: 1 for Fashion-MNIST, 3 for ImageNet
+    double dropout = -1;     // < 0: the architecture's default
+    int input_channels = 0;  // 0: 1 for Fashion-MNIST, 3 for ImageNet
 
     // ---- Float training ----
     int epochs = 12;
@@ -56,13 +56,13 @@ struct TrainConfig {
     double weight_decay = 5e-5;
     std::string schedule = "cosine";
     double warmup_epochs = 1;
-    double lr_step_epochs = 30;        // step schedule: epochs between decays
-    double lr_gamma = 0.1;             // step schedule: decay factor
-    double min_lr_factor = 0;          // floor of the schedule, as a fraction of the base rate
+    double lr_step_epochs = 30;  // step schedule: epochs between decays
+    double lr_gamma = 0.1;       // step schedule: decay factor
+    double min_lr_factor = 0;    // floor of the schedule, as a fraction of the base rate
     double label_smoothing = 0.1;
-    double clip_grad_norm = 0;         // 0: off
-    std::string init_from;             // start from these weights (a checkpoint)
-    bool init_partial = false;         // ... skipping tensors that do not fit (a new classifier)
+    double clip_grad_norm = 0;  // 0: off
+    std::string init_from;      // start from these weights (a checkpoint)
+    bool init_partial = false;  // ... skipping tensors that do not fit (a new classifier)
 
     // ---- Quantization-aware training ----
     std::string quantizer = "msqe-po2";  // or "none": float training only
@@ -70,13 +70,13 @@ struct TrainConfig {
     // One power-of-two scale per output channel (still a shift per channel in
     // hardware; README, "The default run", compares it with per tensor).
     bool per_channel = true;
-    int first_layer_bits = 8;          // 0: same as --bits
+    int first_layer_bits = 8;  // 0: same as --bits
     int last_layer_bits = 8;
     bool fold_bn = true;
     // Zero the weights of dead channels before QAT (quant::zero_dead_channels):
     // folding makes them ~300x the live weights, which wrecks a per-tensor grid.
     bool zero_dead_channels = true;
-    int activation_bits = 0;           // 0: weights only
+    int activation_bits = 0;              // 0: weights only
     std::string rounding = "msqe-round";  // learnable-po2's exponent rounding
     bool second_moments = true;
     bool outlier_mask = true;
@@ -84,24 +84,24 @@ struct TrainConfig {
     int qat_epochs = 4;
     double qat_lr = 0.01;
     double qat_warmup_epochs = 0;
-    int64_t freeze_bn_step = -1;       // QAT steps with batch statistics in folded layers (-1: never freeze)
-    std::string bn_stats = "float-conv";  // their source: float-conv or quantized-conv (quant::QuantPolicy)
-    int64_t stable_start_step = -1;    // QAT step at which the stable exponent starts averaging (-1: off)
-    int64_t stable_switch_step = -1;   // QAT step at which layers switch to it (-1: never)
+    int64_t freeze_bn_step = -1;               // QAT steps with batch statistics in folded layers (-1: never freeze)
+    std::string bn_stats = "float-conv";       // their source: float-conv or quantized-conv (quant::QuantPolicy)
+    int64_t stable_start_step = -1;            // QAT step at which the stable exponent starts averaging (-1: off)
+    int64_t stable_switch_step = -1;           // QAT step at which layers switch to it (-1: never)
     std::string quantizer_optimizer = "adam";  // for learnable scales: adam or sgd
     double quantizer_lr = 1e-3;
     double quantizer_weight_decay = 0;
 
     // ---- Run ----
-    std::string out;                   // empty: runs/<arch>-<dataset>-<date-time>
-    std::string config;                // JSON file of option values
-    std::string resume;                // continue the run in this folder
+    std::string out;     // empty: runs/<arch>-<dataset>-<date-time>
+    std::string config;  // JSON file of option values
+    std::string resume;  // continue the run in this folder
     uint64_t seed = 0;
-    int log_every = 50;                // steps between metrics lines
-    int64_t checkpoint_every = 0;      // steps between checkpoints (0: at each epoch's end only)
-    int eval_every = 1;                // epochs between evaluations (the last epoch of a stage always)
-    int64_t stop_after_steps = 0;      // stop (with a checkpoint) after this many steps in this invocation
-    std::string progress = "auto";     // auto (a bar on a terminal, else lines), bar, lines, none
+    int log_every = 50;             // steps between metrics lines
+    int64_t checkpoint_every = 0;   // steps between checkpoints (0: at each epoch's end only)
+    int eval_every = 1;             // epochs between evaluations (the last epoch of a stage always)
+    int64_t stop_after_steps = 0;   // stop (with a checkpoint) after this many steps in this invocation
+    std::string progress = "auto";  // auto (a bar on a terminal, else lines), bar, lines, none
 
     // Throws hfq::Error naming the option and the problem.
     void validate() const;

@@ -63,8 +63,8 @@ TrainData open_datasets(const TrainConfig& c) {
         auto train = std::make_shared<ImageFolder>(ImageFolder::imagenet(c.data, "train", o));
         o.train = false;
         auto test = std::make_shared<ImageFolder>(ImageFolder::imagenet(c.data, "val", o, c.val_ground_truth));
-        HFQ_CHECK(train->size() > 0 && test->size() > 0, "--data ", c.data, ": found ", train->size(),
-                  " training and ", test->size(), " validation images; both are needed");
+        HFQ_CHECK(train->size() > 0 && test->size() > 0, "--data ", c.data, ": found ", train->size(), " training and ",
+                  test->size(), " validation images; both are needed");
         d.train = train;
         d.test = test;
         d.preprocessing.crop_size = d.input_size;
@@ -73,9 +73,10 @@ TrainData open_datasets(const TrainConfig& c) {
         d.preprocessing.mean = {n.mean[0], n.mean[1], n.mean[2]};
         d.preprocessing.std = {n.std[0], n.std[1], n.std[2]};
     } else {
-        throw Error(cat("--data ", c.data, ": neither Fashion-MNIST (train-images-idx3-ubyte[.gz] and the other IDX "
-                        "files) nor an ImageNet-style folder (", (dir / "train").string(), "/<class>/*.JPEG and ",
-                        (dir / "val").string(), ")"));
+        throw Error(cat("--data ", c.data,
+                        ": neither Fashion-MNIST (train-images-idx3-ubyte[.gz] and the other IDX "
+                        "files) nor an ImageNet-style folder (",
+                        (dir / "train").string(), "/<class>/*.JPEG and ", (dir / "val").string(), ")"));
     }
     d.train = limit(d.train, c.train_limit);
     d.test = limit(d.test, c.test_limit);

@@ -13,8 +13,8 @@
 namespace hfq {
 
 struct EvalResult {
-    double loss = 0;   // mean cross-entropy (no label smoothing)
-    double top1 = 0;   // fractions in [0, 1]
+    double loss = 0;  // mean cross-entropy (no label smoothing)
+    double top1 = 0;  // fractions in [0, 1]
     double top5 = 0;
     int64_t samples = 0;
     int64_t skipped = 0;  // unreadable samples, each replaced by the next one

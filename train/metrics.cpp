@@ -58,9 +58,11 @@ ProgressMode parse_progress_mode(const std::string& option) {
 std::string format_duration(double seconds) {
     const int64_t s = std::max<int64_t>(0, std::llround(seconds));
     char buf[32];
-    if (s >= 3600) std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", (long long)(s / 3600),
-                                 (long long)(s / 60 % 60), (long long)(s % 60));
-    else std::snprintf(buf, sizeof buf, "%lld:%02lld", (long long)(s / 60), (long long)(s % 60));
+    if (s >= 3600)
+        std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", (long long)(s / 3600), (long long)(s / 60 % 60),
+                      (long long)(s % 60));
+    else
+        std::snprintf(buf, sizeof buf, "%lld:%02lld", (long long)(s / 60), (long long)(s % 60));
     return buf;
 }
 
@@ -78,8 +80,8 @@ void Progress::update(const State& s) {
     if (mode_ == ProgressMode::none) return;
     const std::string counters = cat(s.stage, " epoch ", s.epoch, "/", s.epochs, " step ", s.step, "/", s.steps);
     char numbers[160];
-    std::snprintf(numbers, sizeof numbers, "loss %.4f  lr %.3g  %.0f img/s  ETA %s", s.loss, s.lr,
-                  s.images_per_second, format_duration(s.eta_seconds).c_str());
+    std::snprintf(numbers, sizeof numbers, "loss %.4f  lr %.3g  %.0f img/s  ETA %s", s.loss, s.lr, s.images_per_second,
+                  format_duration(s.eta_seconds).c_str());
     if (mode_ == ProgressMode::lines) {
         std::printf("%s  %s\n", counters.c_str(), numbers);
     } else {

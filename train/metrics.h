@@ -47,13 +47,13 @@ ProgressMode parse_progress_mode(const std::string& option);
 class Progress {
 public:
     struct State {
-        std::string stage;         // "float", "qat"
-        int64_t epoch = 0, epochs = 0;        // 1-based epoch of the stage
-        int64_t step = 0, steps = 0;          // steps done in the stage, of
-        double loss = 0;           // running mean since the last log
+        std::string stage;              // "float", "qat"
+        int64_t epoch = 0, epochs = 0;  // 1-based epoch of the stage
+        int64_t step = 0, steps = 0;    // steps done in the stage, of
+        double loss = 0;                // running mean since the last log
         double lr = 0;
         double images_per_second = 0;
-        double eta_seconds = 0;    // of the whole run
+        double eta_seconds = 0;  // of the whole run
     };
     explicit Progress(ProgressMode mode) : mode_(mode) {}
     ~Progress() { clear(); }

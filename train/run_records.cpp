@@ -30,13 +30,15 @@ void Tally::add(const StepStats& s, int64_t n) {
     ++steps;
 }
 
-double Tally::busy() const {
-    return std::max(1e-9, std::chrono::duration<double>(Clock::now() - t0).count() - paused);
-}
+double Tally::busy() const { return std::max(1e-9, std::chrono::duration<double>(Clock::now() - t0).count() - paused); }
 
 Json eval_json(const EvalResult& r) {
-    return {{"loss", r.loss},       {"top1", r.top1},       {"top5", r.top5},
-            {"samples", r.samples}, {"skipped_unreadable", r.skipped}, {"seconds", r.seconds}};
+    return {{"loss", r.loss},
+            {"top1", r.top1},
+            {"top5", r.top5},
+            {"samples", r.samples},
+            {"skipped_unreadable", r.skipped},
+            {"seconds", r.seconds}};
 }
 
 std::string percent(const Json& r, const char* key) {

@@ -32,7 +32,7 @@ namespace hfq {
 // Training loss and accuracy summed over some steps (a log window or an epoch).
 struct Tally {
     using Clock = std::chrono::steady_clock;
-    double loss = 0;      // sum of batch means times batch sizes
+    double loss = 0;  // sum of batch means times batch sizes
     int64_t correct = 0, samples = 0, steps = 0;
     double wait = 0;      // seconds spent waiting for the loader
     int64_t skipped = 0;  // unreadable samples, each replaced by the next one
@@ -52,8 +52,8 @@ struct Report {
     std::string line;
 };
 
-Report start_report(const TrainConfig& config, const TrainData& data, Model& model, bool resuming,
-                    int64_t global_step, const std::string& out);
+Report start_report(const TrainConfig& config, const TrainData& data, Model& model, bool resuming, int64_t global_step,
+                    const std::string& out);
 
 // `window`: the steps since the last step record.
 Json step_record(const StagePlan& stage, const TrainState& state, const TrainStep& step, const StepStats& stats,

@@ -26,8 +26,8 @@ Json run_summary(const TrainConfig& c, const TrainData& data, int64_t steps, con
     return summary;
 }
 
-std::string results_table(const TrainConfig& c, const Json& summary,
-                          const std::vector<quant::LayerDiagnostics>& layers, const std::string& out) {
+std::string results_table(const TrainConfig& c, const Json& summary, const std::vector<quant::LayerDiagnostics>& layers,
+                          const std::string& out) {
     std::string table = cat("\nResults on the ", summary["data"].get<std::string>(), " test set (",
                             summary["test_samples"].get<int64_t>(), " images):\n");
     char row[160];

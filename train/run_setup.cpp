@@ -77,8 +77,9 @@ void start_new_run(TrainConfig& c, RunSetup& s) {
             s.init_from_note =
                 cat("--init-from ", c.init_from, ": loaded ", r.loaded.size(), " tensors, skipped:\n", r.to_string());
     }
-    s.out = c.out.empty() ? fs::path("runs") / cat(arch_name(s.model->config().arch), "-", s.data.kind, "-", timestamp())
-                          : fs::path(c.out);
+    s.out = c.out.empty()
+                ? fs::path("runs") / cat(arch_name(s.model->config().arch), "-", s.data.kind, "-", timestamp())
+                : fs::path(c.out);
     c.out = s.out.string();
     for (const char* f : {"config.json", "checkpoint.safetensors"})
         HFQ_CHECK(!fs::exists(s.out / f), "--out ", s.out.string(), " already holds a run (", f,

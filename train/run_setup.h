@@ -23,12 +23,12 @@ struct RunSetup {
     TrainData data;
     std::shared_ptr<Model> model;
     std::vector<StagePlan> stages;
-    std::filesystem::path out;    // the run folder
-    uint64_t loader_seed = 0;     // data order and augmentation: a stream apart from the weights' initialization
-    TrainState state;             // where the run is (a resumed run: where it stopped)
+    std::filesystem::path out;  // the run folder
+    uint64_t loader_seed = 0;   // data order and augmentation: a stream apart from the weights' initialization
+    TrainState state;           // where the run is (a resumed run: where it stopped)
     std::optional<TrainingCheckpoint> resume;  // --resume: its optimizer state, restored when its stage starts
-    std::string init_from_note;   // --init-from: the tensors that were skipped, if any
-    int64_t batch_size = 1;       // --batch-size: every step trains on a full batch
+    std::string init_from_note;                // --init-from: the tensors that were skipped, if any
+    int64_t batch_size = 1;                    // --batch-size: every step trains on a full batch
 
     int64_t batches_per_epoch() const { return data.train->size() / batch_size; }
 };

@@ -7,7 +7,8 @@ namespace hfq {
 namespace {
 
 std::atomic<int> g_signal{0};
-struct sigaction g_old_int {}, g_old_term {};
+struct sigaction g_old_int {
+}, g_old_term{};
 
 extern "C" void on_stop_signal(int sig) { g_signal.store(sig); }
 

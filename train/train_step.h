@@ -33,14 +33,14 @@ struct TrainStepOptions {
     float quantizer_lr = 1e-3f;                // base rate of quantizer parameters
     float quantizer_weight_decay = 0.0f;
     float label_smoothing = 0.0f;
-    float clip_grad_norm = 0.0f;               // > 0: scale gradients so their global L2 norm is at most this
+    float clip_grad_norm = 0.0f;  // > 0: scale gradients so their global L2 norm is at most this
 };
 
 struct StepStats {
-    float loss = 0;           // mean cross-entropy of the batch (with label smoothing)
-    int64_t correct = 0;      // top-1 hits in the batch
-    double grad_norm = -1;    // global L2 norm before clipping; -1 when not computed
-    bool applied = false;     // false: loss or gradient not finite, the parameters are unchanged
+    float loss = 0;         // mean cross-entropy of the batch (with label smoothing)
+    int64_t correct = 0;    // top-1 hits in the batch
+    double grad_norm = -1;  // global L2 norm before clipping; -1 when not computed
+    bool applied = false;   // false: loss or gradient not finite, the parameters are unchanged
 };
 
 class TrainStep {

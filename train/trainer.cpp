@@ -97,8 +97,8 @@ private:
 void Trainer::start_log() {
     create_run_folder(run_, cfg_);
     log_ = std::make_unique<MetricsLog>(path("metrics.jsonl"));
-    const Report r = start_report(cfg_, run_.data, model(), run_.resume.has_value(), state().global_step,
-                                  run_.out.string());
+    const Report r =
+        start_report(cfg_, run_.data, model(), run_.resume.has_value(), state().global_step, run_.out.string());
     log_->write(r.record);
     say(r.line);
 }
@@ -195,8 +195,8 @@ void Trainer::show_progress(const StagePlan& stage, const TrainStep& step, const
     ps.loss = window.mean_loss();
     ps.lr = step.lr();
     ps.images_per_second = window.images_per_second();
-    ps.eta_seconds = seconds_since(stage_step_clock_) / stage_steps_this_run_ *
-                     double(total - state().stage_step + later_steps_);
+    ps.eta_seconds =
+        seconds_since(stage_step_clock_) / stage_steps_this_run_ * double(total - state().stage_step + later_steps_);
     progress_.update(ps);
 }
 
@@ -267,8 +267,8 @@ void Trainer::train_epochs(const StagePlan& stage, TrainStep& step, const NamedO
         const bool log_now = (st.stage_step + 1) % cfg_.log_every == 0;
         const StepStats s = step.run(batch->images, batch->labels, log_now);
         if (!s.applied)
-            diverged(st.global_step + 1, std::isfinite(s.loss) ? cat("the gradient norm is ", s.grad_norm)
-                                                               : cat("the loss is ", s.loss));
+            diverged(st.global_step + 1,
+                     std::isfinite(s.loss) ? cat("the gradient norm is ", s.grad_norm) : cat("the loss is ", s.loss));
         ++st.stage_step;
         ++st.global_step;
         ++steps_this_run_;

@@ -41,7 +41,7 @@ enum class RunStatus {
 
 struct RunResult {
     RunStatus status = RunStatus::finished;
-    int signal = 0;           // the signal, when interrupted
+    int signal = 0;  // the signal, when interrupted
     std::string out_dir;
     int64_t global_step = 0;  // steps done in the run
     Json summary;             // the final results (when finished)

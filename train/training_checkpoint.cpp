@@ -95,8 +95,8 @@ void restore_model(const TrainingCheckpoint& c, Model& model) {
     const auto rngs = model.named_rngs();
     for (const auto& [name, rng] : rngs)
         HFQ_CHECK(c.state.rngs.count(name), c.file.source, ": no random generator state for module '", name, "'");
-    HFQ_CHECK(c.state.rngs.size() == rngs.size(), c.file.source, ": random generator states for ",
-              c.state.rngs.size(), " modules, the model has ", rngs.size());
+    HFQ_CHECK(c.state.rngs.size() == rngs.size(), c.file.source, ": random generator states for ", c.state.rngs.size(),
+              " modules, the model has ", rngs.size());
     load_state_dict(model, model_tensors(c.file));
     for (const auto& [name, rng] : rngs) {
         const auto [state, stream] = c.state.rngs.at(name);

@@ -40,10 +40,10 @@ inline constexpr const char* kOptimizerPrefix = "optimizer/";
 // Where a run is.
 struct TrainState {
     Stage stage = Stage::float_training;  // the stage in progress (saved by its name: "float", "qat", "done")
-    int64_t stage_step = 0;       // steps done in that stage
-    int64_t global_step = 0;      // steps done in the run
-    LoaderPosition next_batch;    // the batch the next step trains on
-    Json results = Json::object();  // evaluations at the ends of stages, times, ...
+    int64_t stage_step = 0;               // steps done in that stage
+    int64_t global_step = 0;              // steps done in the run
+    LoaderPosition next_batch;            // the batch the next step trains on
+    Json results = Json::object();        // evaluations at the ends of stages, times, ...
     // Random generators of modules (dropout), by module name: {state, stream}.
     std::map<std::string, std::pair<uint64_t, uint64_t>> rngs;
 
