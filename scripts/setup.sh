@@ -30,6 +30,7 @@ packages=(
   libclang-rt-14-dev       # libFuzzer and clang's ASan and UBSan runtimes
   libomp-14-dev            # clang's OpenMP runtime (the fuzz build's configure needs OpenMP_CXX)
   dataset-fashion-mnist    # the default data set (scripts/train.sh, the Fashion-MNIST tests)
+  python3                  # the walkthrough_references test (standard library only)
 )
 
 if [ "${1:-}" = --list ]; then
