@@ -12,17 +12,22 @@
 //   train_mobilenet --help                            # every option, with its default
 //   train_mobilenet --config run.json --lr 0.1        # options from a file, the command line wins
 //   train_mobilenet --resume runs/mobilenet_v1-fashion-mnist-20240101-120000
+//   mpirun -np 2 train_mobilenet --threads 1 --sync-bn   # data parallel (docs/distributed.md)
 //
 // Exit status: 0 when the run finished or stopped (--stop-after-steps) with
-// a checkpoint, 128 + the signal after SIGINT / SIGTERM (checkpoint saved),
+// a checkpoint, 128 + the signal after SIGINT / SIGTERM (checkpoint saved;
+// under mpirun 0, so that mpirun does not take the stop for a failure),
 // 1 for a failure (bad data or checkpoint, divergence, a CPU without the
-// features the build uses: startup/cpu_check.h), 2 for bad options.
+// features the build uses: startup/cpu_check.h), 2 for bad options, 3 for
+// a rank of an MPI job that died or hung (train/mpi_job.h).
 #include <cstdio>
 #include <exception>
 #include <string>
 
+#include "engine/check.h"
 #include "study/run_curves.h"
 #include "train/config.h"
+#include "train/mpi_job.h"
 #include "train/trainer.h"
 
 namespace {
@@ -41,18 +46,23 @@ void draw_curves(const std::string& out_dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    hfq::mpi::Session mpi(argc, argv);  // MPI_Init only under mpirun
     const hfq::ParsedArgs args = hfq::parse_args(argc, argv);
-    if (!args.run) {
-        std::fprintf(args.exit_code == 0 ? stdout : stderr, "%s\n", args.message.c_str());
+    if (!args.run) {  // the same on every rank: rank 0 says it
+        if (hfq::mpi::is_root()) std::fprintf(args.exit_code == 0 ? stdout : stderr, "%s\n", args.message.c_str());
         return args.exit_code;
     }
     try {
         hfq::RunHooks hooks;
-        hooks.after_epoch = draw_curves;
+        hooks.after_epoch = draw_curves;  // called on rank 0 only
         const hfq::RunResult r = hfq::run_training(args.config, hooks);
-        draw_curves(r.out_dir);  // the last state: a stop within an epoch, the final line
+        if (hfq::mpi::is_root()) draw_curves(r.out_dir);  // the last state: a stop within an epoch, the final line
+        if (hfq::mpi::launched()) return 0;
         return r.status == hfq::RunStatus::interrupted ? 128 + r.signal : 0;
     } catch (const std::exception& e) {
+        // Under mpirun a rank that fails alone must not leave the others
+        // waiting for it: the whole job ends.
+        if (hfq::mpi::size() > 1) hfq::mpi::abort(hfq::cat("rank ", hfq::mpi::rank(), ": ", e.what()), 1);
         std::fprintf(stderr, "\ntrain_mobilenet: %s\n", e.what());
         return 1;
     }

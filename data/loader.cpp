@@ -37,6 +37,9 @@ Loader::Loader(std::shared_ptr<const Dataset> dataset, const LoaderOptions& opti
     HFQ_CHECK(o.batch_size > 0, "Loader: batch_size must be positive, got ", o.batch_size);
     HFQ_CHECK(o.threads >= 1, "Loader: threads must be at least 1, got ", o.threads);
     HFQ_CHECK(o.prefetch_batches >= 1, "Loader: prefetch_batches must be at least 1, got ", o.prefetch_batches);
+    HFQ_CHECK(o.parts >= 1, "Loader: parts must be at least 1, got ", o.parts);
+    HFQ_CHECK(o.part >= 0 && o.part < o.parts, "Loader: part must be in 0..", o.parts - 1, " for ", o.parts,
+              " parts, got ", o.part);
     HFQ_CHECK(o.max_bad_fraction >= 0 && o.max_bad_fraction <= 1, "Loader: max_bad_fraction must be in [0, 1], got ",
               o.max_bad_fraction);
     batches_per_epoch_ = o.drop_last ? n / o.batch_size : (n + o.batch_size - 1) / o.batch_size;
@@ -90,8 +93,12 @@ void Loader::produce() {
 
 Batch Loader::load_batch(LoaderPosition p, const std::vector<int64_t>& order) {
     const Shape sample = dataset_->sample_shape();  // {H, W, C}
+    // The full batch is order[begin, begin + full); this part takes slots
+    // [first, first + count) of it.
     const int64_t begin = p.batch * options_.batch_size;
-    const int64_t count = std::min(options_.batch_size, dataset_->size() - begin);
+    const int64_t full = std::min(options_.batch_size, dataset_->size() - begin);
+    const int64_t first = full * options_.part / options_.parts;
+    const int64_t count = full * (options_.part + 1) / options_.parts - first;
     const int64_t sample_numel = shape_numel(sample);
     Batch batch;
     batch.epoch = p.epoch;
@@ -107,7 +114,7 @@ Batch Loader::load_batch(LoaderPosition p, const std::vector<int64_t>& order) {
             tbb::blocked_range<int64_t>(0, count, 1),
             [&](const tbb::blocked_range<int64_t>& slots) {
                 for (int64_t s = slots.begin(); s != slots.end() && !stop_; ++s)
-                    load_slot(p.epoch, order[begin + s], images + s * sample_numel, batch, s, skipped[s]);
+                    load_slot(p.epoch, order[begin + first + s], images + s * sample_numel, batch, s, skipped[s]);
             },
             tbb::simple_partitioner());
     });

@@ -13,6 +13,20 @@
 // of epoch e holds the same pixels whatever the thread count, and a Loader
 // started at (e, b) (resuming from a checkpoint) reproduces it exactly.
 //
+// Parts (data-parallel training): a loader with parts = N, part = k hands out
+// only its share of every batch, slots [count * k / N, count * (k + 1) / N)
+// of the full batch of `count` samples (batch_size, or the last batch's size
+// without drop_last). Batch numbering, batches_per_epoch() and position() are
+// the full batches', and each sample keeps its random numbers, so the parts
+// of N loaders put together in part order are the single loader's batch bit
+// for bit (images, labels, indices). A last partial batch of fewer than N
+// samples leaves some parts empty: such a loader still delivers that batch,
+// with 0 images ({0, H, W, C}, no labels), so that every part sees the same
+// number of batches and stays in step with the others; skip the model on
+// it (a batch of 0 images is not a batch norm can use) but still take part
+// in whatever the parts exchange. Training with batch_size divisible by N and
+// drop_last never meets one.
+//
 // Unreadable samples (corrupt or truncated files): the sample is replaced by
 // the next dataset index that loads (with its own random numbers), the batch
 // records it in Batch::skipped, and the Loader logs its path to stderr the
@@ -21,7 +35,9 @@
 // dataset stops the run. The message names the command-line option that
 // raises the limit, --max-bad-fraction, which every program that runs a
 // Loader on files has (train_mobilenet, qat_study, loader_bench). (The count
-// starts afresh in each Loader.)
+// starts afresh in each Loader. A loader of one part meets, counts and limits
+// only the unreadable samples of its own slots; the replacement of a slot is
+// the one the single loader would make.)
 //
 // Errors: any other exception while loading reaches the consumer, in batch
 // order, as an hfq::Error thrown by next(). The destructor stops the producer
@@ -52,6 +68,8 @@ struct LoaderOptions {
     int threads = 1;                                   // loader threads (the producer included)
     int prefetch_batches = 4;                          // finished batches kept ready
     double max_bad_fraction = kDefaultMaxBadFraction;  // of the dataset; more unreadable samples stop the run
+    int part = 0;                                      // this loader's share of every batch: part of parts
+    int parts = 1;                                     // (see the header comment); 0 <= part < parts
 };
 
 // A batch position: batch `batch` of epoch `epoch`.

@@ -14,6 +14,10 @@
 // These passes stream activation-sized tensors through memory and do little
 // arithmetic, so their cost is the number of tensors they read and write.
 //
+// With sync batch norm (engine/replicas.h) training uses the statistics of
+// the whole batch, every replica's share of it, and backward sums dx's
+// per-channel sums over the replicas too (normalisation_backward).
+//
 // batch_norm_relu6 is relu6(batch_norm(x)) as one op. Its graph node keeps x
 // alone, not the normalised value nor the output, which the two separate ops
 // would keep alive until backward (one activation-sized tensor per conv-BN-
@@ -28,6 +32,7 @@
 #include "engine/channel_sums.h"
 #include "engine/check.h"
 #include "engine/ops.h"
+#include "engine/replicas.h"
 #include "engine/tensor_math.h"
 
 namespace hfq {
@@ -98,6 +103,7 @@ void check_vector(const char* op, const char* name, const Tensor& t, int64_t cha
 struct Normalisation {
     Tensor mean, inv_std;  // inv_std = 1 / sqrt(var + eps)
     Tensor scale;          // gamma * inv_std
+    int64_t rows;          // R, the values per channel of the statistics (all replicas' when synced)
 };
 
 // Checks the arguments of `op`; in training computes the batch statistics and
@@ -121,13 +127,15 @@ Normalisation normalisation(const char* op, const Variable& x, const Variable& g
 
     Tensor mean = Tensor::empty({channels});
     Tensor inv_std = Tensor::empty({channels});
+    int64_t stat_rows = rows;
     if (training) {
         const BatchStatistics batch = batch_statistics(xv.f32(), rows, channels);
         for (int64_t c = 0; c < channels; ++c) {
             mean.f32()[c] = static_cast<float>(batch.mean[c]);
             inv_std.f32()[c] = static_cast<float>(1.0 / std::sqrt(batch.var[c] + eps));
         }
-        update_running_statistics(batch, rows, momentum, running_mean, running_var);
+        update_running_statistics(batch, momentum, running_mean, running_var);
+        stat_rows = batch.rows;
     } else {
         for (int64_t c = 0; c < channels; ++c) {
             mean.f32()[c] = running_mean.f32()[c];
@@ -135,7 +143,7 @@ Normalisation normalisation(const char* op, const Variable& x, const Variable& g
         }
     }
     Tensor scale = mul(gamma.value(), inv_std);
-    return {mean, inv_std, scale};
+    return {mean, inv_std, scale, stat_rows};
 }
 
 // The normalisation's output, mapped by clamp: {N,H,W,C}.
@@ -162,21 +170,41 @@ void normalisation_backward(const Variable& x, const Variable& gamma, const Vari
     const ChannelSums sums = channel_sums(dy, xv.f32(), rows, channels);
     // With xhat = (x - mean) * inv_std:
     //   dbeta = sum dy,   dgamma = sum dy * xhat = inv_std * (sum dy*x - mean * sum dy).
-    // Training (mean and var depend on x):
-    //   dx = s * (dy - dbeta / R - xhat * dgamma / R)
-    //      = a * (x - mean) + s * dy + d,   a = -s * inv_std * dgamma / R,   d = -s * dbeta / R.
+    // Training (mean and var depend on x), with the same sums over the R rows
+    // of the statistics, written Sdy, Sdyx, and DG = inv_std * (Sdyx - mean * Sdy):
+    //   dx = s * (dy - Sdy / R - xhat * DG / R)
+    //      = a * (x - mean) + s * dy + d,   a = -s * inv_std * DG / R,   d = -s * Sdy / R.
     // Evaluation (fixed statistics): dx = s * dy.
+    //
+    // Sync batch norm: the statistics are over every replica's rows, so x's
+    // gradient through them involves every replica's dy: Sdy and Sdyx are
+    // summed over the replicas and R counts all rows (without sync they are
+    // this replica's sums, R its rows). Each replica's dy is the gradient of
+    // its own mean loss, N times its rows' share of the gradient of the whole
+    // batch's mean loss; dx is linear in dy, so it is N times the whole
+    // batch's dx on these rows, as every gradient of this replica is, and
+    // the trainer's average over the N replicas divides that out. dgamma and
+    // dbeta stay sums over this replica's rows: averaged over the replicas,
+    // N times each share gives the whole batch's sum (sums over all replicas
+    // here would count every row N times), as PyTorch's SyncBatchNorm + DDP.
+    std::vector<double> all(2 * channels);  // [Sdy | Sdyx]
+    std::copy(sums.u.begin(), sums.u.end(), all.begin());
+    std::copy(sums.uv.begin(), sums.uv.end(), all.begin() + channels);
+    if (training && replicas::sync_batch_norm()) replicas::sum(all.data(), 2 * channels);
+    const double* s_dy = all.data();
+    const double* s_dyx = s_dy + channels;
+    const int64_t stat_rows = n.rows;
     Tensor dgamma = Tensor::empty({channels});
     Tensor dbeta = Tensor::empty({channels});
     Tensor a = Tensor::empty({channels});
     Tensor d = Tensor::empty({channels});
     for (int64_t c = 0; c < channels; ++c) {
         const double is = inv_std[c], sc = s[c];
-        const double dg = is * (sums.uv[c] - mean[c] * sums.u[c]);
-        dgamma.f32()[c] = static_cast<float>(dg);
+        dgamma.f32()[c] = static_cast<float>(is * (sums.uv[c] - mean[c] * sums.u[c]));
         dbeta.f32()[c] = static_cast<float>(sums.u[c]);
-        a.f32()[c] = static_cast<float>(-sc * is * dg / rows);
-        d.f32()[c] = static_cast<float>(-sc * sums.u[c] / rows);
+        const double dg = is * (s_dyx[c] - mean[c] * s_dy[c]);
+        a.f32()[c] = static_cast<float>(-sc * is * dg / stat_rows);
+        d.f32()[c] = static_cast<float>(-sc * s_dy[c] / stat_rows);
     }
     if (x.requires_grad()) {
         Tensor dx = gradient_buffer(dy_memory);

@@ -6,8 +6,53 @@
 #include <vector>
 
 #include "engine/check.h"
+#include "engine/replicas.h"
 
 namespace hfq::quant {
+
+namespace {
+
+// sum of term(i) over i in [0, n), in grid.h's summation order, exactly as
+// grid.cpp's population_std adds: chunks of kChunk in chunk order, inside a
+// chunk element i on lane i % 8 (the tail from lane 0 on), lanes added in
+// order. The same arithmetic, so that without replicas activation_std is
+// bit for bit population_std.
+template <class Term>
+double lane_sum(int64_t n, Term term) {
+    constexpr int kLanes = 8;
+    struct Sum {
+        double value = 0;
+        Sum& operator+=(const Sum& o) {
+            value += o.value;
+            return *this;
+        }
+    };
+    auto chunk = [&](int64_t begin, int64_t end) {
+        double lanes[kLanes] = {};
+        int64_t i = begin;
+        for (; i + kLanes <= end; i += kLanes)
+            for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += term(i + lane);
+        for (int lane = 0; i < end; ++i, ++lane) lanes[lane] += term(i);
+        double s = lanes[0];
+        for (int lane = 1; lane < kLanes; ++lane) s += lanes[lane];
+        return Sum{s};
+    };
+    return reduce_chunks<Sum>(n, chunk).value;
+}
+
+}  // namespace
+
+double activation_std(const float* x, int64_t n, bool across_replicas) {
+    double sum_and_count[2] = {lane_sum(n, [x](int64_t i) { return double(x[i]); }), double(n)};
+    if (across_replicas) replicas::sum(sum_and_count, 2);
+    const double mean = sum_and_count[0] / sum_and_count[1];
+    double squares = lane_sum(n, [x, mean](int64_t i) {
+        const double d = x[i] - mean;
+        return d * d;
+    });
+    if (across_replicas) replicas::sum(&squares, 1);
+    return std::sqrt(squares / sum_and_count[1]);
+}
 
 ActivationQuantizer::ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale)
     : grid_(make_grid(bits, /*is_signed=*/false, "activation quantizer")),
@@ -25,18 +70,25 @@ std::string ActivationQuantizer::describe() const {
     return cat("learnable-po2 activations, ", grid_.bits, " bits unsigned, ", exponent_rounding_name(rounding_));
 }
 
-int ActivationQuantizer::choose_exponent(const float* x, int64_t n, float e) {
+int ActivationQuantizer::choose_exponent(const float* x, int64_t n, float e, bool across_replicas) {
     HFQ_CHECK(std::isfinite(e) && std::fabs(e) < 120, "activation quantizer: the log2-scale e is ", e,
               ", outside the float range of a scale (did training diverge?)");
     if (rounding_ == ExponentRounding::ceil) return int(std::ceil(e));
     if (rounding_ == ExponentRounding::rint) return int(std::nearbyint(e));
-    if (std::floor(e) == std::ceil(e)) return int(e);  // nothing to choose: skip the mask
+    const int lo = int(std::floor(e)), hi = int(std::ceil(e));
+    if (lo == hi) return hi;  // nothing to choose: skip the mask
     // Round-to-Lower-MSQE with w = 1[|x| <= 2^e (qp + 0.5)] (no second moments:
-    // an activation has no per-element state).
+    // an activation has no per-element state), as msqe_rounded_exponent
+    // (grid.cpp) but with E(2^lo) and E(2^hi) summed over the replicas before
+    // they are compared, so that every replica picks the whole batch's k.
     const double limit = std::exp2(double(e)) * (grid_.qp + 0.5);
     mask_.resize(n);
     group_element_weights(x, nullptr, false, limit, n, mask_.data());
-    return msqe_rounded_exponent(x, mask_.data(), n, e, grid_);
+    const float scales[2] = {exp2_scale(lo), exp2_scale(hi)};
+    double errors[2];
+    weighted_errors(x, mask_.data(), n, scales, 2, grid_, errors);
+    if (across_replicas) replicas::sum(errors, 2);
+    return errors[0] < errors[1] ? lo : hi;  // ties go to ceil
 }
 
 Variable ActivationQuantizer::forward(const Variable& input) {
@@ -53,14 +105,21 @@ Variable ActivationQuantizer::forward(const Variable& input) {
         for (int64_t i = begin; i < end; ++i) px[i] = std::max(pv[i], 0.0f);
     });
     const bool training = is_training();
+    // A data-parallel training step chooses on the whole batch, every
+    // replica's share (replicas::active(), with or without sync batch norm):
+    // every replica then holds the same e and k, as one process on the whole
+    // batch would. Evaluation stays on this replica's data: it stores
+    // nothing, and the replicas need not evaluate in step.
+    const bool across_replicas = training && replicas::active();
     int k;
     if (training || !initialized()) {
         float e = e_.value().f32()[0];
         if (!initialized()) {
-            e = float(std::log2(std::max(3.0 * population_std(x.f32(), n) / grid_.qp, double(min_init_scale_))));
+            e = float(std::log2(
+                std::max(3.0 * activation_std(x.f32(), n, across_replicas) / grid_.qp, double(min_init_scale_))));
             if (training) e_.value().f32()[0] = e;
         }
-        k = choose_exponent(x.f32(), n, e);
+        k = choose_exponent(x.f32(), n, e, across_replicas);
     } else {
         k = exponent();
     }
@@ -69,6 +128,7 @@ Variable ActivationQuantizer::forward(const Variable& input) {
     Tensor y = Tensor::empty(v.shape());
     const PassStats stats = quantize_group(x.f32(), y.f32(), nullptr, false, n, s, s, grid_, Rounding::half_even);
     if (training) {
+        // The diagnostics (error, clipped fraction) are this replica's own.
         flips_ += have_pass_ && k != last_exponent_;
         last_exponent_ = k;
         last_error_ = stats.error / double(n);

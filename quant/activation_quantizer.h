@@ -13,7 +13,8 @@
 // Why not a Quantizer: a Quantizer is built for one weight shape and keeps
 // per-element state (second moments); an activation changes shape with the
 // batch and has no per-element state. The scale is one per tensor, chosen on
-// the whole batch; sums are taken over fixed chunks combined in order (the
+// the whole batch (in a data-parallel run, every replica's share of it:
+// engine/replicas.h); sums are taken over fixed chunks combined in order (the
 // same result at any thread count).
 //
 // Evaluation uses the exponent the last training step chose (a buffer), so a
@@ -29,6 +30,14 @@
 #include "quant/quantizer.h"
 
 namespace hfq::quant {
+
+// The population std of x {n}, over every replica's x when across_replicas
+// (engine/replicas.h): the mean from the summed sums and counts, then the
+// summed squared deviations from it. Each replica's sums are added as
+// population_std (grid.cpp) adds them, and the sums over replicas are the
+// identity in a single process: there it is population_std(x, n) bit for
+// bit. What the first training step initialises e from (exposed for tests).
+double activation_std(const float* x, int64_t n, bool across_replicas);
 
 class ActivationQuantizer : public Module {
 public:
@@ -55,7 +64,8 @@ public:
     std::string describe() const override;
 
 private:
-    int choose_exponent(const float* x, int64_t n, float e);
+    // k for e on x; the msqe-round errors summed over the replicas when across_replicas.
+    int choose_exponent(const float* x, int64_t n, float e, bool across_replicas);
 
     Grid grid_;
     ExponentRounding rounding_;

@@ -8,6 +8,7 @@
 #include "engine/channel_sums.h"
 #include "engine/check.h"
 #include "engine/ops.h"
+#include "engine/replicas.h"
 
 namespace hfq::quant {
 namespace {
@@ -145,7 +146,7 @@ struct BatchStatCorrectionBackward {
     BatchStatistics batch;              // of y_f
     std::vector<double> inv_sigma_ema;  // before the running update
     float eps;
-    int64_t rows, channels;
+    int64_t rows, channels;  // of y_f here (batch.rows: of the statistics)
 
     void operator()(const Tensor& dy) const {
         // G = sum dy, H = sum dy * y_q (per channel). With sigma_B = sqrt(var_B + eps):
@@ -155,21 +156,36 @@ struct BatchStatCorrectionBackward {
         //   d mu_B  = -gamma / sigma_B * G
         //   d var_B = -1/2 (var_B + eps)^(-3/2) (sigma_ema H - gamma mu_B G)
         //   d y_f   = d mu_B / R + 2 d var_B (y_f - mu_B) / R    (mean and biased variance of R rows)
+        //
+        // Sync batch norm: mu_B and var_B are over every replica's rows (R =
+        // batch.rows counts them all), so d mu_B and d var_B, and through them
+        // d y_f, take G and H summed over the replicas. d beta and d gamma take
+        // this replica's G: its dy is the gradient of its own mean loss, N times
+        // its rows' share of the whole batch's, and the trainer averages
+        // parameter gradients over the N replicas, which then gives the whole
+        // batch's sums (global G would count every row N times), as PyTorch's
+        // SyncBatchNorm + DDP do. d y_f is linear in dy: N times the whole
+        // batch's on these rows, like every gradient of this replica.
         const std::vector<double>& mean = batch.mean;
         const std::vector<double>& var = batch.var;
         const ChannelSums gs = channel_sums(dy.f32(), y_q.value().f32(), rows, channels);
+        std::vector<double> all(2 * channels);  // [G | H] over the rows of the statistics
+        std::copy(gs.u.begin(), gs.u.end(), all.begin());
+        std::copy(gs.uv.begin(), gs.uv.end(), all.begin() + channels);
+        if (replicas::sync_batch_norm()) replicas::sum(all.data(), 2 * channels);
+        const int64_t stat_rows = batch.rows;
         Tensor dgamma = Tensor::empty({channels}), dbeta = Tensor::empty({channels});
         std::vector<float> a(channels), d(channels), m(channels);
         for (int64_t c = 0; c < channels; ++c) {
-            const double G = gs.u[c], H = gs.uv[c], g = gamma.value().f32()[c];
+            const double G_local = gs.u[c], G = all[c], H = all[channels + c], g = gamma.value().f32()[c];
             const double inv_sigma_b = 1.0 / std::sqrt(var[c] + eps);
-            dbeta.f32()[c] = float(G);
-            dgamma.f32()[c] = float(-mean[c] * inv_sigma_b * G);
+            dbeta.f32()[c] = float(G_local);
+            dgamma.f32()[c] = float(-mean[c] * inv_sigma_b * G_local);
             const double dmean = -g * inv_sigma_b * G;
             const double dvar =
                 -0.5 * inv_sigma_b * inv_sigma_b * inv_sigma_b * (H / inv_sigma_ema[c] - g * mean[c] * G);
-            a[c] = float(2.0 * dvar / rows);
-            d[c] = float(dmean / rows);
+            a[c] = float(2.0 * dvar / stat_rows);
+            d[c] = float(dmean / stat_rows);
             m[c] = float(mean[c]);
         }
         if (y_q.requires_grad()) {
@@ -225,7 +241,7 @@ Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const V
         ratio.f32()[c] = float(inv_sigma_b / inv_sigma_ema[c]);
         offset.f32()[c] = float(beta.value().f32()[c] - gamma.value().f32()[c] * batch.mean[c] * inv_sigma_b);
     }
-    update_running_statistics(batch, rows, momentum, running_mean, running_var);
+    update_running_statistics(batch, momentum, running_mean, running_var);
 
     Tensor out = Tensor::empty(q.shape());
     {

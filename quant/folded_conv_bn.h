@@ -122,7 +122,10 @@ Variable fold_bias(const Variable& gamma, const Variable& beta, const Tensor& ru
 // running_var as it is on entry (the moving variance W_fold was formed with),
 // then running_mean and running_var are updated with PyTorch's rule
 // (unbiased variance). Sums run in double over fixed row blocks combined in
-// order: the result does not depend on the thread count.
+// order: the result does not depend on the thread count. With sync batch norm
+// (engine/replicas.h) mu_B and var_B are those of every replica's y_f, and
+// y_f's gradient through them takes every replica's dy; gamma's and beta's
+// gradients stay this replica's (the trainer averages them over replicas).
 Variable batch_stat_correction(const Variable& y_q, const Variable& y_f, const Variable& gamma, const Variable& beta,
                                Tensor& running_mean, Tensor& running_var, float momentum, float eps);
 

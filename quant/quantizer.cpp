@@ -143,6 +143,15 @@ void Quantizer::backward_groups(const Tensor& dy, const Variable& weight, const 
     HFQ_CHECK(dy.shape() == shape_, who(), ": backward got a gradient of shape ", shape_str(dy.shape()),
               " for weights of shape ", shape_str(shape_));
     HFQ_CHECK(dy.dtype() == DType::f32, who(), ": backward got a ", dtype_name(dy.dtype()), " gradient");
+    HFQ_CHECK(!update_m || !pending_, who(),
+              ": a training backward while a deferred second-moment gradient is pending "
+              "(call apply_second_moments() after each backward)");
+    if (update_m && defer_m_) {
+        // On the signed grid x is the weights' own tensor, which may change
+        // before apply (unsigned: a ReLU copy only the closure holds).
+        pending_ = PendingSecondMoments{dy.clone(), grid_.is_signed ? x.clone() : x, scales};
+        update_m = false;
+    }
     Tensor dx = weight.requires_grad() ? Tensor::empty(shape_) : Tensor();
     const bool want_param = param.requires_grad();
     // Raw pointers are taken here: nothing may throw inside the parallel loop.
@@ -169,6 +178,30 @@ void Quantizer::backward_groups(const Tensor& dy, const Variable& weight, const 
         for (int64_t gi = 0; gi < groups_.count; ++gi) dp.f32()[gi] = float(factor[gi] * sums[gi]);
         param.accumulate_grad(dp);
     }
+}
+
+void Quantizer::apply_second_moments() {
+    if (!pending_) return;
+    const Tensor& g = pending_->grad;
+    HFQ_CHECK(g.defined() && g.dtype() == DType::f32 && g.shape() == shape_, who(),
+              ": apply_second_moments: the pending gradient must stay f32 of shape ", shape_str(shape_));
+    const PendingSecondMoments p = std::move(*pending_);
+    pending_.reset();
+    // backward_groups' M update alone: backward_group computes it element by
+    // element whatever else it is asked for.
+    const float* px = p.x.f32();
+    const float* pg = p.grad.f32();
+    float* pm = second_moments_.f32();
+    for_each_group(groups_, [&](int64_t gi) {
+        const int64_t off = gi * groups_.size;
+        BackwardGroup b;
+        b.x = px + off;
+        b.grad = pg + off;
+        b.second_moments = pm + off;
+        b.decay = options_.second_moments_decay;
+        b.identity_ste = identity_ste();
+        backward_group(b, groups_.size, p.scales[gi], grid_);
+    });
 }
 
 Quantizer::IntegerForm Quantizer::integer_form(const Tensor& weight) {
@@ -265,6 +298,7 @@ void Quantizer::load_state(const NamedTensors& tensors) {
     }
     HFQ_CHECK(given.at("step").data<int64_t>()[0] >= 0, who(), ": load_state: negative step");
     for (const auto& [name, slot] : slots) slot->copy_from(given.at(name));
+    pending_.reset();  // it belonged to the M just replaced
     reset_diagnostics();
 }
 

@@ -35,6 +35,22 @@
 // run backward before the quantizer is destroyed and before the weights are
 // changed in place.
 //
+// Deferred second moments (data-parallel training, where each process's
+// backward sees only the gradient of its own part of the batch, but M must
+// follow the gradient averaged over the processes so that they all keep the
+// same M and choose the same exponents):
+//   q->defer_second_moments(true);
+//   ... loss.backward();                  // dL/dweight and the scale gradient as usual, M unchanged
+//   if (Tensor* g = q->pending_second_moment_gradient()) average_over_processes(*g);
+//   q->apply_second_moments();            // M updated from g, exactly as a backward with dy = g
+// While deferring, a training backward keeps a copy of its dy and what the
+// straight-through mask needs (the input values, copied if they are the
+// weights', and the scales), so the weights may change between the backward
+// and apply_second_moments(). A second training backward before the pending
+// gradient is applied throws (also once deferring is turned off again);
+// load_state() drops a pending gradient. Quantizers without second moments
+// never have one.
+//
 // Saving and restoring. Trainable scales: named_parameters() (leaf Variables
 // with requires_grad, for the optimizer and the model's parameters). All other
 // state lives in tensors the quantizer reads at every call, so they can be
@@ -49,6 +65,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -141,6 +158,16 @@ public:
     // changes since the previous report() and are reset by it.
     QuantizerDiagnostics report();
 
+    // Deferred second-moment updates (see the header comment). While on, a
+    // training backward leaves M as it is and keeps its gradient pending.
+    void defer_second_moments(bool on) { defer_m_ = on; }
+    // The pending gradient (a copy of the backward's dy, weight shape), for
+    // the caller to change in place; nullptr when nothing is pending.
+    Tensor* pending_second_moment_gradient() { return pending_ ? &pending_->grad : nullptr; }
+    // M's update from the pending gradient, the same arithmetic as an
+    // immediate backward's; then nothing is pending. No-op if nothing is.
+    void apply_second_moments();
+
     // What fake_quantize(weight, false) computes, in the form hardware stores
     // it: y[i] = scale[g] * codes[i] for the elements i of scale group g, with
     // scale[g] = 2^exponent[g] for the power-of-two methods (exponent is empty
@@ -206,6 +233,15 @@ private:
     void backward_groups(const Tensor& dy, const Variable& weight, const Variable& param, const Tensor& x,
                          const std::vector<float>& scales, const std::vector<double>& factor, bool update_m);
     void track(const ScaleChoice& choice, const std::vector<PassStats>& stats);
+
+    // A deferred second-moment update: the gradient and what its mask needs.
+    struct PendingSecondMoments {
+        Tensor grad;
+        Tensor x;
+        std::vector<float> scales;
+    };
+    bool defer_m_ = false;
+    std::optional<PendingSecondMoments> pending_;
 
     // Diagnostics history (not part of the state).
     std::vector<int> last_exponents_;

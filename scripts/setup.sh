@@ -31,6 +31,8 @@ packages=(
   libomp-14-dev            # clang's OpenMP runtime (the fuzz build's configure needs OpenMP_CXX)
   dataset-fashion-mnist    # the default data set (scripts/train.sh, the Fashion-MNIST tests)
   python3                  # the walkthrough_references test (standard library only)
+  libopenmpi-dev           # Open MPI: data-parallel training (MPI_Allreduce of the gradients)
+  openmpi-bin              # mpirun: starts the ranks of a data-parallel run (and the MPI tests)
 )
 
 if [ "${1:-}" = --list ]; then

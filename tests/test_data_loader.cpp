@@ -1,6 +1,6 @@
 // The Loader on a synthetic dataset whose samples record what they were
 // loaded from: order, shuffling, resuming, thread-count independence,
-// skip-and-count, error propagation and shutdown.
+// skip-and-count, error propagation, shutdown, and batch parts.
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -230,6 +230,77 @@ TEST_CASE("unreadable samples are replaced by the next index and counted; too ma
     }
 }
 
+TEST_CASE("the parts of N loaders put together are the single loader's batches, bit for bit") {
+    // 23 = 3 * 6 + 5 and 25 = 4 * 6 + 1: without drop_last the last batch
+    // splits unevenly, and for 25 it leaves parts empty.
+    for (const int64_t n : {23, 25}) {
+        auto ds = std::make_shared<RecordingDataset>(n);
+        ds->unreadable = {7};  // replaced the same way in any part
+        for (const bool drop_last : {false, true}) {
+            for (const LoaderPosition start : {LoaderPosition{0, 0}, LoaderPosition{0, 2}}) {
+                CAPTURE(n);
+                CAPTURE(drop_last);
+                CAPTURE(start.batch);
+                CaptureStderr log;
+                LoaderOptions options;
+                options.batch_size = 6;
+                options.drop_last = drop_last;
+                options.seed = 5;
+                options.max_bad_fraction = 0.1;
+                Loader single(ds, options, start, 2);  // two epochs: the order is reshuffled
+                const auto expected = drain(single);
+                REQUIRE(expected.size() == size_t(2 * single.batches_per_epoch() - start.batch));
+                for (const int parts : {2, 3}) {
+                    CAPTURE(parts);
+                    std::vector<std::vector<Batch>> got;
+                    for (int part = 0; part < parts; ++part) {
+                        options.part = part;
+                        options.parts = parts;
+                        options.threads = 1 + part % 2;
+                        Loader loader(ds, options, start, 2);
+                        CHECK(loader.batches_per_epoch() == single.batches_per_epoch());
+                        CHECK(loader.position().batch == start.batch);
+                        got.push_back(drain(loader));
+                        CHECK(loader.position().epoch == single.position().epoch);
+                        CHECK(loader.position().batch == single.position().batch);
+                    }
+                    options.part = 0;
+                    options.parts = 1;
+                    options.threads = 1;
+                    int empty = 0;
+                    for (size_t b = 0; b < expected.size(); ++b) {
+                        std::vector<float> pixels;
+                        std::vector<int32_t> labels;
+                        std::vector<int64_t> indices, skipped;
+                        for (int part = 0; part < parts; ++part) {
+                            REQUIRE(got[part].size() == expected.size());
+                            const Batch& p = got[part][b];
+                            CHECK(p.epoch == expected[b].epoch);
+                            CHECK(p.index == expected[b].index);
+                            CHECK(p.images.shape() == Shape{p.size(), 1, 3, 1});
+                            empty += p.size() == 0;
+                            const std::vector<float> v = p.images.to_vector();
+                            pixels.insert(pixels.end(), v.begin(), v.end());
+                            labels.insert(labels.end(), p.labels.begin(), p.labels.end());
+                            indices.insert(indices.end(), p.indices.begin(), p.indices.end());
+                            for (const SkippedSample& s : p.skipped) skipped.push_back(s.index);
+                        }
+                        CHECK(pixels == expected[b].images.to_vector());
+                        CHECK(labels == expected[b].labels);
+                        CHECK(indices == expected[b].indices);
+                        std::vector<int64_t> expected_skipped;
+                        for (const SkippedSample& s : expected[b].skipped) expected_skipped.push_back(s.index);
+                        CHECK(skipped == expected_skipped);
+                    }
+                    // The last batch of 1 (n = 25, no drop_last) in each epoch
+                    // leaves parts - 1 parts empty.
+                    CHECK(empty == (n == 25 && !drop_last ? 2 * (parts - 1) : 0));
+                }
+            }
+        }
+    }
+}
+
 TEST_CASE("an exception in a loader thread reaches the consumer in order, as hfq::Error") {
     auto ds = std::make_shared<RecordingDataset>(16);
     ds->failing = 9;
@@ -273,5 +344,9 @@ TEST_CASE("bad loader settings fail clearly") {
     CHECK_THROWS_WITH_AS(make({.max_bad_fraction = -0.1}), doctest::Contains("max_bad_fraction"), Error);
     CHECK_THROWS_WITH_AS(make({.batch_size = 11, .drop_last = true}), doctest::Contains("no full batch"), Error);
     CHECK_THROWS_WITH_AS(make({.batch_size = 4}, {0, 3}), doctest::Contains("outside an epoch of 3 batches"), Error);
+    CHECK_THROWS_WITH_AS(make({.part = 2, .parts = 2}), doctest::Contains("part must be in 0..1 for 2 parts, got 2"),
+                         Error);
+    CHECK_THROWS_WITH_AS(make({.part = -1}), doctest::Contains("part must be in 0..0 for 1 parts, got -1"), Error);
+    CHECK_THROWS_WITH_AS(make({.parts = 0}), doctest::Contains("parts must be at least 1, got 0"), Error);
     CHECK_THROWS_WITH_AS(Loader(nullptr, {}), doctest::Contains("no dataset"), Error);
 }

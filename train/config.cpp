@@ -54,7 +54,8 @@ void visit_fields(Config& c, Visitor&& v) {
 
     v.section("Float training");
     v("epochs", c.epochs, T, "Epochs of float training (0: start QAT from --init-from)");
-    v("batch-size", c.batch_size, T, "Training batch size");
+    v("batch-size", c.batch_size, T, "Training batch size: the global batch (under mpirun, split evenly among the "
+      "ranks)");
     v("lr", c.lr, T, "Peak learning rate of float training (SGD)");
     v("momentum", c.momentum, T, "SGD momentum");
     v("nesterov", c.nesterov, T, "Nesterov momentum");
@@ -114,6 +115,16 @@ void visit_fields(Config& c, Visitor&& v) {
     v("eval-every", c.eval_every, C, "Epochs between evaluations (the last epoch of each stage always)");
     v("stop-after-steps", c.stop_after_steps, C, "Stop with a checkpoint after this many steps (0: run to the end)");
     v("progress", c.progress, C, "Progress display: auto (a bar on a terminal, lines otherwise), bar, lines, none");
+
+    // Under mpirun only (docs/distributed.md). A resumed run may change the
+    // number of ranks and --sync-bn: it then continues, not bit for bit.
+    v.section("Data parallel (mpirun -np N train_mobilenet ...)");
+    v("sync-bn", c.sync_bn, C, "Batch statistics over the global batch (all ranks), as one process computes "
+      "them; off: each rank's own part, as PyTorch DDP without SyncBatchNorm");
+    v("rank-timeout", c.rank_timeout, C, "Seconds a rank waits for the others in a collective before the job is "
+      "aborted, naming the ranks that do not answer");
+    v("check-every", c.check_every, C, "Steps between comparisons of every rank's weights and quantizer state "
+      "(0: at each epoch's end only)");
     // clang-format on
 }
 
@@ -297,6 +308,8 @@ void TrainConfig::validate() const {
     HFQ_CHECK(min_lr_factor >= 0 && min_lr_factor <= 1, "--min-lr-factor must be in [0, 1], got ", min_lr_factor);
     HFQ_CHECK(label_smoothing >= 0 && label_smoothing < 1, "--label-smoothing must be in [0, 1), got ",
               label_smoothing);
+    HFQ_CHECK(rank_timeout > 0, "--rank-timeout must be positive (seconds), got ", rank_timeout);
+    HFQ_CHECK(check_every >= 0, "--check-every must be >= 0 (0: at each epoch's end only), got ", check_every);
     HFQ_CHECK(clip_grad_norm >= 0, "--clip-grad-norm must be >= 0 (0: off), got ", clip_grad_norm);
     HFQ_CHECK(!init_partial || !init_from.empty(), "--init-partial needs --init-from");
 

@@ -103,6 +103,11 @@ struct TrainConfig {
     int64_t stop_after_steps = 0;   // stop (with a checkpoint) after this many steps in this invocation
     std::string progress = "auto";  // auto (a bar on a terminal, else lines), bar, lines, none
 
+    // ---- Data parallel (under mpirun: train/data_parallel.h) ----
+    bool sync_bn = false;        // batch statistics over the global batch, not each rank's part
+    double rank_timeout = 300;   // seconds a collective waits for the other ranks before the job is aborted
+    int64_t check_every = 100;   // steps between the ranks' comparison of their weights and state (0: at epochs' ends)
+
     // Throws hfq::Error naming the option and the problem.
     void validate() const;
     // The flat JSON object of every option (the resolved config).

@@ -41,10 +41,19 @@ EvalResult evaluate(const LogitsFn& logits, std::shared_ptr<const Dataset> data,
     lo.shuffle = false;
     lo.threads = options.loader_threads;
     lo.max_bad_fraction = options.max_bad_fraction;
+    lo.part = options.part;
+    lo.parts = options.parts;
     Loader loader(std::move(data), lo);
     EvalResult r;
-    while (std::optional<Batch> b = loader.next()) accumulate_eval(logits(b->images), b->labels, r);
+    while (std::optional<Batch> b = loader.next())
+        if (b->size() > 0)
+            accumulate_eval(logits(b->images), b->labels, r);  // a part of a short last batch may be empty
     r.skipped = loader.stats().replaced;
+    if (options.sum) {
+        double v[5] = {r.loss, r.top1, r.top5, double(r.samples), double(r.skipped)};
+        options.sum(v, 5);
+        r = {v[0], v[1], v[2], int64_t(v[3]), int64_t(v[4])};
+    }
     HFQ_CHECK(r.samples > 0, "evaluate: the dataset is empty");
     r.loss /= r.samples;
     r.top1 /= r.samples;

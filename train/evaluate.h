@@ -25,6 +25,11 @@ struct EvalOptions {
     int64_t batch_size = 256;
     int loader_threads = 1;
     double max_bad_fraction = kDefaultMaxBadFraction;  // LoaderOptions::max_bad_fraction
+    // Sharded over the ranks of a data-parallel run: this rank evaluates its
+    // part of every batch (LoaderOptions::part), and `sum` adds the counts
+    // and sums of all parts (DataParallel::sum_eval) before the means.
+    int part = 0, parts = 1;
+    std::function<void(double* values, int64_t count)> sum;
 };
 
 // images {N, H, W, C} -> logits {N, K}

@@ -41,9 +41,11 @@ StepStats TrainStep::run(const Tensor& images, const std::vector<int32_t>& label
     Variable loss = cross_entropy(logits, labels, options_.label_smoothing);
     stats.loss = loss.value().item();
     stats.correct = count_correct(logits.value(), labels);
+    if (options_.sync) options_.sync->combine_forward(stats);
     if (op_profile::enabled()) op_profile::charge(op_profile::kForward, "loss value, top-1 count");
     if (!std::isfinite(stats.loss)) return stats;
     loss.backward();
+    if (options_.sync) options_.sync->combine_gradients();
 
     if (options_.clip_grad_norm > 0 || want_grad_norm) {
         stats.grad_norm = gradient_norm();

@@ -27,6 +27,20 @@
 
 namespace hfq {
 
+struct StepStats;
+
+// What a step shares with the other ranks of a data-parallel run
+// (train/data_parallel.h); a single process has none.
+class StepSync {
+public:
+    virtual ~StepSync() = default;
+    // After the forward: the loss and top-1 hits of the global batch.
+    virtual void combine_forward(StepStats& stats) = 0;
+    // After the backward: the gradients averaged over the ranks (and what
+    // else the update reads), before clipping and the optimizers.
+    virtual void combine_gradients() = 0;
+};
+
 struct TrainStepOptions {
     SgdOptions sgd;                            // lr = the base rate of weights, biases and batch norm
     std::string quantizer_optimizer = "adam";  // "adam" or "sgd" (plain, no momentum)
@@ -34,6 +48,7 @@ struct TrainStepOptions {
     float quantizer_weight_decay = 0.0f;
     float label_smoothing = 0.0f;
     float clip_grad_norm = 0.0f;  // > 0: scale gradients so their global L2 norm is at most this
+    StepSync* sync = nullptr;     // data-parallel runs: the other ranks' share of the step
 };
 
 struct StepStats {

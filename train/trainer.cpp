@@ -7,6 +7,7 @@
 //   training_checkpoint.h  the checkpoint, written atomically
 //   run_report.h         summary.json and the results table
 //   stop_signal.h        SIGINT / SIGTERM
+//   data_parallel.h      under mpirun: what the ranks share (rank 0 alone writes files)
 //
 // This file is the order in which they are called.
 #include "train/trainer.h"
@@ -16,6 +17,8 @@
 #include <filesystem>
 #include <optional>
 
+#include <unistd.h>
+
 #include "data/loader.h"
 #include "engine/atomic_file.h"
 #include "engine/check.h"
@@ -24,7 +27,9 @@
 #include "quant/diagnostics_table.h"
 #include "quant/export.h"
 #include "quant/quantize_model.h"
+#include "train/data_parallel.h"
 #include "train/evaluate.h"
+#include "train/mpi_job.h"
 #include "train/run_records.h"
 #include "train/run_report.h"
 #include "train/run_setup.h"
@@ -53,7 +58,10 @@ bool all_parameters_finite(Model& model) {
 class Trainer {
 public:
     Trainer(const TrainConfig& config, const RunHooks& hooks)
-        : cfg_(config), hooks_(hooks), progress_(parse_progress_mode(config.progress)) {}
+        : cfg_(config),
+          hooks_(hooks),
+          progress_(parse_progress_mode(mpi::is_root() ? config.progress : "none")),
+          dp_(config.sync_bn) {}
 
     RunResult run();
 
@@ -70,9 +78,16 @@ private:
     [[noreturn]] void diverged(int64_t step, const std::string& what);
     Json finish();
 
-    EvalOptions eval_options() const { return {cfg_.batch_size, cfg_.loader_threads, cfg_.max_bad_fraction}; }
-    void say(const std::string& text) { progress_.message(text); }
-    bool stopping() const { return stop_ != RunStatus::finished || stop_signal() != 0; }
+    EvalOptions eval_options() const;
+    void say(const std::string& text) { progress_.message(text); }  // rank 0's terminal only
+    void record(const Json& r) {
+        if (log_) log_->write(r);  // rank 0 only
+    }
+    // Whether the run stops here: this rank was asked to (signal,
+    // --stop-after-steps) or, under mpirun, any rank was. Every rank calls
+    // it at the same points and gets the same answer.
+    bool stopping();
+    void share_run_folder();
     void record_time();
     std::string path(const char* file) const { return (run_.out / file).string(); }
     Model& model() { return *run_.model; }
@@ -83,6 +98,8 @@ private:
     Progress progress_;
     RunSetup run_;
     std::unique_ptr<MetricsLog> log_;
+    DataParallel dp_;
+    bool stop_agreed_ = false;
 
     RunStatus stop_ = RunStatus::finished;  // finished: not stopping
     int64_t steps_this_run_ = 0;
@@ -94,13 +111,47 @@ private:
     int64_t later_steps_ = 0;  // steps of the stages after the current one, for the ETA
 };
 
+EvalOptions Trainer::eval_options() const {
+    EvalOptions o{cfg_.batch_size, cfg_.loader_threads, cfg_.max_bad_fraction};
+    if (dp_.active()) {
+        o.part = mpi::rank();
+        o.parts = dp_.ranks();
+        o.sum = DataParallel::sum_eval;
+    }
+    return o;
+}
+
+bool Trainer::stopping() {
+    const bool here = stop_ != RunStatus::finished || stop_signal() != 0;
+    if (!stop_agreed_) stop_agreed_ = dp_.any(here, cat("the stop flag after step ", state().global_step));
+    return stop_agreed_;
+}
+
+// Under mpirun the ranks may start in different seconds: rank 0's folder
+// name (runs/<arch>-<data>-<time>) is everyone's.
+// The barrier first: every rank has checked that --out holds no run before
+// rank 0 writes there.
+void Trainer::share_run_folder() {
+    mpi::barrier("setting up the run");
+    std::string out = run_.out.string();
+    mpi::broadcast(out, "the run folder's name");
+    run_.out = out;
+    cfg_.out = out;
+}
+
 void Trainer::start_log() {
-    create_run_folder(run_, cfg_);
-    log_ = std::make_unique<MetricsLog>(path("metrics.jsonl"));
+    if (mpi::is_root()) {
+        create_run_folder(run_, cfg_);
+        log_ = std::make_unique<MetricsLog>(path("metrics.jsonl"));
+    }
     const Report r =
         start_report(cfg_, run_.data, model(), run_.resume.has_value(), state().global_step, run_.out.string());
-    log_->write(r.record);
+    record(r.record);
     say(r.line);
+    if (dp_.active())
+        say(cat("Data parallel: ", dp_.ranks(), " ranks x ", cfg_.threads, " threads, ", cfg_.batch_size / dp_.ranks(),
+                " of the ", cfg_.batch_size, " images of each batch per rank",
+                cfg_.sync_bn ? ", batch statistics over all ranks (--sync-bn)" : ", batch statistics per rank"));
 }
 
 void Trainer::record_time() {
@@ -111,14 +162,15 @@ void Trainer::record_time() {
 void Trainer::save(const NamedOptimizers& optimizers) {
     if (!all_parameters_finite(model())) diverged(state().global_step, "a parameter is not finite");
     record_time();
-    save_training_checkpoint(path("checkpoint.safetensors"), model(), optimizers, state(), cfg_,
-                             run_.data.preprocessing);
+    if (mpi::is_root())
+        save_training_checkpoint(path("checkpoint.safetensors"), model(), optimizers, state(), cfg_,
+                                 run_.data.preprocessing);
     last_saved_step_ = state().global_step;
 }
 
 void Trainer::diverged(int64_t step, const std::string& what) {
     const char* stage = stage_name(state().stage);
-    if (log_) log_->write({{"type", "diverged"}, {"stage", stage}, {"step", step}, {"reason", what}});
+    record({{"type", "diverged"}, {"stage", stage}, {"step", step}, {"reason", what}});
     throw Error(cat("training diverged at step ", step, " (", stage, " stage): ", what, ". Nothing was saved after ",
                     last_saved_step_ >= 0 ? cat("the last good checkpoint, ", path("checkpoint.safetensors"),
                                                 " at step ", last_saved_step_)
@@ -134,7 +186,7 @@ void Trainer::report_dead_channels(const std::vector<quant::DeadChannels>& dead)
         layers.push_back({{"layer", d.layer}, {"channels", d.channels}, {"dead", d.dead}});
         text += cat(text.empty() ? "" : ", ", d.layer, " ", d.dead.size(), "/", d.channels);
     }
-    if (log_) log_->write({{"type", "dead_channels"}, {"layers", layers}});
+    record({{"type", "dead_channels"}, {"layers", layers}});
     if (!dead.empty()) say(cat("Dead channels (batch-norm variance ~0, weights zeroed before quantizing): ", text));
 }
 
@@ -145,7 +197,7 @@ void Trainer::enter_qat() {
         // QAT straight from --init-from: measure the float model first, for the table.
         state().results["float"] = eval_json(evaluate(model(), run_.data.test, eval_options()));
     }
-    save_checkpoint(path("float.safetensors"), model(), run_.data.preprocessing);
+    if (mpi::is_root()) save_checkpoint(path("float.safetensors"), model(), run_.data.preprocessing);
     quant::quantize_model(model(), cfg_.quant_policy());
     if (cfg_.zero_dead_channels) report_dead_channels(quant::zero_dead_channels(model()));
     say(cat("Quantization-aware training: ", cfg_.quantizer, ", ", cfg_.bits, " bits",
@@ -156,10 +208,17 @@ void Trainer::enter_qat() {
 
 // Exports the quantized model (export.safetensors: integer codes, exponents,
 // folded biases) and evaluates the network rebuilt from that file alone.
+// Under mpirun the other ranks write the same export to a file of their own
+// (no shared file system needed) and evaluate their part of the test set.
 Json Trainer::evaluate_export() {
     const auto t0 = Clock::now();
-    quant::export_quantized_model(path("export.safetensors"), model(), cfg_.quant_policy(), run_.data.preprocessing);
-    const std::shared_ptr<Model> integer = quant::build_model_from_export(path("export.safetensors"));
+    const std::string file =
+        mpi::is_root()
+            ? path("export.safetensors")
+            : (fs::temp_directory_path() / cat("hfq-export-rank", mpi::rank(), "-", getpid(), ".safetensors")).string();
+    quant::export_quantized_model(file, model(), cfg_.quant_policy(), run_.data.preprocessing);
+    const std::shared_ptr<Model> integer = quant::build_model_from_export(file);
+    if (!mpi::is_root()) fs::remove(file);
     Json r = eval_json(evaluate(*integer, run_.data.test, eval_options()));
     r["seconds"] = seconds_since(t0);
     return r;
@@ -179,9 +238,9 @@ void Trainer::end_epoch(const StagePlan& stage, int64_t epoch, const Tally& epoc
         }
     }
     const Report r = epoch_report(stage, epoch, state().global_step, epoch_tally, test, test_integer, model());
-    log_->write(r.record);
+    record(r.record);
     say(r.line);
-    if (hooks_.after_epoch) hooks_.after_epoch(run_.out.string());
+    if (hooks_.after_epoch && mpi::is_root()) hooks_.after_epoch(run_.out.string());
 }
 
 void Trainer::show_progress(const StagePlan& stage, const TrainStep& step, const Tally& window, int64_t epoch) {
@@ -214,7 +273,10 @@ void Trainer::run_stage(const StagePlan& stage) {
     stage_seconds_before_ = seconds.contains(name) ? seconds[name].get<double>() : 0.0;
     stage_clock_ = Clock::now();
 
-    TrainStep step(model(), stage_step_options(cfg_, stage));
+    dp_.attach(model());
+    TrainStepOptions options = stage_step_options(cfg_, stage);
+    if (dp_.active()) options.sync = &dp_;
+    TrainStep step(model(), options);
     const NamedOptimizers optimizers = step.optimizers();
     if (run_.resume) {
         if (run_.resume->state.stage == stage.stage) restore_optimizers(*run_.resume, optimizers);
@@ -246,6 +308,8 @@ void Trainer::train_epochs(const StagePlan& stage, TrainStep& step, const NamedO
     lo.seed = run_.loader_seed;
     lo.threads = cfg_.loader_threads;
     lo.max_bad_fraction = cfg_.max_bad_fraction;
+    lo.part = mpi::rank();  // this rank's part of every batch
+    lo.parts = dp_.ranks();
     st.next_batch = {stage.first_epoch + st.stage_step / bpe, st.stage_step % bpe};
     Loader loader(run_.data.train, lo, st.next_batch, stage.first_epoch + stage.epochs);
     model().train();
@@ -257,7 +321,7 @@ void Trainer::train_epochs(const StagePlan& stage, TrainStep& step, const NamedO
         const double waited = seconds_since(wait0);
         window.wait += waited;
         epoch_tally.wait += waited;
-        epoch_tally.skipped += static_cast<int64_t>(batch->skipped.size());
+        epoch_tally.skipped += static_cast<int64_t>(batch->skipped.size());  // this rank's (summed at the epoch's end)
 
         if (stage.stage == Stage::qat) {
             if (st.stage_step == cfg_.stable_start_step) quant::set_stable_updating(model(), true);
@@ -265,6 +329,7 @@ void Trainer::train_epochs(const StagePlan& stage, TrainStep& step, const NamedO
         }
         step.set_lr_factor(schedule.factor(st.stage_step));
         const bool log_now = (st.stage_step + 1) % cfg_.log_every == 0;
+        dp_.set_step(st.global_step + 1);
         const StepStats s = step.run(batch->images, batch->labels, log_now);
         if (!s.applied)
             diverged(st.global_step + 1,
@@ -273,17 +338,21 @@ void Trainer::train_epochs(const StagePlan& stage, TrainStep& step, const NamedO
         ++st.global_step;
         ++steps_this_run_;
         ++stage_steps_this_run_;
-        window.add(s, batch->size());
-        epoch_tally.add(s, batch->size());
+        window.add(s, cfg_.batch_size);  // the global batch: s counts the hits of all ranks
+        epoch_tally.add(s, cfg_.batch_size);
         st.next_batch = {stage.first_epoch + st.stage_step / bpe, st.stage_step % bpe};
         const int64_t epoch = (st.stage_step - 1) / bpe + 1;  // 1-based, of the stage
 
-        if (log_now) log_->write(step_record(stage, st, step, s, window, epoch, model()));
+        if (log_now) record(step_record(stage, st, step, s, window, epoch, model()));
         if (progress_.due(log_now)) show_progress(stage, step, window, epoch);
         if (log_now) window = Tally();
 
         const auto pause0 = Clock::now();
-        if (st.stage_step % bpe == 0) {
+        const bool epoch_end = st.stage_step % bpe == 0;
+        if (epoch_end || (cfg_.check_every > 0 && st.global_step % cfg_.check_every == 0))
+            dp_.check_same_state(st.global_step);
+        if (epoch_end) {
+            epoch_tally.skipped = dp_.sum(epoch_tally.skipped, cat("the unreadable-image count of epoch ", epoch));
             end_epoch(stage, epoch, epoch_tally);
             save(optimizers);
             epoch_tally = Tally();
@@ -311,12 +380,12 @@ Json Trainer::finish() {
 
     std::map<std::string, std::string> metadata;
     if (quant::is_quantized(model())) metadata[quant::kQuantPolicyKey] = cfg_.quant_policy().to_json();
-    save_checkpoint(path("final.safetensors"), model(), run_.data.preprocessing, metadata);
+    if (mpi::is_root()) save_checkpoint(path("final.safetensors"), model(), run_.data.preprocessing, metadata);
     save(NamedOptimizers{});
 
     std::vector<quant::LayerDiagnostics> layers;
     quant::AuditReport audit;
-    if (cfg_.qat()) {
+    if (cfg_.qat() && mpi::is_root()) {
         // The export on disk is the final model's (written by its last
         // evaluation); the audit proves it computes what was trained.
         LoaderOptions lo;
@@ -328,18 +397,27 @@ Json Trainer::finish() {
         layers = quant::collect_diagnostics(model());
     }
     const Json summary = run_summary(cfg_, run_.data, state().global_step, results, audit, layers);
-    write_file_atomically(path("summary.json"), summary.dump(2) + "\n");
-    log_->write({{"type", "final"}, {"summary", summary}});
+    if (mpi::is_root()) write_file_atomically(path("summary.json"), summary.dump(2) + "\n");
+    record({{"type", "final"}, {"summary", summary}});
     say(results_table(cfg_, summary, layers, run_.out.string()));
     return summary;
 }
 
 RunResult Trainer::run() {
     cfg_.validate();
+    HFQ_CHECK(cfg_.batch_size % dp_.ranks() == 0, "--batch-size ", cfg_.batch_size,
+              " is the global batch: it must split evenly among the ", dp_.ranks(), " ranks");
+    mpi::set_timeout(cfg_.rank_timeout);
     run_ = set_up_run(cfg_);  // everything that can fail on bad input happens before the output folder is touched
+    share_run_folder();
     last_saved_step_ = run_.resume ? state().global_step : -1;
     if (!run_.init_from_note.empty()) say(run_.init_from_note);
     start_log();
+    if (run_.resume && state().ranks != dp_.ranks())
+        say(cat("The checkpoint was trained on ", state().ranks, state().ranks == 1 ? " rank" : " ranks",
+                ", this run has ", dp_.ranks(), ": training continues, but not bit for bit as it would on ",
+                state().ranks, " (other summation orders", cfg_.sync_bn ? "" : ", other batch statistics", ")."));
+    state().ranks = dp_.ranks();
     StopSignalGuard signals;
 
     RunResult result;
@@ -350,9 +428,9 @@ RunResult Trainer::run() {
         run_stage(stage);
     }
     if (stopping() && state().stage != Stage::done) {
-        result.signal = stop_signal();
+        result.signal = static_cast<int>(dp_.max(stop_signal(), "the stop signal"));  // any rank's
         result.status = result.signal ? RunStatus::interrupted : RunStatus::stopped;
-        log_->write({{"type", "stop"}, {"step", state().global_step}, {"signal", result.signal}});
+        record({{"type", "stop"}, {"step", state().global_step}, {"signal", result.signal}});
         say(cat(result.signal ? cat("Interrupted by signal ", result.signal) : std::string("Stopped"), " at step ",
                 state().global_step, "; checkpoint saved. Continue with --resume ", run_.out.string()));
     } else {

@@ -9,6 +9,7 @@ std::string TrainState::to_json() const {
     j["stage"] = stage_name(stage);
     j["stage_step"] = stage_step;
     j["global_step"] = global_step;
+    j["ranks"] = ranks;
     j["next_batch"] = {{"epoch", next_batch.epoch}, {"batch", next_batch.batch}};
     j["results"] = results;
     Json r = Json::object();
@@ -26,6 +27,7 @@ TrainState TrainState::from_json(const std::string& text, const std::string& sou
         s.stage = parse_stage(j.at("stage").get<std::string>(), where);
         s.stage_step = j.at("stage_step").get<int64_t>();
         s.global_step = j.at("global_step").get<int64_t>();
+        s.ranks = j.value("ranks", 1);  // checkpoints before data-parallel training: one process
         s.next_batch.epoch = j.at("next_batch").at("epoch").get<int64_t>();
         s.next_batch.batch = j.at("next_batch").at("batch").get<int64_t>();
         s.results = j.at("results");
@@ -36,6 +38,7 @@ TrainState TrainState::from_json(const std::string& text, const std::string& sou
     }
     HFQ_CHECK(s.stage_step >= 0 && s.global_step >= s.stage_step && s.next_batch.epoch >= 0 && s.next_batch.batch >= 0,
               where, ": inconsistent step counts");
+    HFQ_CHECK(s.ranks >= 1, where, ": 'ranks' must be at least 1, got ", s.ranks);
     HFQ_CHECK(s.results.is_object(), where, ": 'results' must be an object");
     return s;
 }

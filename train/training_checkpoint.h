@@ -42,6 +42,7 @@ struct TrainState {
     Stage stage = Stage::float_training;  // the stage in progress (saved by its name: "float", "qat", "done")
     int64_t stage_step = 0;               // steps done in that stage
     int64_t global_step = 0;              // steps done in the run
+    int ranks = 1;                        // MPI ranks that trained the last steps (train/data_parallel.h)
     LoaderPosition next_batch;            // the batch the next step trains on
     Json results = Json::object();        // evaluations at the ends of stages, times, ...
     // Random generators of modules (dropout), by module name: {state, stream}.
