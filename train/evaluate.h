@@ -29,7 +29,7 @@ struct EvalOptions {
     // part of every batch (LoaderOptions::part), and `sum` adds the counts
     // and sums of all parts (DataParallel::sum_eval) before the means.
     int part = 0, parts = 1;
-    std::function<void(double* values, int64_t count)> sum;
+    std::function<void(double* values, int64_t count)> sum = nullptr;
 };
 
 // images {N, H, W, C} -> logits {N, K}

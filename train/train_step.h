@@ -12,6 +12,10 @@
 // (ParamGroup::quantizer) get their own optimizer, Adam or SGD, with its own
 // learning rate and no weight decay by default.
 //
+// Data parallel (train/data_parallel.h): with TrainStepOptions::sync the
+// loss is the global batch's and the gradients are averaged over the ranks
+// between the backward and the updates.
+//
 // A step whose loss is not finite changes nothing (no backward, no update);
 // with the gradient norm computed, neither does one whose gradient is not
 // finite. StepStats::applied says which.

@@ -112,7 +112,10 @@ private:
 };
 
 EvalOptions Trainer::eval_options() const {
-    EvalOptions o{cfg_.batch_size, cfg_.loader_threads, cfg_.max_bad_fraction};
+    EvalOptions o;
+    o.batch_size = cfg_.batch_size;
+    o.loader_threads = cfg_.loader_threads;
+    o.max_bad_fraction = cfg_.max_bad_fraction;
     if (dp_.active()) {
         o.part = mpi::rank();
         o.parts = dp_.ranks();
@@ -149,8 +152,9 @@ void Trainer::start_log() {
     record(r.record);
     say(r.line);
     if (dp_.active())
-        say(cat("Data parallel: ", dp_.ranks(), " ranks x ", cfg_.threads, " threads, ", cfg_.batch_size / dp_.ranks(),
-                " of the ", cfg_.batch_size, " images of each batch per rank",
+        say(cat("Data parallel: ", dp_.ranks(), " ranks x ", cfg_.threads,
+                cfg_.threads == 1 ? " thread, " : " threads, ", cfg_.batch_size / dp_.ranks(), " of the ",
+                cfg_.batch_size, " images of each batch per rank",
                 cfg_.sync_bn ? ", batch statistics over all ranks (--sync-bn)" : ", batch statistics per rank"));
 }
 
