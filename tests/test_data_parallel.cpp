@@ -30,7 +30,7 @@
 #include <string>
 
 #include "engine/safetensors.h"
-#include "tests/test_data_util.h"
+#include "tests/test_train_util.h"
 
 namespace fs = std::filesystem;
 using namespace hfq;
@@ -63,10 +63,6 @@ double max_abs(const Tensor& a) {
     return m;
 }
 
-bool same_bits(const Tensor& a, const Tensor& b) {
-    return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
 // The largest ratio of a float tensor's distance from `single` to its bound,
 // over every tensor; integer tensors must be equal to single's where the
 // permutations left them equal (counted in `integer_mismatches`).
@@ -79,8 +75,8 @@ double worst_ratio(const SafetensorsFile& single, const std::vector<SafetensorsF
         REQUIRE(c.shape() == s.shape());
         if (s.dtype() != DType::f32) {
             bool stable = true;
-            for (const SafetensorsFile& p : permuted) stable = stable && same_bits(p.get(name), s);
-            if (stable && !same_bits(c, s)) ++integer_mismatches;
+            for (const SafetensorsFile& p : permuted) stable = stable && test::same_bits(p.get(name), s);
+            if (stable && !test::same_bits(c, s)) ++integer_mismatches;
             continue;
         }
         double noise = 0;
@@ -117,7 +113,7 @@ TEST_CASE("2 ranks x half a batch with sync batch norm train what one process tr
     REQUIRE(rank0.tensors.size() == single.tensors.size());
     for (const auto& [name, t] : rank0.tensors) {
         INFO(name);
-        CHECK(same_bits(t, rank1.get(name)));
+        CHECK(test::same_bits(t, rank1.get(name)));
     }
     int mismatches = 0;
     std::string worst;
@@ -128,7 +124,7 @@ TEST_CASE("2 ranks x half a batch with sync batch norm train what one process tr
 
     // Per-rank batch statistics are another computation: far outside the bound.
     const SafetensorsFile nosync0 = state(dir / "nosync.rank0"), nosync1 = state(dir / "nosync.rank1");
-    for (const auto& [name, t] : nosync0.tensors) CHECK(same_bits(t, nosync1.get(name)));  // still one model
+    for (const auto& [name, t] : nosync0.tensors) CHECK(test::same_bits(t, nosync1.get(name)));  // still one model
     std::string nosync_worst;
     const double nosync_ratio = worst_ratio(single, permuted, nosync0, mismatches, nosync_worst);
     MESSAGE("without --sync-bn: worst tensor ", nosync_worst, " at ", nosync_ratio, " of its bound");

@@ -339,24 +339,6 @@ nlohmann::json read_json(const std::string& path) {
     return j;
 }
 
-std::vector<nlohmann::json> read_metrics(const std::string& path) {
-    std::vector<nlohmann::json> lines;
-    std::ifstream in(path);
-    for (std::string line; std::getline(in, line);) {
-        const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-        REQUIRE_MESSAGE(!j.is_discarded(), path, ": not JSON: ", line);
-        lines.push_back(j);
-    }
-    return lines;
-}
-
-std::vector<nlohmann::json> of_type(const std::vector<nlohmann::json>& lines, const std::string& type) {
-    std::vector<nlohmann::json> out;
-    for (const auto& j : lines)
-        if (j.at("type") == type) out.push_back(j);
-    return out;
-}
-
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 // The pids of a job's train_mobilenet processes by rank (read from the
@@ -522,12 +504,12 @@ TEST_CASE("3. Only rank 0 writes: the run folder of 2 ranks holds what one proce
     CHECK(files == test::list_files(one));
     for (const std::string& f : files) CHECK_MESSAGE(f[0] != '.', "left in the run folder: ", f);
     // metrics.jsonl written by one rank: one start and one final record, as many epoch and step lines as one process.
-    const std::vector<nlohmann::json> m2 = read_metrics(two + "/metrics.jsonl"),
-                                      m1 = read_metrics(one + "/metrics.jsonl");
-    CHECK(of_type(m2, "start").size() == 1);
-    CHECK(of_type(m2, "final").size() == 1);
+    const std::vector<nlohmann::json> m2 = test::read_metrics(two + "/metrics.jsonl"),
+                                      m1 = test::read_metrics(one + "/metrics.jsonl");
+    CHECK(test::of_type(m2, "start").size() == 1);
+    CHECK(test::of_type(m2, "final").size() == 1);
     CHECK(m2.size() == m1.size());
-    for (const char* type : {"step", "epoch"}) CHECK(of_type(m2, type).size() == of_type(m1, type).size());
+    for (const char* type : {"step", "epoch"}) CHECK(test::of_type(m2, type).size() == test::of_type(m1, type).size());
     // Rank 1 wrote its export to the temp folder (TMPDIR) and removed it.
     for (const std::string& f : test::list_files(shared().straight_tmp()))
         CHECK_MESSAGE(!contains(f, "hfq-export"), "left in the temp folder: ", f);
@@ -619,7 +601,7 @@ TEST_CASE("6. SIGTERM to both ranks: both exit 0, mpirun 0, a checkpoint where t
     CHECK(contains(output, "rank 1 exit status 0"));
     check_nothing_left(output);
 
-    const std::vector<nlohmann::json> stops = of_type(read_metrics(out + "/metrics.jsonl"), "stop");
+    const std::vector<nlohmann::json> stops = test::of_type(test::read_metrics(out + "/metrics.jsonl"), "stop");
     REQUIRE(stops.size() == 1);
     const int64_t at = stops[0].at("step").get<int64_t>();
     CHECK(stops[0].at("signal") == SIGTERM);

@@ -30,25 +30,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::vector<nlohmann::json> read_metrics(const std::string& path) {
-    std::ifstream in(path);
-    std::vector<nlohmann::json> lines;
-    for (std::string line; std::getline(in, line);) {
-        INFO(line);
-        const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-        REQUIRE(!j.is_discarded());
-        lines.push_back(j);
-    }
-    return lines;
-}
-
-std::vector<nlohmann::json> of_type(const std::vector<nlohmann::json>& lines, const std::string& type) {
-    std::vector<nlohmann::json> out;
-    for (const auto& j : lines)
-        if (j.at("type") == type) out.push_back(j);
-    return out;
-}
-
 std::string read_text(const std::string& path) {
     const std::vector<uint8_t> bytes = test::read_bytes(path);
     return {bytes.begin(), bytes.end()};
@@ -89,7 +70,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     CHECK(test::list_files(c.out) == std::vector<std::string>{"checkpoint.safetensors", "config.json",
                                                               "export.safetensors", "final.safetensors",
                                                               "float.safetensors", "metrics.jsonl", "summary.json"});
-    const auto lines = read_metrics(c.out + "/metrics.jsonl");
+    const auto lines = test::read_metrics(c.out + "/metrics.jsonl");
     REQUIRE(lines.size() > 3);
     CHECK(lines.front().at("type") == "start");
     CHECK(lines.back().at("type") == "final");
@@ -97,7 +78,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     // channel (the default) or one for the tensor.
     const size_t groups_1 =
         c.per_channel ? read_safetensors(c.out + "/float.safetensors").get("features.1.0.weight").shape()[0] : 1;
-    const auto steps_logged = of_type(lines, "step");
+    const auto steps_logged = test::of_type(lines, "step");
     CHECK(static_cast<int64_t>(steps_logged.size()) == steps / c.log_every);
     for (const auto& s : steps_logged) {
         CHECK(s.at("loss").get<double>() > 0);
@@ -114,7 +95,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
             CHECK(q[1].at("error_per_element").get<double>() >= 0);
         }
     }
-    const auto epochs = of_type(lines, "epoch");
+    const auto epochs = test::of_type(lines, "epoch");
     CHECK(static_cast<int>(epochs.size()) == c.epochs + c.qat_epochs);
     for (const auto& e : epochs) {
         CHECK(e.at("test").at("top1").get<double>() >= 0);
@@ -155,7 +136,7 @@ TEST_CASE("A run end to end on a generated image folder: loss falls, files, metr
     c.epochs = 5;  // fewer steps of batch 8 with batch norm are too noisy to see the loss fall
     const RunResult r = run_training(c);
     const auto lines = check_finished_run(c, r, 6 * 6);  // 48 images, batch 8: 6 steps per epoch
-    const auto epochs = of_type(lines, "epoch");
+    const auto epochs = test::of_type(lines, "epoch");
     CHECK(epochs[0].at("train_loss").get<double>() > epochs[4].at("train_loss").get<double>() + 0.1);  // float learns
     // Three easy classes: well above chance (1/3) on the training batches. (The
     // test accuracy needs batch norm's running statistics to settle, which
@@ -177,8 +158,8 @@ TEST_CASE("A run end to end on a subset of Fashion-MNIST") {
     c.log_every = 8;
     const RunResult r = run_training(c);
     const auto lines = check_finished_run(c, r, 3 * 32);
-    const auto steps = of_type(lines, "step");
-    CHECK(steps.front().at("loss").get<double>() > of_type(lines, "epoch")[1].at("train_loss").get<double>());
+    const auto steps = test::of_type(lines, "step");
+    CHECK(steps.front().at("loss").get<double>() > test::of_type(lines, "epoch")[1].at("train_loss").get<double>());
     CHECK(r.summary.at("float").at("top1").get<double>() > 0.3);  // 10 classes: chance is 0.1
     CHECK(r.summary.at("test_samples") == 300);
 }
@@ -205,7 +186,7 @@ TEST_CASE("SIGINT: the step finishes, a checkpoint is saved, the run stops and r
     CHECK(saved.state.global_step == 4);
     CHECK(saved.state.next_batch.epoch == 0);
     CHECK(saved.state.next_batch.batch == 4);
-    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "stop").size() == 1);
+    CHECK(test::of_type(test::read_metrics(c.out + "/metrics.jsonl"), "stop").size() == 1);
     // The handler from before the run is back.
     struct sigaction now {};
     sigaction(SIGINT, nullptr, &now);
@@ -216,7 +197,7 @@ TEST_CASE("SIGINT: the step finishes, a checkpoint is saved, the run stops and r
     const RunResult rest = run_training(resume);
     CHECK(rest.status == RunStatus::finished);
     CHECK(rest.global_step == 3 * 6);
-    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "resume").size() == 1);
+    CHECK(test::of_type(test::read_metrics(c.out + "/metrics.jsonl"), "resume").size() == 1);
 }
 
 TEST_CASE("A diverging run stops with a clear message; the last good checkpoint stays") {
@@ -246,7 +227,7 @@ TEST_CASE("A diverging run stops with a clear message; the last good checkpoint 
     REQUIRE(last_step >= 1);
     CHECK(test::file_bytes(c.out + "/checkpoint.safetensors") == last_saved);
     CHECK(read_training_checkpoint(c.out + "/checkpoint.safetensors").state.global_step == last_step);
-    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "diverged").size() == 1);
+    CHECK(test::of_type(test::read_metrics(c.out + "/metrics.jsonl"), "diverged").size() == 1);
 }
 
 TEST_CASE("Corrupt images: skipped and counted in the epoch line and metrics.jsonl, or too many stop the run") {
@@ -280,7 +261,7 @@ TEST_CASE("Corrupt images: skipped and counted in the epoch line and metrics.jso
         r = run_training(c);
     }
     CHECK(r.status == RunStatus::finished);
-    const auto epochs = of_type(read_metrics(c.out + "/metrics.jsonl"), "epoch");
+    const auto epochs = test::of_type(test::read_metrics(c.out + "/metrics.jsonl"), "epoch");
     REQUIRE(epochs.size() == 2);
     for (const auto& e : epochs) {
         CHECK(e.at("skipped_unreadable") == 1);
@@ -301,7 +282,7 @@ TEST_CASE("Corrupt images: skipped and counted in the epoch line and metrics.jso
         CaptureStdout out(dir / "stdout.txt");
         run_training(c);
     }
-    CHECK(of_type(read_metrics(c.out + "/metrics.jsonl"), "epoch")[0].at("skipped_unreadable") == 0);
+    CHECK(test::of_type(test::read_metrics(c.out + "/metrics.jsonl"), "epoch")[0].at("skipped_unreadable") == 0);
     CHECK(read_text(dir / "stdout.txt").find("unreadable") == std::string::npos);
 }
 

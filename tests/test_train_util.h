@@ -4,9 +4,11 @@
 #pragma once
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include <opencv2/imgcodecs.hpp>
 
 #include "engine/random.h"
@@ -60,6 +62,27 @@ inline TrainConfig tiny_config(const std::string& data, const std::string& out) 
     c.loader_threads = 1;
     c.progress = "none";
     return c;
+}
+
+// A run's metrics.jsonl, one JSON object per line; a line that is not JSON
+// throws naming the file and the line.
+inline std::vector<nlohmann::json> read_metrics(const std::string& path) {
+    std::vector<nlohmann::json> lines;
+    std::ifstream in(path);
+    for (std::string line; std::getline(in, line);) {
+        const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+        HFQ_CHECK(!j.is_discarded(), path, ": not JSON: ", line);
+        lines.push_back(j);
+    }
+    return lines;
+}
+
+// The records of one "type" ("step", "epoch", "stop", ...), in order.
+inline std::vector<nlohmann::json> of_type(const std::vector<nlohmann::json>& lines, const std::string& type) {
+    std::vector<nlohmann::json> out;
+    for (const auto& j : lines)
+        if (j.at("type") == type) out.push_back(j);
+    return out;
 }
 
 inline std::vector<uint8_t> file_bytes(const std::string& path) { return read_bytes(path); }
