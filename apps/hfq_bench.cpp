@@ -26,7 +26,14 @@
 //   hfq_bench --trainer-qat --quants msqe       # QAT as train_mobilenet runs it
 //   hfq_bench --trainer-qat --bn-stats quantized-conv --quants msqe
 //   hfq_bench --machine                         # FMA peak and memory bandwidth first
+//   hfq_bench --ranks 1,2 --threads 2           # 1 process x 2 threads against 2 MPI ranks x 1
 //   hfq_bench --json results.json
+//
+// With --ranks, a configuration of N > 1 ranks runs as `mpirun -np N hfq_bench
+// ...` (this program, started by mpirun, runs the one configuration it is
+// given data-parallel, train/data_parallel.h: --batch is the global batch,
+// each rank gets --threads / N threads) and adds what the collectives cost
+// per step: the gradient all-reduce, the batch-statistics sums, bytes.
 #include <immintrin.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -36,10 +43,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/check.h"
@@ -51,6 +60,8 @@
 #include "layers/summary.h"
 #include "quant/quantize_model.h"
 #include "train/config.h"
+#include "train/data_parallel.h"
+#include "train/mpi_job.h"
 #include "train/train_step.h"
 
 using namespace hfq;
@@ -71,6 +82,8 @@ struct Settings {
     bool profile = false;                 // after the timed steps, profile as many again op by op
     bool trainer_qat = false;             // quantize as train_mobilenet's QAT does, not as the baseline
     std::string bn_stats = "float-conv";  // with trainer_qat: the folded layers' batch statistics
+    bool sync_bn = true;                  // data parallel: batch statistics over all ranks
+    int rounds = 1;                       // with --ranks: every configuration this many times, layouts alternating
 };
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -144,6 +157,36 @@ void print_profile(const json& rows) {
     std::printf("  %-44s %8s %21.2f\n\n", "profiled step", "", total);
 }
 
+// The peak RSS of this process, or under mpirun the sum over all ranks (the
+// memory the job needs on one machine).
+double peak_rss_mb_all_ranks() {
+    uint64_t total_kb = 0;
+    for (uint64_t kb : mpi::all_gather({static_cast<uint64_t>(peak_rss_mb() * 1024)}, "the peak RSS")) total_kb += kb;
+    return total_kb / 1024.0;
+}
+
+// What the collectives cost per training step (`traffic` over `steps`
+// steps), and the gradient all-reduce once more on its own: the same buffer
+// summed back to back after a barrier, so without any wait for a slower
+// rank, which is what this machine's transport costs.
+json collective_costs(const DataParallel::Traffic& traffic, size_t steps) {
+    auto per_step = [&](const DataParallel::Exchange& e) {
+        return json{{"calls", double(e.calls) / steps},
+                    {"mb", e.bytes / 1e6 / steps},
+                    {"ms", 1e3 * e.seconds / steps}};
+    };
+    std::vector<float> buffer(traffic.gradients.bytes / std::max<int64_t>(traffic.gradients.calls, 1) / sizeof(float));
+    const int repeats = 10;
+    mpi::barrier("the all-reduce timing");
+    const auto t0 = Clock::now();
+    for (int i = 0; i < repeats; ++i) mpi::sum(buffer.data(), buffer.size(), "the all-reduce timing");
+    const double alone_ms = 1e3 * seconds_since(t0) / repeats;
+    return {{"gradients", per_step(traffic.gradients)},
+            {"batch_statistics", per_step(traffic.batch_statistics)},
+            {"step_results", per_step(traffic.step_results)},
+            {"gradient_allreduce_alone_ms", alone_ms}};
+}
+
 // The hfq method for a baseline quantizer name ("msqe", "lsq"), or the name
 // itself when it is already one of hfq's methods.
 std::string hfq_method(const std::string& quant) { return quant == "msqe" ? "msqe-po2" : quant; }
@@ -180,11 +223,19 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     step_options.sgd.momentum = 0.9f;
     step_options.sgd.weight_decay = 4e-5f;
     step_options.quantizer_lr = 1e-6f;
+    // Under mpirun: this rank's part of the global batch, and the step's collectives.
+    const int ranks = mpi::size();
+    HFQ_CHECK(s.batch % ranks == 0, "--batch ", s.batch, " is the global batch: it must split evenly among ", ranks,
+              " ranks");
+    const int local_batch = s.batch / ranks;
+    DataParallel dp(s.sync_bn);
+    dp.attach(*model);
+    if (dp.active()) step_options.sync = &dp;
     TrainStep step(*model, step_options);
 
-    Rng rng(s.seed);
-    const Tensor images = random_batch({s.batch, res, res, 3}, rng);  // NHWC
-    std::vector<int32_t> labels(s.batch);
+    Rng rng = Rng::derive(s.seed, {static_cast<uint64_t>(mpi::rank())});
+    const Tensor images = random_batch({local_batch, res, res, 3}, rng);  // NHWC
+    std::vector<int32_t> labels(local_batch);
     for (auto& l : labels) l = static_cast<int32_t>(rng.below(config.classes));
 
     model->train();
@@ -192,14 +243,20 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     auto train_step = [&] { losses.push_back(step.run(images, labels).loss); };
     pool_reset_peak();
     rusage ru0{};  // page faults and system time of the timed steps only (the first steps fault memory in)
-    const std::vector<double> train_times = time_steps(s, train_step, [&] { getrusage(RUSAGE_SELF, &ru0); });
+    const std::vector<double> train_times = time_steps(s, train_step, [&] {
+        getrusage(RUSAGE_SELF, &ru0);
+        dp.reset_traffic();
+    });
     rusage ru1{};
     getrusage(RUSAGE_SELF, &ru1);
+    const json comm = dp.active() ? collective_costs(dp.traffic(), train_times.size()) : json();
     const json profile = s.profile ? profile_steps(train_step, train_times.size()) : json();
 
-    model->eval();
+    // Inference is timed in a single process only (a data-parallel
+    // evaluation shares nothing but its final sums).
     std::vector<double> infer_times;
-    {
+    if (!dp.active()) {
+        model->eval();
         NoGradGuard no_grad;
         infer_times = time_steps(s, [&] { (*model)(Variable(images)); });
     }
@@ -208,7 +265,7 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     for (double t : train_times) train_total += t;
     for (double t : infer_times) infer_total += t;
     const double train_ips = s.batch * train_times.size() / train_total;
-    const double infer_ips = s.batch * infer_times.size() / infer_total;
+    const double infer_ips = infer_times.empty() ? 0.0 : s.batch * infer_times.size() / infer_total;
     const double user =
         ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + 1e-6 * (ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec);
     const double sys = ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec + 1e-6 * (ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec);
@@ -218,6 +275,7 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
             {"bits", s.bits},
             {"batch", s.batch},
             {"threads", s.threads},
+            {"ranks", ranks},
             {"classes", config.classes},
             {"fwd_macs_per_img", macs},
             {"train_img_s", train_ips},
@@ -231,7 +289,8 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
             {"first_loss", losses.front()},
             {"last_loss", losses.back()},
             {"pool_peak_mb", pool_stats().peak_in_use_bytes / 1048576.0},
-            {"peak_rss_mb", peak_rss_mb()},
+            {"peak_rss_mb", peak_rss_mb_all_ranks()},
+            {"comm", comm},
             {"profile", profile}};
 }
 
@@ -386,6 +445,51 @@ json in_child(const std::function<json()>& work) {
     return result;
 }
 
+// The line on which a configuration run under mpirun hands its result back.
+constexpr const char* kResultMarker = "hfq_bench-result ";
+
+// Runs one configuration on `ranks` MPI ranks: mpirun starts this program
+// again with that configuration alone, and rank 0 prints its JSON result on
+// a line of its own (main, under mpirun). Everything else the job prints is
+// passed through.
+json under_mpirun(int ranks, const std::string& arch, int res, const std::string& quant, const Settings& s) {
+    HFQ_CHECK(s.threads % ranks == 0, "hfq_bench: --threads ", s.threads, " must split evenly among ", ranks,
+              " ranks");
+    const int threads = s.threads / ranks;
+    char self[4096] = {};
+    HFQ_CHECK(readlink("/proc/self/exe", self, sizeof self - 1) > 0, "hfq_bench: cannot find its own executable");
+    std::string command = cat("mpirun -np ", ranks);
+    if (geteuid() == 0) command += " --allow-run-as-root";
+    if (ranks > static_cast<int>(std::thread::hardware_concurrency())) command += " --oversubscribe";
+    // One thread per rank: Open MPI's default binding (a core per rank, for
+    // up to two ranks). More: let the OS place a rank's OpenMP threads.
+    if (threads > 1) command += " --bind-to none";
+    command += cat(" ", self, " --models ", arch, " --res ", res, " --quants ", quant, " --bits ", s.bits,
+                   " --batch ", s.batch, " --threads ", threads, " --warmup ", s.warmup, " --steps ", s.steps,
+                   " --min-time ", s.min_time);
+    if (s.trainer_qat) command += cat(" --trainer-qat --bn-stats ", s.bn_stats);
+    if (s.profile) command += " --profile";
+    if (!s.sync_bn) command += " --no-sync-bn";
+    std::fflush(stdout);
+    FILE* job = popen(command.c_str(), "r");
+    HFQ_CHECK(job != nullptr, "hfq_bench: cannot start `", command, "`");
+    json result;
+    char line[1 << 16];
+    std::string text;
+    while (std::fgets(line, sizeof line, job)) {
+        text += line;
+        if (text.back() != '\n' && !std::feof(job)) continue;  // a longer line: read on
+        if (text.rfind(kResultMarker, 0) == 0)
+            result = json::parse(text.substr(std::strlen(kResultMarker)));
+        else
+            std::fputs(text.c_str(), stdout);
+        text.clear();
+    }
+    const int status = pclose(job);
+    HFQ_CHECK(status == 0 && !result.is_null(), "hfq_bench: `", command, "` failed (status ", status, ")");
+    return result;
+}
+
 // ---- The machine's limits, for the GFLOP/s and traffic figures above ------
 
 // Twelve independent chains of multiply-adds (more than the FMA latency
@@ -447,6 +551,7 @@ json bench_machine(const Settings& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    mpi::Session mpi_session(argc, argv);  // MPI_Init when a --ranks configuration runs under mpirun
     CLI::App app{"hfq_bench: training-step throughput of MobileNets and their ops"};
     Settings s;
     std::vector<std::string> models = {"v1", "v2"};
@@ -480,8 +585,31 @@ int main(int argc, char** argv) {
                  "(ops merged by name and output shape)");
     app.add_flag("--machine", machine,
                  "First measure this machine's limits: FMA peak (AVX2, and AVX-512 if present) and memory copy");
+    std::vector<int> ranks = {1};
+    app.add_option("--ranks", ranks,
+                   "Data-parallel layouts: each configuration on 1 process and/or under mpirun on N ranks, "
+                   "--threads split among them, --batch the global batch")
+        ->delimiter(',')
+        ->check(CLI::PositiveNumber);
+    app.add_option("--rounds", s.rounds, "Run every configuration this many times, the layouts alternating")
+        ->check(CLI::PositiveNumber);
+    bool per_rank_bn = false;
+    app.add_flag("--no-sync-bn", per_rank_bn, "Data parallel: per-rank batch statistics (default: --sync-bn)");
     app.add_option("--json", json_path, "Write all results to this JSON file");
     CLI11_PARSE(app, argc, argv);
+    s.sync_bn = !per_rank_bn;
+
+    if (mpi::launched()) {  // started by under_mpirun: the one configuration, on this rank
+        try {
+            HFQ_CHECK(models.size() == 1 && resolutions.size() == 1 && quants.size() == 1 && !ops && !machine,
+                      "hfq_bench under mpirun runs one configuration (hfq_bench --ranks starts it)");
+            const json r = bench_model(models[0], resolutions[0], quants[0], s);
+            if (mpi::is_root()) std::printf("%s%s\n", kResultMarker, r.dump().c_str());
+            return 0;
+        } catch (const std::exception& e) {
+            mpi::abort(cat("hfq_bench: ", e.what()), 1);
+        }
+    }
 
     try {
         json results = {{"settings", {{"batch", s.batch}, {"threads", s.threads}}}, {"models", json::array()}};
@@ -498,20 +626,44 @@ int main(int argc, char** argv) {
             std::printf("\n");
             results["machine"] = m;
         }
-        std::printf("%-5s %5s %-14s %12s %12s %10s %10s %10s\n", "model", "res", "quant", "train img/s", "infer img/s",
+        const bool layouts = ranks != std::vector<int>{1};
+        std::printf("%-5s %5s %-14s %12s %12s %10s %10s %10s", "model", "res", "quant", "train img/s", "infer img/s",
                     "GFLOP/s", "step ms", "peak MB");
+        if (layouts) std::printf(" %7s %14s %14s %9s %8s", "ranks", "allreduce ms", "bn sums ms", "MB/step", "share");
+        std::printf("\n");
         for (const std::string& m : models)
             for (int res : resolutions)
-                for (const std::string& q : quants) {
-                    json r = in_child([&] { return bench_model(m, res, q, s); });
-                    std::printf("%-5s %5d %-14s %12.1f %12.1f %10.1f %10.1f %10.0f\n", m.c_str(), res, q.c_str(),
-                                r["train_img_s"].get<double>(), r["infer_img_s"].get<double>(),
-                                r["train_gflop_s"].get<double>(), 1e3 * r["train_step_median_s"].get<double>(),
-                                r["peak_rss_mb"].get<double>());
-                    if (s.profile) print_profile(r["profile"]);
-                    std::fflush(stdout);
-                    results["models"].push_back(r);
-                }
+                for (const std::string& q : quants)
+                    for (int round = 0; round < s.rounds; ++round)
+                        for (int n : ranks) {
+                            const json r = n == 1 ? in_child([&] { return bench_model(m, res, q, s); })
+                                                  : under_mpirun(n, m, res, q, s);
+                            char infer[32] = "-";  // not timed on several ranks
+                            if (n == 1) std::snprintf(infer, sizeof infer, "%.1f", r["infer_img_s"].get<double>());
+                            std::printf("%-5s %5d %-14s %12.1f %12s %10.1f %10.1f %10.0f", m.c_str(), res, q.c_str(),
+                                        r["train_img_s"].get<double>(), infer, r["train_gflop_s"].get<double>(),
+                                        1e3 * r["train_step_median_s"].get<double>(), r["peak_rss_mb"].get<double>());
+                            if (layouts) {
+                                const std::string layout = cat(n, "x", s.threads / n);
+                                if (n == 1) {
+                                    std::printf(" %7s\n", layout.c_str());
+                                } else {
+                                    const json& c = r["comm"];
+                                    const double g = c["gradients"]["ms"], bn = c["batch_statistics"]["ms"],
+                                                 sr = c["step_results"]["ms"];
+                                    // The share of the mean step (the collectives' times are means too).
+                                    const double step_ms = 1e3 * s.batch / r["train_img_s"].get<double>();
+                                    std::printf(" %7s %8.1f (%3.1f) %14.1f %9.1f %7.1f%%\n", layout.c_str(), g,
+                                                c["gradient_allreduce_alone_ms"].get<double>(), bn,
+                                                c["gradients"]["mb"].get<double>(), 100 * (g + bn + sr) / step_ms);
+                                }
+                            } else {
+                                std::printf("\n");
+                            }
+                            if (s.profile) print_profile(r["profile"]);
+                            std::fflush(stdout);
+                            results["models"].push_back(r);
+                        }
         if (ops) {
             json rows = in_child([&] { return bench_ops(s); });
             std::printf("\n%-32s %12s %12s %12s %12s\n", "op (batch 32)", "fwd ms", "bwd ms", "fwd GFLOP/s",

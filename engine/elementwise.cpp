@@ -12,6 +12,7 @@
 #include "engine/check.h"
 #include "engine/dnnl_context.h"
 #include "engine/ops.h"
+#include "engine/replicas.h"
 #include "engine/tensor_math.h"
 
 namespace hfq {
@@ -128,12 +129,31 @@ Variable dropout(const Variable& x, float p, bool training, Rng& rng) {
     HFQ_CHECK(p >= 0.0f && p < 1.0f, "dropout: probability p must be in [0, 1), got ", p);
     if (!training || p == 0.0f) return x;
     const Tensor& xv = x.value();
-    check_f32("dropout", "input", xv);
-    // mask = 0 with probability p, else 1 / (1 - p); drawn in element order.
+    // mask = 0 with probability p, else 1 / (1 - p); drawn in element order
+    // for the whole batch. A data-parallel replica holds rows [offset,
+    // offset + n) of a global batch of `total` rows (x {n, ...}, f features
+    // per row): it draws all total * f uniforms, as one process on the whole
+    // batch would, and keeps draws [offset * f, (offset + n) * f), so that
+    //   mask on the replicas, put together = mask of one process on the batch
+    // (no two replicas share a mask, and every rng ends in the same state).
+    // Alone, x is one row (offset 0, total 1): every draw kept, in order, as
+    // ever. A replica may hold 0 rows and still draws the others'.
+    const bool replicated = replicas::active();
+    HFQ_CHECK(!replicated || xv.rank() >= 1, "dropout: on replicas, the input must have a batch dimension");
+    if (!(replicated && xv.numel() == 0)) check_f32("dropout", "input", xv);
+    const int64_t n = replicated ? xv.shape()[0] : 1;
+    int64_t features = 1;  // per row; all of x's elements when alone
+    for (int i = replicated ? 1 : 0; i < xv.rank(); ++i) features *= xv.shape()[i];
+    const replicas::Rows rows = replicas::rows_in_batch(n);
     Tensor mask = Tensor::empty(xv.shape());
     const float keep_scale = 1.0f / (1.0f - p);
     float* pm = mask.f32();
-    for (int64_t i = 0, n = mask.numel(); i < n; ++i) pm[i] = rng.uniform() < p ? 0.0f : keep_scale;
+    const int64_t first = rows.offset * features, end = first + n * features, draws = rows.total * features;
+    for (int64_t i = 0; i < draws; ++i) {
+        const bool drop = rng.uniform() < p;
+        if (i >= first && i < end) pm[i - first] = drop ? 0.0f : keep_scale;
+    }
+    if (xv.numel() == 0) return x;
     return make_result(mul(xv, mask), "dropout", {x},
                        [x, mask](const Tensor& dy) { x.accumulate_grad(mul(dy, mask)); });
 }

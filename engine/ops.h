@@ -48,7 +48,9 @@ Variable add(const Variable& a, const Variable& b);  // same shapes
 Variable mul_channel(const Variable& x, const Variable& scale);
 // Inverted dropout: in training zeroes each element with probability p and
 // scales the rest by 1/(1-p); identity in evaluation or when p == 0. The mask
-// comes from rng, so a fixed seed gives the same mask at any thread count.
+// comes from rng, so a fixed seed gives the same mask at any thread count,
+// and on data-parallel replicas (engine/replicas.h) the rows of the mask one
+// process would draw for the whole batch.
 Variable dropout(const Variable& x, float p, bool training, Rng& rng);
 
 // ---- Pooling and shape (engine/pooling.cpp) -------------------------------

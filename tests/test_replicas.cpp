@@ -8,9 +8,13 @@
 //   * the activation quantizer picks the whole batch's exponent on both
 //     replicas (first-step initialisation and msqe-round), with or without
 //     sync batch norm;
+//   * dropout: the replicas' masks and gradients are the rows of one
+//     process's on the whole batch (halves, uneven rows, 0 rows on one), and
+//     every rng ends in the same state;
 //   * in one process (no hook, or a hook of one replica) nothing changes: the
 //     activation quantizer's std is grid.cpp's population_std bit for bit,
-//     and a hook of one replica changes no bit of batch norm.
+//     and a hook of one replica changes no bit of batch norm; dropout draws
+//     one uniform per element in order, hook of one replica or none.
 //
 // Tolerances. A replica's statistics and gradient sums differ from the whole
 // batch's only in how the double sums are grouped (each half, then the two
@@ -81,14 +85,18 @@ struct TwoReplicas {
     }
 };
 
-// A sum installed for the scope (removed even when a check throws).
+// A sum of `count` replicas installed for the scope (removed even when a
+// check throws); the replica is the thread's t_replica.
 struct Installed {
-    Installed(replicas::SumFn sum, bool sync_batch_norm) { replicas::install(std::move(sum), sync_batch_norm); }
-    ~Installed() { replicas::install({}, false); }
+    Installed(
+        replicas::SumFn sum, bool sync_batch_norm, int count = 2, replicas::IndexFn index = [] { return t_replica; }) {
+        replicas::install(std::move(sum), sync_batch_norm, count, std::move(index));
+    }
+    ~Installed() { replicas::install({}, false, 1, {}); }
 };
 // One replica with sync batch norm: its sums have nothing to add.
 struct OneReplica : Installed {
-    OneReplica() : Installed([](double*, int64_t) {}, true) {}
+    OneReplica() : Installed([](double*, int64_t) {}, true, 1, [] { return 0; }) {}
 };
 
 // Runs body(0) and body(1) on two threads with the hook installed, removes
@@ -147,20 +155,22 @@ Tensor bn_input(const Shape& s, uint64_t seed) {
     return x;
 }
 
-// Replica r's half of a batch (along N), and the two halves back together.
-Tensor half(const Tensor& t, int r) {
+// Rows [begin, begin + count) of a batch (along N), replica r's half of it,
+// and two replicas' rows back together.
+Tensor rows_of(const Tensor& t, int64_t begin, int64_t count) {
     Shape s = t.shape();
-    s[0] /= 2;
+    s[0] = count;
     Tensor out = Tensor::empty(s);
-    std::memcpy(out.f32(), t.f32() + r * out.numel(), out.nbytes());
+    if (out.nbytes() > 0) std::memcpy(out.f32(), t.f32() + begin * (t.numel() / t.shape()[0]), out.nbytes());
     return out;
 }
+Tensor half(const Tensor& t, int r) { return rows_of(t, r * t.shape()[0] / 2, t.shape()[0] / 2); }
 Tensor join(const Tensor& a, const Tensor& b) {
     Shape s = a.shape();
-    s[0] *= 2;
+    s[0] += b.shape()[0];
     Tensor out = Tensor::empty(s);
-    std::memcpy(out.f32(), a.f32(), a.nbytes());
-    std::memcpy(out.f32() + a.numel(), b.f32(), b.nbytes());
+    if (a.nbytes() > 0) std::memcpy(out.f32(), a.f32(), a.nbytes());
+    if (b.nbytes() > 0) std::memcpy(out.f32() + a.numel(), b.f32(), b.nbytes());
     return out;
 }
 
@@ -454,5 +464,93 @@ TEST_CASE("one process: batch norm with a hook of one replica is batch norm with
         CHECK(same_bytes(one.dbeta, none.dbeta));
         CHECK(same_bytes(one.running_mean, none.running_mean));
         CHECK(same_bytes(one.running_var, none.running_var));
+    }
+}
+
+// ---- Dropout ---------------------------------------------------------------
+//
+// Each replica draws the mask of the whole batch (the same uniforms in the
+// same order as one process) and keeps its rows. The output is x * mask and
+// the gradient dy * mask, element by element: no sums, so nothing to
+// regroup, and the same draw gives the same float. The replicas' rows must
+// be one process's bit for bit (tolerance 0), and every rng ends where the
+// one process's does. A replica drawing from its local tensor (the old
+// dropout) repeats replica 0's mask on replica 1's rows: far from equal.
+
+namespace {
+
+struct DropoutRun {
+    Tensor y, dx;   // dx empty for 0 rows
+    uint64_t next;  // the rng's next draw
+};
+
+DropoutRun dropout_step(const Tensor& x, const Tensor& dy, uint64_t seed) {
+    Rng rng(seed);
+    Variable v(x.clone(), true);
+    const Variable y = dropout(v, 0.3f, true, rng);
+    DropoutRun run{y.value().clone(), Tensor(), 0};
+    if (x.numel() > 0) {
+        y.backward(dy.clone());
+        run.dx = v.grad();
+    }
+    run.next = rng.next_u64();
+    return run;
+}
+
+}  // namespace
+
+TEST_CASE("replicas: rows_in_batch is the replica's place in the global batch") {
+    CHECK(replicas::rows_in_batch(5).offset == 0);  // no hook: the batch is local
+    CHECK(replicas::rows_in_batch(5).total == 5);
+    replicas::Rows rows[2];
+    const int64_t local[2] = {4, 2};
+    CHECK(run_replicas(false, [&](int r) { rows[r] = replicas::rows_in_batch(local[r]); }) == 1);
+    CHECK(rows[0].offset == 0);
+    CHECK(rows[1].offset == 4);
+    CHECK(rows[0].total == 6);
+    CHECK(rows[1].total == 6);
+}
+
+TEST_CASE("dropout on two replicas = dropout of one process on the whole batch, bit for bit") {
+    const Tensor x = testing::random_tensor({6, 5}, 30), dy = testing::random_tensor({6, 5}, 31);
+    const uint64_t seed = 77;
+    const DropoutRun whole = dropout_step(x, dy, seed);
+    for (int64_t first : {3, 4, 0, 6}) {  // replica 0's rows: halves, uneven, 0 on one replica
+        INFO("rows ", first, " + ", 6 - first);
+        const int64_t begin[2] = {0, first}, count[2] = {first, 6 - first};
+        DropoutRun rep[2];
+        CHECK(run_replicas(false, [&](int r) {
+                  rep[r] = dropout_step(rows_of(x, begin[r], count[r]), rows_of(dy, begin[r], count[r]), seed);
+              }) == 1);
+        CHECK(same_bytes(join(rep[0].y, rep[1].y), whole.y));
+        const Tensor dx = count[0] == 0 ? rep[1].dx : count[1] == 0 ? rep[0].dx : join(rep[0].dx, rep[1].dx);
+        CHECK(same_bytes(dx, whole.dx));
+        for (const DropoutRun& r : rep) CHECK(r.next == whole.next);
+    }
+    // The local mask (the old dropout) on replica 1's half: replica 0's mask again.
+    const DropoutRun local = dropout_step(rows_of(x, 3, 3), rows_of(dy, 3, 3), seed);
+    CHECK(!same_bytes(local.y, rows_of(whole.y, 3, 3)));
+}
+
+TEST_CASE("one process: dropout draws its mask in element order, hook of one replica or none") {
+    const Tensor x = testing::random_tensor({2, 3, 3, 4}, 32), dy = testing::random_tensor({2, 3, 3, 4}, 33);
+    const float p = 0.3f, keep = 1.0f / (1.0f - p);
+    Rng ref(78);  // the mask as dropout always drew it: one uniform per element, in order
+    Tensor y = Tensor::empty(x.shape()), dx = Tensor::empty(x.shape());
+    for (int64_t i = 0; i < x.numel(); ++i) {
+        const float m = ref.uniform() < p ? 0.0f : keep;
+        y.f32()[i] = x.f32()[i] * m;
+        dx.f32()[i] = dy.f32()[i] * m;
+    }
+    const uint64_t next = ref.next_u64();
+    DropoutRun none = dropout_step(x, dy, 78), one;
+    {
+        const OneReplica hook;
+        one = dropout_step(x, dy, 78);
+    }
+    for (const DropoutRun& r : {none, one}) {
+        CHECK(same_bytes(r.y, y));
+        CHECK(same_bytes(r.dx, dx));
+        CHECK(r.next == next);
     }
 }

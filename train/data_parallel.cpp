@@ -1,5 +1,6 @@
 #include "train/data_parallel.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -34,6 +35,16 @@ uint64_t hash_bytes(const void* data, size_t n) {
     return h;
 }
 
+// Runs the collective `sum` and adds its cost to `e`.
+template <class Sum>
+void timed(DataParallel::Exchange& e, int64_t bytes, Sum sum) {
+    const auto t0 = std::chrono::steady_clock::now();
+    sum();
+    e.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    e.calls += 1;
+    e.bytes += bytes;
+}
+
 // The tensors combine_gradients adds up, in one order every rank shares.
 struct Slot {
     float* data;
@@ -44,11 +55,16 @@ struct Slot {
 
 DataParallel::DataParallel(bool sync_bn) : ranks_(mpi::size()), sync_bn_(sync_bn) {
     if (!active()) return;
-    replicas::install([](double* values, int64_t count) { mpi::sum(values, count, "the batch statistics"); }, sync_bn);
+    replicas::install(
+        [this](double* values, int64_t count) {
+            timed(traffic_.batch_statistics, count * sizeof(double),
+                  [&] { mpi::sum(values, count, "the batch statistics"); });
+        },
+        sync_bn, ranks_, [] { return mpi::rank(); });
 }
 
 DataParallel::~DataParallel() {
-    if (active()) replicas::install({}, false);
+    if (active()) replicas::install({}, false, 1, {});
 }
 
 void DataParallel::attach(Model& model) {
@@ -62,7 +78,7 @@ void DataParallel::combine_forward(StepStats& stats) {
     if (!active()) return;
     // A loss that is not finite on one rank makes the sum not finite: no rank applies the step.
     double v[2] = {stats.loss, static_cast<double>(stats.correct)};
-    mpi::sum(v, 2, cat("the loss of step ", step_));
+    timed(traffic_.step_results, sizeof v, [&] { mpi::sum(v, 2, cat("the loss of step ", step_)); });
     stats.loss = static_cast<float>(v[0] / ranks_);
     stats.correct = static_cast<int64_t>(v[1]);
 }
@@ -90,7 +106,8 @@ void DataParallel::combine_gradients() {
     buffer_.resize(total);
     float* b = buffer_.data();
     for (const Slot& s : slots) b = std::copy(s.data, s.data + s.count, b);
-    mpi::sum(buffer_.data(), total, cat("the gradients of step ", step_));
+    timed(traffic_.gradients, total * sizeof(float),
+          [&] { mpi::sum(buffer_.data(), total, cat("the gradients of step ", step_)); });
     // The average: the gradient of the global batch's mean loss.
     const float inv = 1.0f / static_cast<float>(ranks_);
     const float* in = buffer_.data();

@@ -71,12 +71,30 @@ public:
     // The sums of an evaluation sharded over the ranks (EvalOptions::sum).
     static void sum_eval(double* values, int64_t count);
 
+    // What the collectives of the training steps cost since the last
+    // reset_traffic() (hfq_bench --ranks prints it). The seconds are those
+    // this rank spent inside the all-reduce: the transfer, and the wait for
+    // a slower rank to arrive.
+    struct Exchange {
+        int64_t calls = 0;
+        int64_t bytes = 0;  // this rank's contribution (what it sends once)
+        double seconds = 0;
+    };
+    struct Traffic {
+        Exchange step_results;      // combine_forward: loss and hits
+        Exchange gradients;         // combine_gradients: the one buffer
+        Exchange batch_statistics;  // the sums inside the model (--sync-bn, activation quantizers)
+    };
+    const Traffic& traffic() const { return traffic_; }
+    void reset_traffic() { traffic_ = {}; }
+
 private:
     int ranks_ = 1;
     bool sync_bn_ = false;
     Model* model_ = nullptr;
     int64_t step_ = 0;           // the step in progress
     std::vector<float> buffer_;  // the one all-reduced buffer, reused
+    Traffic traffic_;
 };
 
 }  // namespace hfq
