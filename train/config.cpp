@@ -11,6 +11,7 @@
 #include "layers/model.h"
 #include "quant/folded_conv_bn.h"
 #include "train/lr_schedule.h"
+#include "train/mpi_job.h"
 
 namespace hfq {
 namespace {
@@ -297,6 +298,8 @@ void TrainConfig::validate() const {
     HFQ_CHECK(epochs >= 0 && epochs <= 100000, "--epochs must be in 0..100000, got ", epochs);
     HFQ_CHECK(batch_size >= 2 && batch_size <= 65536, "--batch-size must be in 2..65536 (batch norm needs 2), got ",
               batch_size);
+    HFQ_CHECK(batch_size % mpi::size() == 0, "--batch-size ", batch_size,
+              " is the global batch: it must split evenly among the ", mpi::size(), " ranks");
     HFQ_CHECK(lr > 0, "--lr must be positive, got ", lr);
     HFQ_CHECK(momentum >= 0 && momentum < 1, "--momentum must be in [0, 1), got ", momentum);
     HFQ_CHECK(!nesterov || momentum > 0, "--nesterov needs --momentum > 0");

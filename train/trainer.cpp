@@ -409,8 +409,6 @@ Json Trainer::finish() {
 
 RunResult Trainer::run() {
     cfg_.validate();
-    HFQ_CHECK(cfg_.batch_size % dp_.ranks() == 0, "--batch-size ", cfg_.batch_size,
-              " is the global batch: it must split evenly among the ", dp_.ranks(), " ranks");
     mpi::set_timeout(cfg_.rank_timeout);
     run_ = set_up_run(cfg_);  // everything that can fail on bad input happens before the output folder is touched
     share_run_folder();
