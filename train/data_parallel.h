@@ -15,7 +15,9 @@
 //                         (the average of the ranks' updates)
 //   inside the model    with --sync-bn, batch norm's sums (engine/replicas.h):
 //                       N ranks x B/N samples compute the statistics of B;
-//                       the activation quantizers' scale choices, always
+//                       the activation quantizers' scale choices and where
+//                       a rank's rows sit in the batch (dropout draws the
+//                       whole batch's mask), always
 //
 // Each rank's gradient is that of its own mean loss over B/N samples; their
 // average is the gradient of the global mean loss over B. Everything the
