@@ -32,23 +32,14 @@ namespace {
 using dnnl::memory;
 using tag = memory::format_tag;
 
-// Output size and zero padding along one spatial dimension.
-struct Extent {
-    int64_t out, pad_before, pad_after;
-};
+using Extent = ConvExtent;
 
 Extent spatial_extent(int64_t in, int64_t kernel, const Conv2dParams& p, const char* dim, const Shape& x,
                       const Shape& w) {
-    const int64_t s = p.stride;
-    if (p.same_padding) {
-        // TensorFlow SAME: out = ceil(in / s); an odd total goes after.
-        const int64_t out = (in + s - 1) / s;
-        const int64_t total = std::max<int64_t>((out - 1) * s + kernel - in, 0);
-        return {out, total / 2, total - total / 2};
-    }
-    HFQ_CHECK(in + 2 * p.padding >= kernel, "conv2d: kernel ", dim, " ", kernel, " is larger than the padded input ",
-              dim, " ", in, " + 2*", p.padding, " (x ", shape_str(x), ", weight ", shape_str(w), ")");
-    return {(in + 2 * p.padding - kernel) / s + 1, p.padding, p.padding};
+    HFQ_CHECK(p.same_padding || in + 2 * p.padding >= kernel, "conv2d: kernel ", dim, " ", kernel,
+              " is larger than the padded input ", dim, " ", in, " + 2*", p.padding, " (x ", shape_str(x),
+              ", weight ", shape_str(w), ")");
+    return conv_extent(in, kernel, p);
 }
 
 // Everything a convolution primitive depends on.
@@ -238,6 +229,19 @@ void backward_weights(ConvPrimitives& prims, const Tensor& dy, const Tensor& x, 
 }
 
 }  // namespace
+
+ConvExtent conv_extent(int64_t in, int64_t kernel, const Conv2dParams& p) {
+    const int64_t s = p.stride;
+    if (p.same_padding) {
+        // TensorFlow SAME: out = ceil(in / s); an odd total goes after.
+        const int64_t out = (in + s - 1) / s;
+        const int64_t total = std::max<int64_t>((out - 1) * s + kernel - in, 0);
+        return {out, total / 2, total - total / 2};
+    }
+    HFQ_CHECK(in + 2 * p.padding >= kernel, "conv2d: kernel ", kernel, " is larger than the padded input ", in,
+              " + 2*", p.padding);
+    return {(in + 2 * p.padding - kernel) / s + 1, p.padding, p.padding};
+}
 
 Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias, const Conv2dParams& p) {
     HFQ_CHECK(x.defined() && weight.defined(), "conv2d: x and weight must be defined");

@@ -22,6 +22,13 @@ struct Conv2dParams {
                                 // extra padding (if odd) goes bottom/right
     int groups = 1;             // groups == in_channels == out_channels: depthwise
 };
+// Output size and zero padding along one spatial dimension of input size
+// `in` (what conv2d uses; for code that runs a convolution its own way).
+// Throws if the kernel is larger than the padded input.
+struct ConvExtent {
+    int64_t out, pad_before, pad_after;
+};
+ConvExtent conv_extent(int64_t in, int64_t kernel, const Conv2dParams& p);
 // x {N,H,W,Cin}, weight {Cout, Cin/groups, KH, KW}, bias {Cout} or undefined
 // -> {N,Ho,Wo,Cout}
 Variable conv2d(const Variable& x, const Variable& weight, const Variable& bias, const Conv2dParams& p);

@@ -38,7 +38,17 @@ InvertedResidual::InvertedResidual(int in_channels, int out_channels, int stride
 
 Variable InvertedResidual::forward(const Variable& x) {
     Variable y = (*child("conv"))(x);
-    return use_residual_ ? add(x, y) : y;
+    if (!use_residual_) return y;
+    y = add(x, y);
+    return after_add_ ? (*after_add_)(y) : y;
+}
+
+void InvertedResidual::set_after_add(const std::string& name, std::shared_ptr<Module> m) {
+    HFQ_CHECK(use_residual_ && m && !after_add_, "InvertedResidual::set_after_add: ",
+              use_residual_ ? "null, or set twice" : "the block has no residual sum");
+    after_add_ = std::move(m);
+    after_add_->train(is_training());
+    register_module(name, after_add_);
 }
 
 int MobileNetV2::make_divisible(double v, int divisor) {

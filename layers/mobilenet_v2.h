@@ -26,10 +26,15 @@ public:
     InvertedResidual(int in_channels, int out_channels, int stride, int expand_ratio);
     Variable forward(const Variable& x) override;
     bool uses_residual() const { return use_residual_; }
+    // A module applied to the residual sum x + conv(x), registered as the
+    // child `name` (a W4A8 model's quantizer of the sum: quant/quantize_model.h).
+    void set_after_add(const std::string& name, std::shared_ptr<Module> m);
+    Module* after_add() const { return after_add_.get(); }
     std::string type_name() const override { return "InvertedResidual"; }
 
 private:
     bool use_residual_;
+    std::shared_ptr<Module> after_add_;
 };
 
 class MobileNetV2 : public Model {

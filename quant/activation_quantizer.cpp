@@ -7,6 +7,8 @@
 
 #include "engine/check.h"
 #include "engine/replicas.h"
+#include "layers/pooling.h"
+#include "quant/accumulator.h"
 
 namespace hfq::quant {
 
@@ -54,8 +56,8 @@ double activation_std(const float* x, int64_t n, bool across_replicas) {
     return std::sqrt(squares / sum_and_count[1]);
 }
 
-ActivationQuantizer::ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale)
-    : grid_(make_grid(bits, /*is_signed=*/false, "activation quantizer")),
+ActivationQuantizer::ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale, bool is_signed)
+    : grid_(make_grid(bits, is_signed, "activation quantizer")),
       rounding_(rounding),
       min_init_scale_(min_init_scale),
       e_(Tensor::zeros({1}), true) {
@@ -67,7 +69,8 @@ ActivationQuantizer::ActivationQuantizer(int bits, ExponentRounding rounding, fl
 }
 
 std::string ActivationQuantizer::describe() const {
-    return cat("learnable-po2 activations, ", grid_.bits, " bits unsigned, ", exponent_rounding_name(rounding_));
+    return cat("learnable-po2 activations, ", grid_.bits, " bits ", grid_.is_signed ? "signed, " : "unsigned, ",
+               exponent_rounding_name(rounding_));
 }
 
 int ActivationQuantizer::choose_exponent(const float* x, int64_t n, float e, bool across_replicas) {
@@ -96,14 +99,17 @@ Variable ActivationQuantizer::forward(const Variable& input) {
     HFQ_CHECK(v.dtype() == DType::f32 && v.numel() > 0, "activation quantizer: needs a non-empty f32 input, got ",
               shape_str(v.shape()));
     const int64_t n = v.numel();
-    // The unsigned grid sees ReLU(x) (a no-op after ReLU / ReLU6).
+    // The unsigned grid sees ReLU(x) (a no-op after ReLU / ReLU6), the signed one x.
     const float* pv = v.f32();
     HFQ_CHECK(count_non_finite(pv, n) == 0, "activation quantizer: the input contains NaN or infinity");
-    Tensor x = Tensor::empty(v.shape());
-    float* px = x.f32();
-    for_each_chunk(n, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) px[i] = std::max(pv[i], 0.0f);
-    });
+    Tensor x = v;
+    if (!grid_.is_signed) {
+        x = Tensor::empty(v.shape());
+        float* px = x.f32();
+        for_each_chunk(n, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) px[i] = std::max(pv[i], 0.0f);
+        });
+    }
     const bool training = is_training();
     // A data-parallel training step chooses on the whole batch, every
     // replica's share (replicas::active(), with or without sync batch norm):
@@ -123,6 +129,7 @@ Variable ActivationQuantizer::forward(const Variable& input) {
     } else {
         k = exponent();
     }
+    last_forward_exponent_ = k;
     const float s = exp2_scale(k);
 
     Tensor y = Tensor::empty(v.shape());
@@ -139,6 +146,7 @@ Variable ActivationQuantizer::forward(const Variable& input) {
         initialized_.data<int32_t>()[0] = 1;
     }
 
+    if (observer_) observer_(y);
     const Variable e_param = e_;
     return make_result(
         y, "activation_quantize", {input, e_param}, [input, e_param, x, s, n, g = grid_](const Tensor& dy) {
@@ -177,6 +185,33 @@ QuantizerDiagnostics ActivationQuantizer::report() {
 void ActivationQuantizer::reset_diagnostics() {
     have_pass_ = false;
     flips_ = 0;
+}
+
+void ActivationEnds::set_input_quantizer(std::shared_ptr<ActivationQuantizer> q) {
+    HFQ_CHECK(q && !input_quantizer_, "set_input_quantizer: null, or set twice");
+    input_quantizer_ = std::move(q);
+    input_quantizer_->train(is_training());
+    register_module(kInputName, input_quantizer_);
+    input_grid_ = input_quantizer_.get();
+}
+
+void ActivationEnds::set_output_quantizer(std::shared_ptr<ActivationQuantizer> q) {
+    HFQ_CHECK(q && !output_quantizer_, "set_output_quantizer: null, or set twice");
+    output_quantizer_ = std::move(q);
+    output_quantizer_->train(is_training());
+    register_module(kOutputName, output_quantizer_);
+}
+
+Variable ActivationEnds::quantize_input(const Variable& x) {
+    return input_quantizer_ && !bypassed_ ? (*input_quantizer_)(x) : x;
+}
+Variable ActivationEnds::quantize_output(const Variable& y) {
+    return output_quantizer_ && !bypassed_ ? (*output_quantizer_)(y) : y;
+}
+
+Variable QuantizedActivation::forward(const Variable& x) {
+    if (dynamic_cast<GlobalAvgPool*>(activation_.get())) return (*quantizer_)(exact_global_mean(x));
+    return (*quantizer_)((*activation_)(x));
 }
 
 QuantizedActivation::QuantizedActivation(std::shared_ptr<Module> activation,

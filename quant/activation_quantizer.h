@@ -1,6 +1,9 @@
-// Activation quantization (optional, for W4A8-style simulation): the output
-// of a ReLU / ReLU6 fake-quantized on an unsigned grid (0 .. 2^b - 1) with a
-// learnable power-of-two scale, as learnable-po2 (docs/quantizers.md, 4.1) does for weights:
+// Activation quantization (W4A8, policy.activation_bits): a tensor that
+// enters a convolution or the classifier fake-quantized with a learnable
+// power-of-two scale, as learnable-po2 (docs/quantizers.md, 4.1) does for
+// weights: on an unsigned grid (0 .. 2^b - 1) after a ReLU / ReLU6 or the
+// pooling of such outputs, on a signed one (-2^(b-1) .. 2^(b-1) - 1) for the
+// network input, MobileNetV2's linear bottlenecks and its residual sums:
 //
 //   e        trained continuous log2-scale ("log2_scale", ParamGroup::quantizer),
 //            initialised at the first training step to log2(max(3 std(x) / qp, min_init_scale))
@@ -21,6 +24,7 @@
 // trained network's activation scale is fixed, as hardware needs it; before
 // any training it computes what the first training step would use.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -42,7 +46,7 @@ double activation_std(const float* x, int64_t n, bool across_replicas);
 class ActivationQuantizer : public Module {
 public:
     // bits 2..8; rounding and min_init_scale as learnable-po2's options.
-    ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale = 1e-5f);
+    ActivationQuantizer(int bits, ExponentRounding rounding, float min_init_scale = 1e-5f, bool is_signed = false);
 
     Variable forward(const Variable& x) override;
 
@@ -51,8 +55,16 @@ public:
     Variable& log2_scale() { return e_; }
     // The exponent evaluation uses (the last training step's choice).
     int exponent() const { return exponent_.data<int32_t>()[0]; }
+    // The exponent the most recent forward used (training or evaluation):
+    // the grid of the tensor it returned, which the next layer's bias
+    // quantization needs (quant/accumulator.h).
+    int last_forward_exponent() const { return last_forward_exponent_; }
     bool initialized() const { return initialized_.data<int32_t>()[0] != 0; }
     int64_t step() const { return step_.data<int64_t>()[0]; }
+
+    // Called with every output of forward (values on the grid, f32): lets a
+    // caller see a layer boundary's codes (the integer engine's test).
+    void set_observer(std::function<void(const Tensor&)> f) { observer_ = std::move(f); }
 
     // As Quantizer::report(): exponent, continuous e, error per element and
     // clipped fraction of the last training step, flips since the last report.
@@ -75,6 +87,8 @@ private:
     Tensor step_ = Tensor::zeros({1}, DType::s64);
     Tensor initialized_ = Tensor::zeros({1}, DType::s32);
     std::vector<float> mask_;  // reused: the msqe-round weights
+    int last_forward_exponent_ = 0;
+    std::function<void(const Tensor&)> observer_;
 
     // Diagnostics history (not state).
     bool have_pass_ = false;
@@ -83,13 +97,60 @@ private:
     double last_error_ = 0, last_clipped_ = 0;
 };
 
-// An activation layer followed by its quantizer: forward = Q(act(x)). The
+// A layer that may own the quantizers at its ends: of its input (the
+// network's first layer, child "input_quantizer": the image's grid) and of
+// its output (a layer no activation follows, MobileNetV2's linear
+// bottleneck: child "output_quantizer"). And, not owned, the quantizer whose
+// grid its input is on (the previous layer's, or its own input quantizer),
+// which its bias quantization needs (quant/accumulator.h). quantize_model
+// sets them when policy.activation_bits > 0; otherwise all are null and
+// quantize_input / quantize_output return their argument.
+class ActivationEnds : public Module {
+public:
+    static constexpr const char* kInputName = "input_quantizer";
+    static constexpr const char* kOutputName = "output_quantizer";
+    void set_input_quantizer(std::shared_ptr<ActivationQuantizer> q);
+    void set_output_quantizer(std::shared_ptr<ActivationQuantizer> q);
+    void set_input_grid(ActivationQuantizer* q) { input_grid_ = q; }
+    ActivationQuantizer* input_quantizer() const { return input_quantizer_.get(); }
+    ActivationQuantizer* output_quantizer() const { return output_quantizer_.get(); }
+    ActivationQuantizer* input_grid() const { return input_grid_; }
+
+    // While one lives, the layer runs without its ends: the audit
+    // (quant/audit.h) compares a layer's own arithmetic on float inputs.
+    class Bypass {
+    public:
+        explicit Bypass(ActivationEnds& m) : m_(m), was_(m.bypassed_) { m.bypassed_ = true; }
+        ~Bypass() { m_.bypassed_ = was_; }
+        Bypass(const Bypass&) = delete;
+        Bypass& operator=(const Bypass&) = delete;
+
+    private:
+        ActivationEnds& m_;
+        bool was_;
+    };
+
+protected:
+    Variable quantize_input(const Variable& x);
+    Variable quantize_output(const Variable& y);
+
+private:
+    std::shared_ptr<ActivationQuantizer> input_quantizer_, output_quantizer_;
+    ActivationQuantizer* input_grid_ = nullptr;
+    bool bypassed_ = false;
+};
+
+// An activation layer (or the global pooling of activations) followed by its
+// quantizer: forward = Q(act(x)). The
 // activation is registered inline (it has no tensors), the quantizer as the
 // child "activation_quantizer".
 class QuantizedActivation : public Module {
 public:
     QuantizedActivation(std::shared_ptr<Module> activation, std::shared_ptr<ActivationQuantizer> quantizer);
-    Variable forward(const Variable& x) override { return (*quantizer_)((*activation_)(x)); }
+    // Q(act(x)); a global pooling takes the mean with exact_global_mean
+    // (quant/accumulator.h), whose one rounding the integer engine's
+    // division reproduces.
+    Variable forward(const Variable& x) override;
     ActivationQuantizer& quantizer() { return *quantizer_; }
     Module& activation() { return *activation_; }
     std::string type_name() const override { return "Quantized<" + activation_->type_name() + ">"; }

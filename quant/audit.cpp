@@ -16,16 +16,6 @@
 namespace hfq::quant {
 namespace {
 
-// Zero padding before the first row / column, as conv2d pads (engine/ops.h).
-int64_t pad_before(int64_t in, int64_t kernel, const Conv2dParams& p, int64_t* out) {
-    if (p.same_padding) {
-        *out = (in + p.stride - 1) / p.stride;
-        return std::max<int64_t>((*out - 1) * p.stride + kernel - in, 0) / 2;
-    }
-    *out = (in + 2 * p.padding - kernel) / p.stride + 1;
-    return p.padding;
-}
-
 // gamma(n) = n u / (1 - n u), u = 2^-24: a float sum of n terms, in any
 // order, with or without fused multiply-adds, is within gamma(n) times the
 // sum of the terms' magnitudes of the exact sum (Higham, Accuracy and
@@ -67,8 +57,8 @@ Tensor reference_output(const IntegerLayer& l, const Tensor& x, std::vector<doub
     const Conv2dParams& p = l.params();
     const int64_t n = x.dim(0), h = x.dim(1), w = x.dim(2), c = x.dim(3);
     const int64_t cg = codes.dim(1), k = codes.dim(2), og = out_ch / p.groups;
-    int64_t ho = 0, wo = 0;
-    const int64_t ph = pad_before(h, k, p, &ho), pw = pad_before(w, k, p, &wo);
+    const ConvExtent rows = conv_extent(h, k, p), cols = conv_extent(w, k, p);
+    const int64_t ho = rows.out, wo = cols.out, ph = rows.pad_before, pw = cols.pad_before;
     Tensor y = Tensor::empty({n, ho, wo, out_ch});
     for (int64_t b = 0; b < n; ++b)
         for (int64_t oy = 0; oy < ho; ++oy)
@@ -200,6 +190,9 @@ AuditReport audit_export(Model& model, const std::string& export_path, const Ten
             a.kind = l.kind;
             const LayerTensors t = layer_tensors(l);
             IntegerLayer exported(file, l.name);
+            // The layer's own arithmetic: a W4A8 model's quantizers at its
+            // ends are the integer engine's to check (deploy/integer_engine.h).
+            const ActivationEnds::Bypass bare_trained(*l.module), bare_exported(exported);
             // 1. Weights and bias.
             const Tensor trained = l.quantizer->fake_quantize(Variable(t.weight), /*training=*/false).value();
             const Tensor rebuilt = exported.weights();

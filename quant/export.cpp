@@ -8,6 +8,9 @@
 
 #include "engine/check.h"
 #include "engine/ops.h"
+#include "layers/linear.h"
+#include "layers/mobilenet_v2.h"
+#include "quant/accumulator.h"
 #include "quant/activation_quantizer.h"
 #include "quant/folded_conv_bn.h"
 #include "quant/quantized_layers.h"
@@ -26,9 +29,13 @@ nlohmann::json export_metadata(const SafetensorsFile& file) {
     auto it = file.metadata.find(kExportKey);
     HFQ_CHECK(it != file.metadata.end(), file.source, ": not an hfq export (no '", kExportKey, "' metadata)");
     nlohmann::json j = nlohmann::json::parse(it->second, nullptr, /*allow_exceptions=*/false);
-    HFQ_CHECK(j.is_object() && j.value("format", "") == kExportFormat && j.contains("layers") &&
-                  j["layers"].is_array() && j.contains("activations") && j["activations"].is_array(),
-              file.source, ": metadata '", kExportKey, "' is not a valid ", kExportFormat, " description");
+    HFQ_CHECK(j.is_object(), file.source, ": metadata '", kExportKey, "' is not a JSON object");
+    const std::string format = j.value("format", "");
+    HFQ_CHECK(format == kExportFormat || format == kExportFormatV1, file.source, ": export format '", format,
+              "' is not one this hfq reads (", kExportFormatV1, ", ", kExportFormat, ")");
+    HFQ_CHECK(j.contains("layers") && j["layers"].is_array() && j.contains("activations") &&
+                  j["activations"].is_array(),
+              file.source, ": metadata '", kExportKey, "' is not a valid ", format, " description");
     return j;
 }
 
@@ -70,6 +77,17 @@ LayerTensors layer_tensors(const QuantizedLayer& layer) {
         throw Error(cat("export: layer '", layer.name, "' is of an unknown wrapper type"));
     }
     t.integer = layer.quantizer->integer_form(t.weight);
+    // W4A8: the bias as the evaluation graph adds it, on the accumulator grid.
+    t.input_grid = layer.module->input_grid();
+    if (t.input_grid) {
+        HFQ_CHECK(!t.integer.exponent.empty(), "export: layer '", layer.name, "' has no power-of-two scale");
+        const int64_t out = t.bias.numel();
+        for (int64_t c = 0; c < out; ++c) {
+            const int u = t.input_grid->exponent() + t.integer.exponent[t.integer.exponent.size() == 1 ? 0 : c];
+            t.bias_code.push_back(bias_code(t.bias.f32()[c], u));
+            t.bias.f32()[c] = float(std::ldexp(double(t.bias_code.back()), u));
+        }
+    }
     return t;
 }
 
@@ -98,11 +116,39 @@ void add_layer_tensors(const std::string& path, const QuantizedLayer& l, const L
         tensors.emplace_back(l.name + ".scale", Tensor::from_vector({groups}, t.integer.scale));
     }
     tensors.emplace_back(l.name + ".bias", t.bias.clone());
+    if (!t.bias_code.empty()) {
+        Tensor b = Tensor::empty({int64_t(t.bias_code.size())}, DType::s32);
+        std::copy(t.bias_code.begin(), t.bias_code.end(), b.data<int32_t>());
+        tensors.emplace_back(l.name + ".bias_code", b);
+    }
+}
+
+// W4A8: the largest |partial sum| of a layer's accumulator, in units of
+// 2^(e_x + exp[c]), whatever the order of the sum: over output channels c,
+// max|c_x| sum_k |code[c, k]| + |bias_code[c]|. Below 2^24, float32 holds
+// every partial sum of the fake-quant graph exactly (and int32 the integer
+// engine's); the classifier, evaluated with exact_linear (double), needs
+// only int32's 2^31. Refuses the export naming the layer otherwise.
+double accumulator_bound(const std::string& path, const QuantizedLayer& l, const LayerTensors& t) {
+    const Grid& g = t.input_grid->grid();
+    const int64_t out = t.weight.dim(0), per = t.weight.numel() / out;
+    double bound = 0;
+    for (int64_t c = 0; c < out; ++c) {
+        double codes = 0;
+        for (int64_t k = 0; k < per; ++k) codes += std::abs(t.integer.codes[c * per + k]);
+        bound = std::max(bound, double(std::max(g.qn, g.qp)) * codes + std::abs(double(t.bias_code[c])));
+    }
+    const double limit = t.conv ? 16777216.0 : 2147483647.0;
+    HFQ_CHECK(bound < limit, "export ", path, ": layer '", l.name, "' could accumulate ", bound,
+              " units, beyond the ", t.conv ? "2^24 float32 holds exactly" : "int32 range",
+              " (too large a bias or too many bits)");
+    return bound;
 }
 
 // A wrapped layer's metadata entry: how its quantizer was set and, for a
 // convolution, its geometry.
-nlohmann::json layer_metadata(const QuantizedLayer& l, const LayerTensors& t) {
+nlohmann::json layer_metadata(const std::string& path, const QuantizedLayer& l, const LayerTensors& t,
+                              const std::map<const ActivationQuantizer*, std::string>& site_names) {
     const Quantizer& q = *l.quantizer;
     nlohmann::json e;
     e["name"] = l.name;
@@ -114,6 +160,11 @@ nlohmann::json layer_metadata(const QuantizedLayer& l, const LayerTensors& t) {
     e["per_channel"] = q.options().per_channel;
     e["scale"] = t.integer.exponent.empty() ? "real" : "power-of-two";
     e["batch_norm"] = t.batch_norm.empty() ? nlohmann::json(nullptr) : nlohmann::json(t.batch_norm);
+    e["input_grid"] = nullptr;
+    if (t.input_grid) {
+        e["input_grid"] = site_names.at(t.input_grid);
+        e["accumulator_bound"] = accumulator_bound(path, l, t);
+    }
     if (t.conv) {
         const Conv2dConfig& c = t.conv->config();
         e["kernel"] = c.kernel;
@@ -137,7 +188,10 @@ nlohmann::json add_activations(const std::string& path, Model& model, NamedTenso
         tensors.emplace_back(a.name + ".exp", e);
         entries.push_back({{"name", a.name},
                            {"bits", a.quantizer->grid().bits},
-                           {"rounding", exponent_rounding_name(a.quantizer->rounding())}});
+                           {"signed", a.quantizer->grid().is_signed},
+                           {"rounding", exponent_rounding_name(a.quantizer->rounding())},
+                           {"site", a.site},
+                           {"owner", a.owner}});
     }
     return entries;
 }
@@ -147,7 +201,8 @@ nlohmann::json add_activations(const std::string& path, Model& model, NamedTenso
 void add_unwrapped_state(Model& model, NamedTensorList& tensors) {
     std::set<std::string> wrapped;
     for (auto& [prefix, m] : model.named_modules())
-        if (dynamic_cast<QuantizedModule*>(m) || dynamic_cast<QuantizedActivation*>(m))
+        if (dynamic_cast<QuantizedModule*>(m) || dynamic_cast<QuantizedActivation*>(m) ||
+            dynamic_cast<ActivationQuantizer*>(m))
             for (const auto& [name, t] : m->state_dict()) wrapped.insert(join_name(prefix, name));
     for (const auto& [name, t] : model.state_dict())
         if (!wrapped.count(name)) tensors.emplace_back(name, t);
@@ -160,11 +215,13 @@ void export_quantized_model(const std::string& path, Model& model, const QuantPo
     const auto layers = quantized_layers(model);
     HFQ_CHECK(!layers.empty(), "export ", path, ": the model is not quantized (call quantize_model first)");
     NamedTensorList tensors;
+    std::map<const ActivationQuantizer*, std::string> site_names;
+    for (const QuantizedActivationSite& a : quantized_activations(model)) site_names[a.quantizer] = a.name;
     nlohmann::json meta_layers = nlohmann::json::array();
     for (const QuantizedLayer& l : layers) {
         const LayerTensors t = layer_tensors(l);
         add_layer_tensors(path, l, t, tensors);
-        meta_layers.push_back(layer_metadata(l, t));
+        meta_layers.push_back(layer_metadata(path, l, t, site_names));
     }
     const nlohmann::json meta_acts = add_activations(path, model, tensors);
     add_unwrapped_state(model, tensors);
@@ -190,6 +247,13 @@ IntegerLayer::IntegerLayer(const SafetensorsFile& file, const std::string& name)
               ".q' must be int8 of rank ", is_conv_ ? 4 : 2, ", got ", dtype_name(codes_.dtype()), " ",
               shape_str(codes_.shape()));
     const int64_t out = codes_.dim(0);
+    const Grid grid = make_grid(field<int>(e, "bits", file.source), field<bool>(e, "signed", file.source),
+                                "export layer");
+    for (int64_t i = 0; i < codes_.numel(); ++i) {
+        const int c = codes_.data<int8_t>()[i];
+        HFQ_CHECK(c >= -grid.qn && c <= grid.qp, file.source, ": '", name, ".q' holds the code ", c, " at element ", i,
+                  ", outside its ", grid.bits, "-bit grid [", -grid.qn, ", ", grid.qp, "]");
+    }
     if (is_conv_) {
         params_.stride = field<int>(e, "stride", file.source);
         params_.padding = field<int>(e, "padding", file.source);
@@ -205,10 +269,19 @@ IntegerLayer::IntegerLayer(const SafetensorsFile& file, const std::string& name)
         const float v = po2 ? std::ldexp(1.0f, s.data<int32_t>()[g]) : s.f32()[g];
         HFQ_CHECK(std::isfinite(v) && v > 0, file.source, ": '", name, "' has the unusable scale ", v, " in group ", g);
         scales_.push_back(v);
+        if (po2) exponents_.push_back(s.data<int32_t>()[g]);
     }
     bias_ = file.get(name + ".bias");
     HFQ_CHECK(bias_.dtype() == DType::f32 && bias_.shape() == Shape{out}, file.source, ": '", name,
               ".bias' must be float32 [", out, "], got ", shape_str(bias_.shape()));
+    if (e.contains("input_grid") && e["input_grid"].is_string()) {  // W4A8
+        input_site_ = e["input_grid"].get<std::string>();
+        HFQ_CHECK(po2, file.source, ": layer '", name, "' has an input grid but no power-of-two scale");
+        bias_code_ = file.get(name + ".bias_code");
+        HFQ_CHECK(bias_code_.dtype() == DType::s32 && bias_code_.shape() == Shape{out}, file.source, ": '", name,
+                  ".bias_code' must be int32 [", out, "], got ", dtype_name(bias_code_.dtype()), " ",
+                  shape_str(bias_code_.shape()));
+    }
 
     Tensor values = Tensor::empty(codes_.shape());
     for (int64_t i = 0; i < values.numel(); ++i) values.f32()[i] = codes_.data<int8_t>()[i];
@@ -223,10 +296,13 @@ IntegerLayer::IntegerLayer(const SafetensorsFile& file, const std::string& name)
     eval();
 }
 
-Variable IntegerLayer::forward(const Variable& x) {
-    const Variable acc =
-        is_conv_ ? conv2d(x, code_values_, bias_over_scale_, params_) : linear(x, code_values_, bias_over_scale_);
-    return mul_channel(acc, Variable(channel_scale_));
+Variable IntegerLayer::forward(const Variable& input) {
+    const Variable x = quantize_input(input);
+    // A W4A8 classifier sums in double, as its fake-quant layer evaluates (quant/accumulator.h).
+    const Variable acc = is_conv_ ? conv2d(x, code_values_, bias_over_scale_, params_)
+                         : bias_code_.defined() ? exact_linear(x, code_values_, bias_over_scale_)
+                                                : linear(x, code_values_, bias_over_scale_);
+    return quantize_output(mul_channel(acc, Variable(channel_scale_)));
 }
 
 Tensor IntegerLayer::weights() const {
@@ -255,11 +331,19 @@ std::shared_ptr<Model> build_model_from_export(const SafetensorsFile& file) {
     HFQ_CHECK(config.has_value(), file.source, ": the export has no '", kModelConfigKey, "' metadata");
     std::shared_ptr<Model> model = build_model(*config, 0);
     model->eval();
+    std::map<std::string, std::shared_ptr<IntegerLayer>> layers;
     for (const nlohmann::json& e : meta["layers"]) {
         const std::string name = field<std::string>(e, "name", file.source);
         const auto [parent_path, child] = split_name(name);
         Module& parent = model->find(parent_path);
         auto layer = std::make_shared<IntegerLayer>(file, name);
+        layers[name] = layer;
+        const Tensor* replaced = nullptr;
+        if (auto* conv = dynamic_cast<Conv2d*>(parent.child(child).get())) replaced = &conv->weight().value();
+        if (auto* lin = dynamic_cast<Linear*>(parent.child(child).get())) replaced = &lin->weight().value();
+        HFQ_CHECK(replaced && replaced->shape() == layer->codes().shape(), file.source, ": '", name, ".q' has the shape ",
+                  shape_str(layer->codes().shape()), " but the network of '", kModelConfigKey, "' has ",
+                  replaced ? shape_str(replaced->shape()) : std::string("no conv or linear layer"), " there");
         if (e.contains("batch_norm") && e["batch_norm"].is_string())
             parent.replace_children({child, split_name(e["batch_norm"].get<std::string>()).second}, layer);
         else
@@ -270,19 +354,36 @@ std::shared_ptr<Model> build_model_from_export(const SafetensorsFile& file) {
         const std::string name = field<std::string>(e, "name", file.source);
         const Tensor& k = file.get(name + ".exp");
         HFQ_CHECK(k.dtype() == DType::s32 && k.numel() == 1, file.source, ": '", name, ".exp' must be one int32");
-        const auto [parent_path, child] = split_name(name);
-        Module& parent = model->find(parent_path);
+        // hfq-integer-1 knew only unsigned quantizers after an activation.
+        const bool is_signed = e.value("signed", false);
+        const std::string site = e.value("site", "activation"), owner = e.value("owner", name);
         auto q = std::make_shared<ActivationQuantizer>(
             field<int>(e, "bits", file.source),
-            parse_exponent_rounding(field<std::string>(e, "rounding", file.source)));
-        parent.replace_child(child, std::make_shared<QuantizedActivation>(parent.child(child), q));
+            parse_exponent_rounding(field<std::string>(e, "rounding", file.source)), 1e-5f, is_signed);
+        auto layer = layers.find(owner);
+        if (site == "activation") {
+            const auto [parent_path, child] = split_name(name);
+            Module& parent = model->find(parent_path);
+            parent.replace_child(child, std::make_shared<QuantizedActivation>(parent.child(child), q));
+        } else if ((site == "input" || site == "output") && layer != layers.end()) {
+            if (site == "input") layer->second->set_input_quantizer(q);
+            else layer->second->set_output_quantizer(q);
+        } else if (auto* block = dynamic_cast<InvertedResidual*>(&model->find(owner)); site == "sum" && block) {
+            block->set_after_add(kSumQuantizerName, q);
+        } else {
+            throw Error(cat(file.source, ": activation quantizer '", name, "' has the site '", site, "' of '", owner,
+                            "', which the network does not have"));
+        }
         activations.emplace_back(q.get(), k.data<int32_t>()[0]);
     }
     // The remaining tensors (float layers that were not folded, ...).
     const LoadReport report = load_state_dict(*model, file, LoadOptions{/*partial=*/true});
+    std::set<std::string> quantizer_state;  // set from "<site>.exp" below
+    for (auto& [prefix, m] : model->named_modules())
+        if (dynamic_cast<ActivationQuantizer*>(m))
+            for (const auto& [n, t] : m->state_dict()) quantizer_state.insert(join_name(prefix, n));
     for (const std::string& n : report.missing)
-        HFQ_CHECK(n.find(".activation_quantizer.") != std::string::npos, file.source, ": the export lacks the tensor '",
-                  n, "' the network needs");
+        HFQ_CHECK(quantizer_state.count(n), file.source, ": the export lacks the tensor '", n, "' the network needs");
     HFQ_CHECK(report.mismatched.empty(), file.source, ": tensor '",
               report.mismatched.empty() ? "" : report.mismatched[0], "' has the wrong shape or dtype");
     // Activation quantizers evaluate with their stored exponent.

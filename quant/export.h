@@ -9,19 +9,30 @@
 //   <name>.bias   f32   {out}: the folded bias (beta - gamma mu_ema / sigma_ema for a
 //                 folded conv + batch norm, the layer's own bias, or zeros)
 // so that layer(x) = 2^exp[c] * sum(codes * x) + bias[c] for output channel c.
-// Per activation quantizer <name>: <name>.exp int32 {1} (codes are 0..2^b-1).
+// A W4A8 model's layers (an input grid: quant/accumulator.h) also store
+//   <name>.bias_code int32 {out}: the bias on the accumulator grid 2^(e_x + exp[c])
+//                 (and <name>.bias is exactly bias_code * 2^(e_x + exp[c])).
+// Per activation quantizer <name>: <name>.exp int32 {1} (codes are 0..2^b-1,
+// or -(2^(b-1) - 1)..2^(b-1) - 1 when signed).
 // Every other tensor the network needs to run (e.g. a batch norm that was not
 // folded) is stored under its usual name.
 //
 // Metadata:
 //   "hfq.model"         the ModelConfig (layers/model.h): which network to build
 //   "hfq.quant_policy"  the QuantPolicy (the quantizer configuration)
-//   "hfq.export"        {"format": "hfq-integer-1", "layers": [...], "activations": [...]}
+//   "hfq.export"        {"format": "hfq-integer-2", "layers": [...], "activations": [...]}
 //                       each layer: name, kind, op ("conv" / "linear"), method, bits,
 //                       signed, per_channel, scale ("power-of-two" / "real"),
-//                       batch_norm (the folded bn's name, or null) and for convs
-//                       kernel, stride, padding, same_padding, groups;
-//                       each activation: name, bits, rounding
+//                       batch_norm (the folded bn's name, or null), input_grid
+//                       (W4A8: the activation quantizer its input is on, else
+//                       null), accumulator_bound (W4A8: the largest |partial
+//                       sum| in units, below 2^24 for a convolution, 2^31 for
+//                       the classifier: see export_quantized_model), and for
+//                       convs kernel, stride, padding, same_padding, groups;
+//                       each activation: name, bits, signed, rounding, site and
+//                       owner (quant/quantize_model.h QuantizedActivationSite).
+//                       ("hfq-integer-1", before signed activations, reads as
+//                       unsigned activation sites.)
 //   "hfq.preprocessing" when given
 //
 // The exported values are those of the training graph in evaluation mode:
@@ -37,12 +48,14 @@
 #include "layers/checkpoint.h"
 #include "layers/conv2d.h"
 #include "layers/model.h"
+#include "quant/activation_quantizer.h"
 #include "quant/quantize_model.h"
 
 namespace hfq::quant {
 
 inline constexpr const char* kExportKey = "hfq.export";
-inline constexpr const char* kExportFormat = "hfq-integer-1";
+inline constexpr const char* kExportFormat = "hfq-integer-2";
+inline constexpr const char* kExportFormatV1 = "hfq-integer-1";  // read too
 
 void export_quantized_model(const std::string& path, Model& model, const QuantPolicy& policy,
                             const std::optional<Preprocessing>& preprocessing = std::nullopt);
@@ -53,7 +66,9 @@ void export_quantized_model(const std::string& path, Model& model, const QuantPo
 struct LayerTensors {
     Tensor weight;
     Quantizer::IntegerForm integer;
-    Tensor bias;                   // f32 {out}
+    Tensor bias;                   // f32 {out} (W4A8: bias_code * 2^(e_x + exp[c]))
+    std::vector<int32_t> bias_code;    // W4A8: the int32 bias, else empty
+    const ActivationQuantizer* input_grid = nullptr;  // W4A8
     const Conv2d* conv = nullptr;  // the convolution (null for a linear layer)
     std::string batch_norm;        // the folded batch norm's full name, or ""
 };
@@ -66,7 +81,7 @@ LayerTensors layer_tensors(const QuantizedLayer& layer);
 // conv(x, codes) + bias / scale before scaling, which for a power-of-two
 // scale is the same float result as scaling first (both are exact
 // multiplications by 2^exp of one rounded sum).
-class IntegerLayer : public Module {
+class IntegerLayer : public ActivationEnds {
 public:
     // Reads "<name>.q", ".exp" / ".scale", ".bias" and the layer's entry in the export metadata.
     IntegerLayer(const SafetensorsFile& file, const std::string& name);
@@ -77,7 +92,11 @@ public:
     bool is_conv() const { return is_conv_; }
     const Tensor& codes() const { return codes_; }                // s8 {weight shape}
     const std::vector<float>& scales() const { return scales_; }  // per group
+    const std::vector<int>& exponents() const { return exponents_; }  // per group (power-of-two scales)
     const Tensor& bias() const { return bias_; }                  // f32 {out}
+    const Tensor& bias_code() const { return bias_code_; }        // s32 {out}, W4A8 only (else undefined)
+    // W4A8: the activation quantizer site its input is on (else empty).
+    const std::string& input_site() const { return input_site_; }
     const Conv2dParams& params() const { return params_; }        // convolutions
     // codes * scale: the weights the layer computes with, f32 {weight shape}.
     Tensor weights() const;
@@ -94,9 +113,11 @@ private:
     Tensor codes_;               // s8
     Variable code_values_;       // the codes as f32, the convolution's weights
     std::vector<float> scales_;  // per group
+    std::vector<int> exponents_;
     Tensor channel_scale_;       // f32 {out}: scale of each output channel
     Variable bias_over_scale_;   // f32 {out}
-    Tensor bias_;
+    Tensor bias_, bias_code_;
+    std::string input_site_;
 };
 
 // The network rebuilt from an export alone, in evaluation mode: the float

@@ -301,17 +301,18 @@ Variable FoldedConvBn::folded_bias() {
 Variable FoldedConvBn::forward(const Variable& x) { return run(x, false); }
 Variable FoldedConvBn::forward_relu6(const Variable& x) { return run(x, true); }
 
-Variable FoldedConvBn::run(const Variable& x, bool with_relu6) {
+Variable FoldedConvBn::run(const Variable& input, bool with_relu6) {
+    const Variable x = quantize_input(input);
     const bool batch_stats = uses_batch_statistics();  // before the quantizer counts this step
     // W_fold and the correction use the moving variance as it is before this step's update.
     const Variable w_q = weight_quantizer().quantize(folded_weight());
     if (batch_stats && bn_stats_ == BnStats::quantized_conv) {  // batch norm counts the batch itself
         const Variable y = conv().apply(x, unfold_weight(w_q, bn_->weight(), bn_->running_var(), bn_->eps()));
-        return with_relu6 ? bn_->forward_relu6(y) : (*bn_)(y);
+        return with_relu6 ? bn_->forward_relu6(y) : quantize_output((*bn_)(y));
     }
     Variable y;
     if (!batch_stats) {
-        y = conv2d(x, w_q, folded_bias(), conv().config().params);
+        y = conv2d(x, w_q, accumulator_bias(folded_bias()), conv().config().params);
     } else {
         const Variable y_q = conv().apply(x, w_q);              // conv(x, Q(W_fold))
         const Variable y_f = conv().apply(x, conv().weight());  // conv(x, W): the batch statistics
@@ -319,7 +320,7 @@ Variable FoldedConvBn::run(const Variable& x, bool with_relu6) {
                                   bn_->momentum(), bn_->eps());
         num_batches_tracked_->data<int64_t>()[0] += 1;
     }
-    return with_relu6 ? relu6(y) : y;
+    return with_relu6 ? relu6(y) : quantize_output(y);
 }
 
 std::string FoldedConvBn::describe() const {

@@ -30,7 +30,12 @@
 //
 // Training once frozen, evaluation and export use the moving statistics:
 //   y = conv(x, Q(W_fold)) + b_fold
-// with no correction and no statistics update.
+// with no correction and no statistics update. In a W4A8 model (an input
+// grid set, quant/activation_quantizer.h ActivationEnds) b_fold is added on
+// the accumulator grid (quant/accumulator.h); with batch statistics there is
+// no fixed bias to quantize (the correction is per batch), so a W4A8 run
+// should freeze batch norm for its last steps (--freeze-bn-step) to train
+// the graph the integer engine runs.
 //
 // Names: the pair sits inline in its parent at the place of the convolution
 // and the batch norm and keeps their names: "<conv>.weight" (the float W),

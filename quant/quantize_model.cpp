@@ -10,6 +10,9 @@
 #include "layers/batch_norm.h"
 #include "layers/conv2d.h"
 #include "layers/linear.h"
+#include "layers/mobilenet_v2.h"
+#include "layers/pooling.h"
+#include "layers/sequential.h"
 #include "quant/activation_quantizer.h"
 #include "quant/folded_conv_bn.h"
 #include "quant/quantized_layers.h"
@@ -44,13 +47,102 @@ void collect_sites(Module& m, bool fold, std::vector<Site>& sites, std::vector<S
             sites.push_back(s);
         } else if (dynamic_cast<Linear*>(child)) {
             sites.push_back({&m, c.name, c.module, ""});
-        } else if (dynamic_cast<ReLU*>(child) || dynamic_cast<ReLU6*>(child)) {
+        } else if (dynamic_cast<ReLU*>(child) || dynamic_cast<ReLU6*>(child) || dynamic_cast<GlobalAvgPool*>(child)) {
             activations.push_back({&m, c.name, c.module, ""});
         } else {
             collect_sites(*child, fold, sites, activations);
         }
     }
 }
+
+// W4A8: puts a quantizer on every tensor that enters a convolution or the
+// classifier, walking the network in the order its forward runs (the
+// children of the model, of a Sequential and of an InvertedResidual in
+// order; the activations and the pooling are wrapped already). `grid` is
+// the quantizer of the tensor the walk is at (null before the first layer:
+// the image), `pending` the wrapped layer whose float output it is, if that
+// output is not quantized yet. A tensor used as it is (by a layer, the
+// pooling or a residual sum) is quantized where it is produced, signed: the
+// image at the first layer, a linear bottleneck at its layer's output.
+struct GridWalk {
+    const QuantPolicy& policy;
+    ActivationQuantizer* grid = nullptr;
+    QuantizedModule* pending = nullptr;
+
+    std::shared_ptr<ActivationQuantizer> signed_quantizer() const {
+        return std::make_shared<ActivationQuantizer>(policy.activation_bits, policy.options.rounding,
+                                                     policy.options.min_init_scale, /*is_signed=*/true);
+    }
+    // The tensor the walk is at, as a code tensor.
+    void quantize_pending() {
+        if (!pending) return;
+        auto q = signed_quantizer();
+        grid = q.get();
+        pending->set_output_quantizer(std::move(q));
+        pending = nullptr;
+    }
+    void layer(QuantizedModule& m, const std::string& name) {
+        quantize_pending();
+        if (grid) {
+            m.set_input_grid(grid);
+        } else {
+            m.set_input_quantizer(signed_quantizer());
+            grid = m.input_quantizer();
+        }
+        check_exact_sums(m, name);
+        pending = &m;
+        grid = nullptr;
+    }
+    // The fake-quant graph's float32 sums of a convolution are exact if no
+    // partial sum can reach 2^24 units of its accumulator (quant/accumulator.h):
+    // n products of at most max|c_x| max|c_w|, n = the reduction length. The
+    // bias adds to it; the export checks the sum with the trained biases.
+    // The classifier evaluates with exact_linear and needs no bound.
+    void check_exact_sums(QuantizedModule& m, const std::string& name) const {
+        Conv2d* conv = nullptr;
+        if (auto* f = dynamic_cast<FoldedConvBn*>(&m)) conv = &f->conv();
+        if (auto* qc = dynamic_cast<QuantizedConv2d*>(&m)) conv = &qc->layer();
+        if (!conv) return;
+        const Tensor& w = conv->weight().value();
+        const Grid& gx = m.input_grid()->grid();
+        const Grid& gw = m.quantizer().grid();
+        const double bound = double(w.numel() / w.dim(0)) * std::max(gx.qn, gx.qp) * std::max(gw.qn, gw.qp);
+        HFQ_CHECK(bound < 16777216.0, "quantize_model: layer '", name, "': ", w.numel() / w.dim(0),
+                  " products of codes up to ", std::max(gx.qn, gx.qp), " x ", std::max(gw.qn, gw.qp), " can sum to ",
+                  bound, " units, which float32 (24 bits) does not hold exactly: use fewer weight or activation bits");
+    }
+    void walk(Module& m, const std::string& prefix) {
+        for (const Module::Child& c : m.children()) {
+            Module* child = c.module.get();
+            const std::string name = join_name(prefix, c.name);
+            if (auto* q = dynamic_cast<QuantizedModule*>(child)) {
+                layer(*q, join_name(name, q->layer_name()));
+            } else if (auto* a = dynamic_cast<QuantizedActivation*>(child)) {
+                // ReLU / ReLU6 take the float output; the pooling sums codes.
+                if (dynamic_cast<GlobalAvgPool*>(&a->activation())) quantize_pending();
+                HFQ_CHECK(grid || pending, "quantize_model: '", name, "' has no quantized input");
+                pending = nullptr;
+                grid = &a->quantizer();
+            } else if (dynamic_cast<Dropout*>(child)) {
+                // evaluation: the identity
+            } else if (auto* block = dynamic_cast<InvertedResidual*>(child)) {
+                quantize_pending();
+                walk(*block, name);
+                quantize_pending();
+                if (block->uses_residual()) {
+                    auto q = signed_quantizer();
+                    grid = q.get();
+                    block->set_after_add(kSumQuantizerName, std::move(q));
+                }
+            } else if (dynamic_cast<Sequential*>(child)) {
+                walk(*child, name);
+            } else {
+                throw Error(cat("quantize_model: activation quantization does not know how to place quantizers "
+                                "around '", name, "' (", child->type_name(), ")"));
+            }
+        }
+    }
+};
 
 template <class T>
 std::vector<std::pair<std::string, T*>> modules_of(Model& model) {
@@ -67,6 +159,9 @@ void QuantPolicy::validate() const {
     check_bits("first_layer_bits", first_layer_bits, true);
     check_bits("last_layer_bits", last_layer_bits, true);
     check_bits("activation_bits", activation_bits, true);
+    HFQ_CHECK(activation_bits == 0 || (fold_bn && method != "lsq"),
+              "quant policy: activation quantization (activation_bits ", activation_bits,
+              ") is for integer hardware: it needs fold_bn and a power-of-two weight scale (not lsq)");
     HFQ_CHECK(freeze_bn_step >= -1, "quant policy: freeze_bn_step must be >= -1 (-1: never), got ", freeze_bn_step);
     try {
         parse_bn_stats(bn_stats);
@@ -235,12 +330,14 @@ void quantize_model(Model& model, const QuantPolicy& policy) {
                                                                               std::move(quantizers[k])));
         }
     }
-    if (policy.activation_bits > 0)
+    if (policy.activation_bits > 0) {
         for (const Site& s : activations)
             s.parent->replace_child(s.name, std::make_shared<QuantizedActivation>(
                                                 s.layer, std::make_shared<ActivationQuantizer>(
                                                              policy.activation_bits, policy.options.rounding,
                                                              policy.options.min_init_scale)));
+        GridWalk{policy}.walk(model, "");
+    }
 }
 
 std::vector<QuantizedLayer> quantized_layers(Model& model) {
@@ -256,7 +353,19 @@ std::vector<QuantizedLayer> quantized_layers(Model& model) {
 
 std::vector<QuantizedActivationSite> quantized_activations(Model& model) {
     std::vector<QuantizedActivationSite> out;
-    for (auto& [name, m] : modules_of<QuantizedActivation>(model)) out.push_back({name, &m->quantizer()});
+    for (auto& [name, m] : model.named_modules()) {
+        if (auto* a = dynamic_cast<QuantizedActivation*>(m)) out.push_back({name, &a->quantizer(), "activation", name});
+        if (auto* e = dynamic_cast<ActivationEnds*>(m)) {
+            const auto* q = dynamic_cast<QuantizedModule*>(m);
+            const std::string layer = join_name(name, q ? q->layer_name() : "");
+            if (e->input_quantizer()) out.push_back({join_name(name, ActivationEnds::kInputName), e->input_quantizer(), "input", layer});
+            if (e->output_quantizer())
+                out.push_back({join_name(name, ActivationEnds::kOutputName), e->output_quantizer(), "output", layer});
+        }
+        if (auto* b = dynamic_cast<InvertedResidual*>(m); b && b->after_add())
+            if (auto* q = dynamic_cast<ActivationQuantizer*>(b->after_add()))
+                out.push_back({join_name(name, kSumQuantizerName), q, "sum", name});
+    }
     return out;
 }
 

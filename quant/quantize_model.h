@@ -13,8 +13,14 @@
 // add their quantizer's parameters and buffers under "<layer>.weight_quantizer.*".
 // A folded conv + batch norm pair (quant/folded_conv_bn.h) keeps both layers'
 // names and adds the freeze flag "<parent>.bn_frozen_<conv child>".
-// Activation quantizers (policy.activation_bits) sit at the activation's
-// place: "<activation>.activation_quantizer.*" (quant/activation_quantizer.h).
+// Activation quantizers (policy.activation_bits: W4A8, every tensor that
+// enters a convolution or the classifier on a power-of-two grid) sit at the
+// activation's place, "<activation>.activation_quantizer.*" (ReLU, ReLU6,
+// the global pooling), at the first layer's input, "<layer>.input_quantizer.*",
+// at a linear bottleneck's output, "<layer>.output_quantizer.*", and after a
+// residual sum, "<block>.add_quantizer.*" (quant/activation_quantizer.h);
+// each layer's bias is then quantized at its accumulator's scale
+// (quant/accumulator.h).
 //
 // Which layers: every Conv2d and Linear, in model order. The first Conv2d is
 // the "first layer", the last Linear (the classifier) the "last layer". With
@@ -41,6 +47,8 @@ class ActivationQuantizer;
 
 // Checkpoint / export metadata key of the policy JSON.
 inline constexpr const char* kQuantPolicyKey = "hfq.quant_policy";
+// The child name of a residual block's sum quantizer (W4A8).
+inline constexpr const char* kSumQuantizerName = "add_quantizer";
 
 struct QuantPolicy {
     std::string method = "msqe-po2";  // any of quantizer_methods()
@@ -83,10 +91,17 @@ struct QuantizedLayer {
     QuantizedModule* module = nullptr;  // the wrapper (quant/quantized_layers.h, folded_conv_bn.h)
 };
 
-// An activation quantizer (policy.activation_bits > 0), as the diagnostics see it.
+// An activation quantizer (policy.activation_bits > 0), as the diagnostics
+// and the export see it. Where it sits (`site`):
+//   "activation"  after the activation (or pooling) `owner`, which it wraps
+//   "input"       at the input of the layer `owner` (the network's first)
+//   "output"      at the output of the layer `owner` (a linear bottleneck)
+//   "sum"         after the residual sum of the block `owner`
 struct QuantizedActivationSite {
-    std::string name;                // the activation's name ("features.3.2")
+    std::string name;                // "features.3.2" (activation: the activation's name),
+                                     // "features.0.input_quantizer", "features.4.add_quantizer", ...
     ActivationQuantizer* quantizer;  // owned by the model
+    std::string site, owner;
 };
 
 // Wraps the model's layers in place by the policy. Throws if the model is

@@ -1,6 +1,8 @@
 #include "quant/quantized_layers.h"
 
 #include "engine/check.h"
+#include "engine/ops.h"
+#include "quant/accumulator.h"
 
 namespace hfq::quant {
 
@@ -27,6 +29,27 @@ Quantized<Layer>::Quantized(std::shared_ptr<Layer> layer, std::unique_ptr<Quanti
     register_inline(layer_);
     register_module("weight_quantizer", quantizer_);
     train(layer_->is_training());
+}
+
+template <class Layer>
+Variable Quantized<Layer>::forward(const Variable& input) {
+    const Variable x = quantize_input(input);
+    const Variable w = quantizer_->quantize(layer_->weight());
+    if (!input_grid()) return quantize_output(layer_->apply(x, w));
+    const Variable b = layer_->bias().defined() ? accumulator_bias(layer_->bias()) : Variable();
+    if constexpr (std::is_same_v<Layer, Conv2d>)
+        return quantize_output(conv2d(x, w, b, layer_->config().params));
+    else
+        return quantize_output(is_training() ? linear(x, w, b) : exact_linear(x, w, b));
+}
+
+Variable QuantizedModule::accumulator_bias(const Variable& bias) {
+    if (!input_grid()) return bias;
+    std::vector<int> units = quantizer().exponents_of_last_pass();
+    HFQ_CHECK(!units.empty(), "quantized layer: a bias on the accumulator grid needs a power-of-two weight scale (",
+              quantizer().method(), " has none)");
+    for (int& u : units) u += input_grid()->last_forward_exponent();
+    return quantize_bias(bias, units);
 }
 
 template class Quantized<Conv2d>;

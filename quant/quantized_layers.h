@@ -11,7 +11,7 @@
 // ... and so are saved in checkpoints with everything else.
 //
 // forward(x) = layer.apply(x, Q(layer.weight)): the layer's own code path with
-// the quantized weight in place of the float one; Q is evaluated in training
+// the quantized weight in place of the float one (W4A8: see forward()); Q is evaluated in training
 // mode (choosing scales, updating the quantizer's state) when the module is
 // training, in evaluation mode (changing nothing) otherwise.
 #pragma once
@@ -22,6 +22,7 @@
 #include "layers/conv2d.h"
 #include "layers/linear.h"
 #include "layers/module.h"
+#include "quant/activation_quantizer.h"
 #include "quant/quantizer.h"
 
 namespace hfq::quant {
@@ -46,8 +47,9 @@ private:
 };
 
 // What every quantized wrapper tells the model-level code (quantize_model.h,
-// diagnostics, export).
-class QuantizedModule : public Module {
+// diagnostics, export). Its activation quantizers, if any (W4A8), are the
+// ActivationEnds'.
+class QuantizedModule : public ActivationEnds {
 public:
     // "conv", "linear", "conv+bn (folded)"
     virtual std::string kind() const = 0;
@@ -59,6 +61,11 @@ public:
     virtual std::string layer_name() const { return ""; }
     // One summary row per wrapper, with the wrapped layer's MACs.
     bool summary_row() const override { return true; }
+
+protected:
+    // With an input grid (W4A8): the bias on the accumulator grid of this
+    // pass, 2^(e_x + e_w[o]) (quant/accumulator.h); without, the bias.
+    Variable accumulator_bias(const Variable& bias);
 };
 
 // Layer is Conv2d or Linear (instantiated in quantized_layers.cpp).
@@ -68,7 +75,10 @@ public:
     // The quantizer must have been made for layer->weight()'s shape.
     Quantized(std::shared_ptr<Layer> layer, std::unique_ptr<Quantizer> quantizer);
 
-    Variable forward(const Variable& x) override { return layer_->apply(x, quantizer_->quantize(layer_->weight())); }
+    // quantize_output(layer(quantize_input(x), Q(W), b)), b the layer's bias on
+    // the accumulator grid when there is an input grid; then a linear
+    // layer evaluates with exact_linear (quant/accumulator.h).
+    Variable forward(const Variable& x) override;
 
     Layer& layer() { return *layer_; }
     const std::shared_ptr<Layer>& layer_ptr() const { return layer_; }

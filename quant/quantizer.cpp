@@ -89,6 +89,7 @@ Variable Quantizer::fake_quantize(const Variable& weight, bool training) {
     if (choice.code_scale.empty()) choice.code_scale = choice.scale;
     std::vector<PassStats> stats;
     Tensor y = quantize_groups(x, choice, training, stats);
+    pass_exponents_ = choice.exponent;
     if (training) {
         track(choice, stats);
         step_.data<int64_t>()[0] += 1;

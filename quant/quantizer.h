@@ -178,6 +178,9 @@ public:
         std::vector<int> exponent;   // per group (power-of-two methods)
     };
     IntegerForm integer_form(const Tensor& weight);
+    // The exponents the last fake_quantize used, per group (empty for lsq,
+    // or before any call): what a W4A8 layer's bias quantization needs.
+    const std::vector<int>& exponents_of_last_pass() const { return pass_exponents_; }
 
 protected:
     Quantizer(std::string method, const QuantizerOptions& options, const Shape& weight_shape);
@@ -242,6 +245,8 @@ private:
     };
     bool defer_m_ = false;
     std::optional<PendingSecondMoments> pending_;
+
+    std::vector<int> pass_exponents_;
 
     // Diagnostics history (not part of the state).
     std::vector<int> last_exponents_;

@@ -378,7 +378,7 @@ TEST_CASE("diagnostics: per-layer table and JSON") {
     quantize_model(*model, p);
     // Before any training: nothing measured yet.
     auto rows = collect_diagnostics(*model);
-    CHECK(rows.size() == 28 + 27);
+    CHECK(rows.size() == 28 + 1 + 27 + 1);  // layers; the image, 27 ReLU6 and the pooling
     CHECK(std::isnan(rows[0].report.error_per_element));
     CHECK(diagnostics_json(rows)[0]["error_per_element"].is_null());
     model = trained_model(Arch::mobilenet_v1, p, 2);
