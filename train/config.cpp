@@ -84,8 +84,9 @@ void visit_fields(Config& c, Visitor&& v) {
     v("fold-bn", c.fold_bn, T, "Fold batch norm into the convolutions before quantizing");
     v("zero-dead-channels", c.zero_dead_channels, T, "Before QAT, zero the weights of folded channels whose "
       "batch-norm variance is ~0 (constant output; folding would make their weights ~300x the others)");
-    v("activation-bits", c.activation_bits, T, "Also quantize activations (unsigned, learnable-po2) to this many "
-      "bits (0: off)");
+    v("activation-bits", c.activation_bits, T, "W4A8 for integer hardware: every tensor that enters a layer on a "
+      "power-of-two grid of this many bits (learnable-po2), biases on the accumulator grid, checked against the "
+      "integer engine at the end (0: weights only)");
     v("rounding", c.rounding, T, "learnable-po2's exponent rounding: msqe-round, ceil or rint");
     v("second-moments", c.second_moments, T, "Weight the quantization error by the gradients' second moments");
     v("outlier-mask", c.outlier_mask, T, "Leave outliers out of the scale's error");

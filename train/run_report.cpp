@@ -15,6 +15,7 @@ Json run_summary(const TrainConfig& c, const TrainData& data, int64_t steps, con
         summary["quantizer"] = Json::parse(c.quant_policy().to_json());
         summary["fake_quant"] = results["qat"];
         summary["integer_export"] = results["integer"];
+        if (results.contains("integer_engine")) summary["integer_engine"] = results["integer_engine"];
         summary["audit"] = {{"passed", audit.passed()},
                             {"weight_mismatches", audit.weight_mismatches()},
                             {"max_layer_rel_diff", audit.max_rel_diff()},
@@ -43,6 +44,13 @@ std::string results_table(const TrainConfig& c, const Json& summary, const std::
         const std::string q = cat(c.quantizer, ", ", c.bits, " bits", c.per_channel ? " per channel" : "");
         add_row(cat("fake-quant (", q, ")"), summary["fake_quant"]);
         add_row("integer export (export.safetensors)", summary["integer_export"]);
+        if (summary.contains("integer_engine")) {
+            const Json& e = summary["integer_engine"];
+            add_row("integer engine (W4A8, integer arithmetic)", e);
+            const int64_t same = e["identical_logits"].get<int64_t>(), n = e["samples"].get<int64_t>();
+            table += cat("  integer engine logits identical to fake-quant on ", same, " of ", n, " images",
+                         same == n ? "" : "  <- differs: the engine does not compute the fake-quant model", "\n");
+        }
         const Json& audit = summary["audit"];
         const int64_t mismatches = audit["weight_mismatches"].get<int64_t>();
         table += cat("\nExport audit: ", audit["passed"].get<bool>() ? "passed" : "FAILED", " (weights ",

@@ -29,6 +29,7 @@
 #include "quant/quantize_model.h"
 #include "train/data_parallel.h"
 #include "train/evaluate.h"
+#include "train/integer_engine_check.h"
 #include "train/mpi_job.h"
 #include "train/run_records.h"
 #include "train/run_report.h"
@@ -73,7 +74,7 @@ private:
     void train_epochs(const StagePlan& stage, TrainStep& step, const NamedOptimizers& optimizers);
     void show_progress(const StagePlan& stage, const TrainStep& step, const Tally& window, int64_t epoch);
     void end_epoch(const StagePlan& stage, int64_t epoch, const Tally& epoch_tally);
-    Json evaluate_export();
+    Json evaluate_export(Json* engine = nullptr);
     void save(const NamedOptimizers& optimizers);
     [[noreturn]] void diverged(int64_t step, const std::string& what);
     Json finish();
@@ -211,10 +212,12 @@ void Trainer::enter_qat() {
 }
 
 // Exports the quantized model (export.safetensors: integer codes, exponents,
-// folded biases) and evaluates the network rebuilt from that file alone.
+// folded biases) and evaluates the network rebuilt from that file alone;
+// with `engine`, for a W4A8 model, also the integer engine beside the
+// fake-quant model (train/integer_engine_check.h).
 // Under mpirun the other ranks write the same export to a file of their own
 // (no shared file system needed) and evaluate their part of the test set.
-Json Trainer::evaluate_export() {
+Json Trainer::evaluate_export(Json* engine) {
     const auto t0 = Clock::now();
     const std::string file =
         mpi::is_root()
@@ -222,9 +225,16 @@ Json Trainer::evaluate_export() {
             : (fs::temp_directory_path() / cat("hfq-export-rank", mpi::rank(), "-", getpid(), ".safetensors")).string();
     quant::export_quantized_model(file, model(), cfg_.quant_policy(), run_.data.preprocessing);
     const std::shared_ptr<Model> integer = quant::build_model_from_export(file);
-    if (!mpi::is_root()) fs::remove(file);
     Json r = eval_json(evaluate(*integer, run_.data.test, eval_options()));
     r["seconds"] = seconds_since(t0);
+    if (engine && cfg_.quant_policy().activation_bits > 0) {
+        const auto t1 = Clock::now();
+        const IntegerEngineCheck c = check_integer_engine(file, model(), run_.data.test, eval_options());
+        *engine = eval_json(c.engine);
+        (*engine)["identical_logits"] = c.identical_logits;
+        (*engine)["seconds"] = seconds_since(t1);
+    }
+    if (!mpi::is_root()) fs::remove(file);
     return r;
 }
 
@@ -235,10 +245,12 @@ void Trainer::end_epoch(const StagePlan& stage, int64_t epoch, const Tally& epoc
     Json test, test_integer;
     if (epoch % cfg_.eval_every == 0 || last) {
         test = eval_json(evaluate(model(), run_.data.test, eval_options()));
-        if (stage.stage == Stage::qat) test_integer = evaluate_export();
+        Json engine;
+        if (stage.stage == Stage::qat) test_integer = evaluate_export(last ? &engine : nullptr);
         if (last) {
             state().results[stage_name(stage.stage)] = test;
             if (stage.stage == Stage::qat) state().results["integer"] = test_integer;
+            if (!engine.is_null()) state().results["integer_engine"] = engine;
         }
     }
     const Report r = epoch_report(stage, epoch, state().global_step, epoch_tally, test, test_integer, model());
@@ -378,7 +390,9 @@ Json Trainer::finish() {
     if (cfg_.qat() && !results.contains("qat")) {
         // --qat-epochs 0: post-training quantization, evaluated as it stands.
         results["qat"] = eval_json(evaluate(model(), run_.data.test, eval_options()));
-        results["integer"] = evaluate_export();
+        Json engine;
+        results["integer"] = evaluate_export(&engine);
+        if (!engine.is_null()) results["integer_engine"] = engine;
     }
     state().stage = Stage::done;
 
