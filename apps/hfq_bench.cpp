@@ -58,6 +58,8 @@
 #include "engine/ops.h"
 #include "layers/model.h"
 #include "layers/summary.h"
+#include "deploy/integer_engine.h"
+#include "quant/export.h"
 #include "quant/quantize_model.h"
 #include "train/config.h"
 #include "train/data_parallel.h"
@@ -292,6 +294,52 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
             {"peak_rss_mb", peak_rss_mb_all_ranks()},
             {"comm", comm},
             {"profile", profile}};
+}
+
+// The integer engine (deploy/integer_engine.h) beside the fake-quant
+// evaluation it equals: one W4A8 model (train_mobilenet's default QAT with
+// --activation-bits 8), one batch, images/s of both, and whether the logits
+// are the same numbers.
+json bench_integer(const std::string& arch, int res, const Settings& s) {
+    set_compute_threads(s.threads);
+    ModelConfig config;
+    config.arch = parse_arch(arch);
+    config.classes = res <= 32 ? 10 : 1000;
+    auto model = build_model(config, s.seed);
+    TrainConfig trainer;
+    trainer.bits = s.bits;
+    trainer.activation_bits = 8;
+    const quant::QuantPolicy policy = trainer.quant_policy();
+    quant::quantize_model(*model, policy);
+    Rng rng(s.seed);
+    const Tensor images = random_batch({s.batch, res, res, 3}, rng);
+    std::vector<int32_t> labels(size_t(s.batch));
+    for (auto& l : labels) l = static_cast<int32_t>(rng.below(config.classes));
+    const TrainStepOptions step_options;
+    TrainStep step(*model, step_options);
+    model->train();
+    for (int i = 0; i < 2; ++i) step.run(images, labels);  // every quantizer chooses its exponent
+
+    const std::string path = cat("/tmp/hfq_bench_w4a8_", getpid(), ".safetensors");
+    quant::export_quantized_model(path, *model, policy);
+    const deploy::IntegerEngine engine(path);
+    std::remove(path.c_str());
+    model->eval();
+    NoGradGuard no_grad;
+    Tensor fake, integer;
+    const std::vector<double> fake_times = time_steps(s, [&] { fake = (*model)(Variable(images)).value(); });
+    const std::vector<double> integer_times = time_steps(s, [&] { integer = engine.run(images).float_logits(); });
+    int64_t equal = 0;
+    for (int64_t i = 0; i < fake.numel(); ++i) equal += fake.f32()[i] == integer.f32()[i];
+    auto ips = [&](const std::vector<double>& t) {
+        double total = 0;
+        for (double x : t) total += x;
+        return s.batch * t.size() / total;
+    };
+    return {{"model", arch},           {"res", res},
+            {"batch", s.batch},        {"threads", s.threads},
+            {"fake_quant_img_s", ips(fake_times)}, {"integer_img_s", ips(integer_times)},
+            {"logits_equal", equal == fake.numel()}};
 }
 
 // Forward and backward time of single ops at the shapes of MobileNetV1 at
@@ -573,6 +621,10 @@ int main(int argc, char** argv) {
     app.add_option("--steps", s.steps, "Timed steps, at least")->check(CLI::PositiveNumber);
     app.add_option("--min-time", s.min_time, "Timed seconds, at least")->check(CLI::NonNegativeNumber);
     app.add_flag("--ops", ops, "Also time single ops at MobileNetV1-224 shapes");
+    bool integer = false;
+    app.add_flag("--integer", integer,
+                 "Instead of training steps: the integer engine against the fake-quant evaluation of the same W4A8 "
+                 "model (--activation-bits 8) and batch");
     CLI::Option* trainer_qat = app.add_flag(
         "--trainer-qat", s.trainer_qat,
         "Quantize as train_mobilenet's QAT does by default (per channel, batch norm folded, first and last "
@@ -625,6 +677,22 @@ int main(int argc, char** argv) {
             row("memory copy (read + write)", "copy_gb_s", "GB/s   ");
             std::printf("\n");
             results["machine"] = m;
+        }
+        if (integer) {
+            std::printf("%-5s %5s %18s %18s %8s %13s\n", "model", "res", "fake-quant img/s", "integer img/s", "ratio",
+                        "logits equal");
+            for (const std::string& m : models)
+                for (int res : resolutions)
+                    for (int round = 0; round < s.rounds; ++round) {
+                        const json r = in_child([&] { return bench_integer(m, res, s); });
+                        const double f = r["fake_quant_img_s"], i = r["integer_img_s"];
+                        std::printf("%-5s %5d %18.1f %18.1f %8.2f %13s\n", m.c_str(), res, f, i, i / f,
+                                    r["logits_equal"].get<bool>() ? "yes" : "NO");
+                        std::fflush(stdout);
+                        results["integer"].push_back(r);
+                    }
+            if (!json_path.empty()) std::ofstream(json_path) << results.dump(1) << "\n";
+            return 0;
         }
         const bool layouts = ranks != std::vector<int>{1};
         std::printf("%-5s %5s %-14s %12s %12s %10s %10s %10s", "model", "res", "quant", "train img/s", "infer img/s",

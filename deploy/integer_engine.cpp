@@ -1,7 +1,10 @@
 #include "deploy/integer_engine.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 
 #include "engine/check.h"
@@ -23,6 +26,13 @@ int64_t divide_round_half_even(int64_t n, int64_t d) {
     return q;
 }
 
+int64_t shift_round_half_even(int64_t v, int s) {
+    if (s <= 0) return v * (int64_t(1) << -s);
+    const int64_t q = v >> s;  // floor (arithmetic shift), r = v - q 2^s in [0, 2^s)
+    const int64_t r = v - q * (int64_t(1) << s), half = int64_t(1) << (s - 1);
+    return q + (r > half || (r == half && (q & 1)));
+}
+
 Tensor IntegerEngine::Result::float_logits() const {
     Tensor y = Tensor::empty(logits.shape);
     const int64_t classes = logits.shape.back();
@@ -37,32 +47,74 @@ using quant::ActivationEnds;
 using quant::ActivationQuantizer;
 using quant::IntegerLayer;
 
-// A layer's weights in the order the loops read them: HWIO, w[((ky K + kx)
-// cg + i) O + o] = code[o][i][ky][kx] (cg = input channels per group), so the
-// innermost loop runs over output channels (depthwise: over channels).
+// A layer's weights in the order the loops read them. A convolution (per
+// group) or the classifier is a matrix-vector product per output pixel:
+// out[o] = bias[o] + sum_j patch[j] W[j][o], the patch being the window's
+// codes in NHWC order, j = (ky K + kx) cg + i (cg = input channels per group).
+// W is stored in pairs of rows, w[((j / 2) O8 + o) 2 + j % 2] (O8 = the
+// group's outputs rounded up to 8, the patch length up to even, zeros in
+// the padding), which is what AVX2's vpmaddwd multiplies: 8 outputs x 2
+// inputs, int16 x int16 summed into int32, per instruction. A depthwise
+// convolution instead runs over channels: w[(ky K + kx) C + c].
 struct PreparedLayer {
     std::vector<int16_t> w;
     std::vector<int> e_w;  // per output channel
+    bool depthwise = false;
+    int64_t rows = 0, padded_outputs = 0;  // the patch length (even) and O8, per group
 };
 
 PreparedLayer prepare(const IntegerLayer& l) {
     const Tensor& codes = l.codes();
     const int8_t* q = codes.data<int8_t>();
-    const int64_t out = codes.dim(0);
+    const int64_t out = codes.dim(0), groups = l.is_conv() ? l.params().groups : 1;
+    const int64_t cg = codes.dim(1), k = l.is_conv() ? codes.dim(2) : 1, og = out / groups;
     PreparedLayer p;
-    p.w.resize(size_t(codes.numel()));
-    if (l.is_conv()) {
-        const int64_t cg = codes.dim(1), k = codes.dim(2);
+    p.depthwise = l.is_conv() && cg == 1 && groups == out && out > 1;
+    if (p.depthwise) {
+        p.w.resize(size_t(codes.numel()));
+        for (int64_t o = 0; o < out; ++o)
+            for (int64_t t = 0; t < k * k; ++t) p.w[size_t(t * out + o)] = q[o * k * k + t];
+    } else {
+        p.rows = (k * k * cg + 1) / 2 * 2;
+        p.padded_outputs = (og + 7) / 8 * 8;
+        p.w.assign(size_t(groups * p.rows * p.padded_outputs), 0);
         for (int64_t o = 0; o < out; ++o)
             for (int64_t i = 0; i < cg; ++i)
-                for (int64_t t = 0; t < k * k; ++t) p.w[size_t((t * cg + i) * out + o)] = q[(o * cg + i) * k * k + t];
-    } else {
-        const int64_t in = codes.dim(1);  // {out, in} -> {in, out}
-        for (int64_t o = 0; o < out; ++o)
-            for (int64_t i = 0; i < in; ++i) p.w[size_t(i * out + o)] = q[o * in + i];
+                for (int64_t t = 0; t < k * k; ++t) {
+                    const int64_t g = o / og, j = t * cg + i;
+                    p.w[size_t(g * p.rows * p.padded_outputs + ((j / 2) * p.padded_outputs + o % og) * 2 + j % 2)] =
+                        q[(o * cg + i) * k * k + t];
+                }
     }
     for (int64_t o = 0; o < out; ++o) p.e_w.push_back(l.exponents()[l.exponents().size() == 1 ? 0 : size_t(o)]);
     return p;
+}
+
+// out[o] = bias[o] + sum_j x[j] W[j][o] for the group's outputs, W one
+// group's block of PreparedLayer::w and x `rows` codes (even). Eight
+// accumulator registers of 8 outputs at a time; the sums cannot overflow
+// int32 (the export bounds every partial sum).
+void matvec(const int16_t* x, const PreparedLayer& p, const int16_t* w, const int32_t* bias, int64_t outputs,
+            int32_t* out) {
+    constexpr int64_t kBlock = 64;  // outputs per pass: 8 registers
+    const int64_t o8 = p.padded_outputs;
+    for (int64_t o0 = 0; o0 < o8; o0 += kBlock) {
+        const int64_t vectors = std::min(kBlock, o8 - o0) / 8;
+        __m256i acc[kBlock / 8];
+        for (int64_t v = 0; v < vectors; ++v) acc[v] = _mm256_setzero_si256();
+        for (int64_t j = 0; j < p.rows; j += 2) {
+            int32_t pair;  // x[j] in the low half, x[j + 1] in the high half: vpmaddwd's operand order
+            std::memcpy(&pair, x + j, sizeof pair);
+            const __m256i xx = _mm256_set1_epi32(pair);
+            const int16_t* wj = w + ((j / 2) * o8 + o0) * 2;
+            for (int64_t v = 0; v < vectors; ++v)
+                acc[v] = _mm256_add_epi32(
+                    acc[v], _mm256_madd_epi16(xx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + 16 * v))));
+        }
+        int32_t sums[kBlock];
+        for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + 8 * v), acc[v]);
+        for (int64_t o = o0; o < std::min(o0 + kBlock, outputs); ++o) out[o] = bias[o] + sums[o - o0];
+    }
 }
 
 // What flows between modules: the image (before the first layer), codes, or
@@ -124,20 +176,51 @@ private:
         HFQ_CHECK(a.divisor > 0 && a.divisor < (1 << 14), source_, ": '", name, "' divides by ", a.divisor,
                   " (a pooling over more than 2^14 positions is not exact in the fake-quant graph)");
         CodeTensor c{a.shape, std::vector<int16_t>(a.acc.size()), e, g, name};
-        const size_t channels = a.unit.size();
-        for (size_t i = 0; i < a.acc.size(); ++i) {
-            const int shift = a.unit[i % channels] - e;  // value in codes: acc 2^shift / divisor
-            const int64_t v = a.acc[i];
-            int64_t r;
-            if (shift >= 0) {
-                // |acc| < 2^31: shifts beyond 31 leave only 0 unclipped.
-                r = shift > 31 ? (v > 0 ? hi : v < 0 ? lo : 0) : divide_round_half_even(v << shift, a.divisor);
-            } else {
-                // |acc| < 2^31 and divisor < 2^14: beyond 2^-47 only 0 is left.
-                r = -shift > 47 ? 0 : divide_round_half_even(v, a.divisor << -shift);
-            }
-            c.codes[i] = int16_t(std::clamp(r, lo, hi));
+        const int64_t channels = int64_t(a.unit.size()), pixels = int64_t(a.acc.size()) / channels;
+        // The usual case, every channel a right shift by 1..30 of an
+        // accumulator below 2^30 (a layer's or a sum's, proven below 2^24):
+        // round_half_even(v / 2^s) = (v + 2^(s-1) - 1 + (v / 2^s odd)) >> s,
+        // without a branch, so the loop vectorises (variable shifts: vpsravd).
+        bool shifts_only = a.divisor == 1;
+        std::vector<int32_t> shift(static_cast<size_t>(channels));
+        for (int64_t ch = 0; ch < channels; ++ch) {
+            shift[size_t(ch)] = e - a.unit[size_t(ch)];
+            shifts_only = shifts_only && shift[size_t(ch)] >= 1 && shift[size_t(ch)] <= 30;
         }
+        if (shifts_only && std::all_of(a.acc.begin(), a.acc.end(), [](int32_t v) { return std::abs(v) < (1 << 30); })) {
+            const int32_t lo32 = int32_t(lo), hi32 = int32_t(hi);
+#pragma omp parallel for schedule(static)
+            for (int64_t px = 0; px < pixels; ++px) {
+                const int32_t* v = a.acc.data() + px * channels;
+                int16_t* out = c.codes.data() + px * channels;
+                for (int64_t ch = 0; ch < channels; ++ch) {
+                    const int32_t sh = shift[size_t(ch)];
+                    const int32_t q = (v[ch] + (1 << (sh - 1)) - 1 + ((v[ch] >> sh) & 1)) >> sh;
+                    out[ch] = int16_t(std::clamp(q, lo32, hi32));
+                }
+            }
+            record(name, c);
+            return c;
+        }
+#pragma omp parallel for schedule(static)
+        for (int64_t px = 0; px < pixels; ++px)
+            for (int64_t ch = 0; ch < channels; ++ch) {
+                const int shift = a.unit[size_t(ch)] - e;  // value in codes: acc 2^shift / divisor
+                const size_t i = size_t(px * channels + ch);
+                const int64_t v = a.acc[i];
+                int64_t r;
+                if (shift > 31) {  // |acc| < 2^31: a shift beyond 31 leaves only 0 inside the grid
+                    r = v > 0 ? hi : v < 0 ? lo : 0;
+                } else if (-shift > 47) {  // |acc| < 2^31, divisor < 2^14: below 2^-47 only 0 is left
+                    r = 0;
+                } else if (a.divisor == 1) {  // a layer's accumulator or a sum: a shift with rounding
+                    r = shift_round_half_even(v, -shift);
+                } else {
+                    r = shift >= 0 ? divide_round_half_even(v << shift, a.divisor)
+                                   : divide_round_half_even(v, a.divisor << -shift);
+                }
+                c.codes[i] = int16_t(std::clamp(r, lo, hi));
+            }
         record(name, c);
         return c;
     }
@@ -149,7 +232,8 @@ private:
     }
 
     // acc[n, oy, ox, o] = bias_code[o] + sum over the window and the group's
-    // input channels of code_x code_w.
+    // input channels of code_x code_w: per output pixel, the window's codes
+    // (zero outside the image) gathered into a patch, then matvec.
     Accumulator convolution(const CodeTensor& x, const IntegerLayer& l, const PreparedLayer& p) {
         const Conv2dParams& prm = l.params();
         const int64_t n = x.shape[0], h = x.shape[1], w = x.shape[2], c = x.shape[3];
@@ -161,35 +245,41 @@ private:
         Accumulator a{{n, rows.out, cols.out, out}, std::vector<int32_t>(size_t(n * rows.out * cols.out * out)), {}, 1};
         for (int64_t o = 0; o < out; ++o) a.unit.push_back(x.exponent + p.e_w[size_t(o)]);
         const int32_t* bias = l.bias_code().data<int32_t>();
-        const bool depthwise = cg == 1 && og == 1;
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int64_t b = 0; b < n; ++b)
-            for (int64_t oy = 0; oy < rows.out; ++oy)
-                for (int64_t ox = 0; ox < cols.out; ++ox) {
-                    int32_t* acc = a.acc.data() + ((b * rows.out + oy) * cols.out + ox) * out;
-                    std::copy(bias, bias + out, acc);
-                    for (int64_t ky = 0; ky < k; ++ky) {
-                        const int64_t iy = oy * prm.stride - rows.pad_before + ky;
-                        if (iy < 0 || iy >= h) continue;
-                        for (int64_t kx = 0; kx < k; ++kx) {
-                            const int64_t ix = ox * prm.stride - cols.pad_before + kx;
-                            if (ix < 0 || ix >= w) continue;
-                            const int16_t* xp = x.codes.data() + ((b * h + iy) * w + ix) * c;
-                            const int16_t* wt = p.w.data() + (ky * k + kx) * cg * out;
-                            if (depthwise) {
-                                for (int64_t o = 0; o < out; ++o) acc[o] += int32_t(xp[o]) * wt[o];
-                                continue;
-                            }
-                            for (int64_t g = 0; g < groups; ++g)
-                                for (int64_t i = 0; i < cg; ++i) {
-                                    const int32_t xv = xp[g * cg + i];
-                                    const int16_t* wp = wt + i * out + g * og;
-                                    int32_t* ap = acc + g * og;
-                                    for (int64_t o = 0; o < og; ++o) ap[o] += xv * wp[o];
+#pragma omp parallel
+        {
+            std::vector<int16_t> patch(static_cast<size_t>(p.rows), 0);  // the window, and a 0 to make it even
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t b = 0; b < n; ++b)
+                for (int64_t oy = 0; oy < rows.out; ++oy)
+                    for (int64_t ox = 0; ox < cols.out; ++ox) {
+                        int32_t* acc = a.acc.data() + ((b * rows.out + oy) * cols.out + ox) * out;
+                        const int64_t y0 = oy * prm.stride - rows.pad_before, x0 = ox * prm.stride - cols.pad_before;
+                        auto code = [&](int64_t ky, int64_t kx, int64_t ch) -> int16_t {
+                            const int64_t iy = y0 + ky, ix = x0 + kx;
+                            return iy < 0 || iy >= h || ix < 0 || ix >= w ? 0
+                                                                          : x.codes[size_t(((b * h + iy) * w + ix) * c + ch)];
+                        };
+                        if (p.depthwise) {  // every channel its own 1-channel window, vectorised over channels
+                            std::copy(bias, bias + out, acc);
+                            for (int64_t ky = 0; ky < k; ++ky)
+                                for (int64_t kx = 0; kx < k; ++kx) {
+                                    const int64_t iy = y0 + ky, ix = x0 + kx;
+                                    if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                                    const int16_t* xp = x.codes.data() + ((b * h + iy) * w + ix) * c;
+                                    const int16_t* wp = p.w.data() + (ky * k + kx) * out;
+                                    for (int64_t o = 0; o < out; ++o) acc[o] += int32_t(xp[o]) * int32_t(wp[o]);
                                 }
+                            continue;
+                        }
+                        for (int64_t g = 0; g < groups; ++g) {
+                            for (int64_t ky = 0, t = 0; ky < k; ++ky)
+                                for (int64_t kx = 0; kx < k; ++kx)
+                                    for (int64_t i = 0; i < cg; ++i) patch[size_t(t++)] = code(ky, kx, g * cg + i);
+                            matvec(patch.data(), p, p.w.data() + g * p.rows * p.padded_outputs, bias + g * og, og,
+                                   acc + g * og);
                         }
                     }
-                }
+        }
         return a;
     }
 
@@ -201,13 +291,13 @@ private:
         Accumulator a{{n, out}, std::vector<int32_t>(size_t(n * out)), {}, 1};
         for (int64_t o = 0; o < out; ++o) a.unit.push_back(x.exponent + p.e_w[size_t(o)]);
         const int32_t* bias = l.bias_code().data<int32_t>();
-        for (int64_t b = 0; b < n; ++b) {
-            int32_t* acc = a.acc.data() + b * out;
-            std::copy(bias, bias + out, acc);
-            for (int64_t i = 0; i < in; ++i) {
-                const int32_t xv = x.codes[size_t(b * in + i)];
-                const int16_t* wp = p.w.data() + i * out;
-                for (int64_t o = 0; o < out; ++o) acc[o] += xv * wp[o];
+#pragma omp parallel
+        {
+            std::vector<int16_t> row(static_cast<size_t>(p.rows), 0);  // the features, and a 0 to make them even
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < n; ++b) {
+                std::copy_n(x.codes.data() + b * in, in, row.begin());
+                matvec(row.data(), p, p.w.data(), bias, out, a.acc.data() + b * out);
             }
         }
         return a;

@@ -93,5 +93,8 @@ private:
 
 // round_half_even(n / d) for d > 0, in integers.
 int64_t divide_round_half_even(int64_t n, int64_t d);
+// round_half_even(v / 2^s) by an arithmetic shift (s <= 0: v 2^-s), the
+// same rounding without a division; |v| < 2^62.
+int64_t shift_round_half_even(int64_t v, int s);
 
 }  // namespace hfq::deploy

@@ -135,6 +135,11 @@ TEST_CASE("divide_round_half_even is the exact quotient rounded half to even") {
         for (int64_t n = -300; n <= 300; ++n)
             REQUIRE_MESSAGE(divide_round_half_even(n, d) == int64_t(std::nearbyint(double(n) / double(d))), n, " / ",
                             d);
+    // The shift is the same rounding by powers of two, and a left shift for s <= 0.
+    for (int s = -3; s <= 12; ++s)
+        for (int64_t n = -5000; n <= 5000; ++n)
+            REQUIRE_MESSAGE(hfq::deploy::shift_round_half_even(n, s) == int64_t(std::nearbyint(std::ldexp(double(n), -s))),
+                            n, " >> ", s);
 }
 
 TEST_CASE("bias codes: rint at the accumulator scale, clamped to int32; quantize_bias passes the gradient") {
