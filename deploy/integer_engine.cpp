@@ -155,7 +155,7 @@ private:
 
     // The image's codes: clip(rint(x / 2^e)), the input quantizer's float step.
     CodeTensor quantize_image(const Tensor& x, ActivationQuantizer& q, const std::string& name) {
-        CodeTensor c{x.shape(), std::vector<int16_t>(size_t(x.numel())), q.exponent(), q.grid(), name};
+        CodeTensor c{x.shape(), std::vector<int16_t>(size_t(x.numel())), q.exponent(), q.grid(), name, ""};
         for (int64_t i = 0; i < x.numel(); ++i) {
             const float v = std::nearbyint(std::ldexp(x.f32()[i], -c.exponent));
             c.codes[size_t(i)] = int16_t(std::clamp(v, float(-c.grid.qn), float(c.grid.qp)));
@@ -175,7 +175,7 @@ private:
         }
         HFQ_CHECK(a.divisor > 0 && a.divisor < (1 << 14), source_, ": '", name, "' divides by ", a.divisor,
                   " (a pooling over more than 2^14 positions is not exact in the fake-quant graph)");
-        CodeTensor c{a.shape, std::vector<int16_t>(a.acc.size()), e, g, name};
+        CodeTensor c{a.shape, std::vector<int16_t>(a.acc.size()), e, g, name, a.producer};
         const int64_t channels = int64_t(a.unit.size()), pixels = int64_t(a.acc.size()) / channels;
         // The usual case, every channel a right shift by 1..30 of an
         // accumulator below 2^30 (a layer's or a sum's, proven below 2^24):
@@ -242,7 +242,7 @@ private:
         HFQ_CHECK(c == cg * groups, source_, ": layer '", l.name(), "' expects ", cg * groups,
                   " input channels, got ", c);
         const ConvExtent rows = conv_extent(h, k, prm), cols = conv_extent(w, k, prm);
-        Accumulator a{{n, rows.out, cols.out, out}, std::vector<int32_t>(size_t(n * rows.out * cols.out * out)), {}, 1};
+        Accumulator a{{n, rows.out, cols.out, out}, std::vector<int32_t>(size_t(n * rows.out * cols.out * out)), {}, 1, ""};
         for (int64_t o = 0; o < out; ++o) a.unit.push_back(x.exponent + p.e_w[size_t(o)]);
         const int32_t* bias = l.bias_code().data<int32_t>();
 #pragma omp parallel
@@ -288,7 +288,7 @@ private:
         const int64_t n = x.shape[0], in = l.codes().dim(1), out = l.codes().dim(0);
         HFQ_CHECK(x.shape.size() == 2 && x.shape[1] == in, source_, ": layer '", l.name(), "' expects {N, ", in,
                   "}, got ", shape_str(x.shape));
-        Accumulator a{{n, out}, std::vector<int32_t>(size_t(n * out)), {}, 1};
+        Accumulator a{{n, out}, std::vector<int32_t>(size_t(n * out)), {}, 1, ""};
         for (int64_t o = 0; o < out; ++o) a.unit.push_back(x.exponent + p.e_w[size_t(o)]);
         const int32_t* bias = l.bias_code().data<int32_t>();
 #pragma omp parallel
@@ -319,6 +319,7 @@ private:
         Value y;
         y.kind = Value::accumulator;
         y.a = l.is_conv() ? convolution(in, l, prepared->second) : linear(in, l, prepared->second);
+        y.a.producer = l.name();
         if (ActivationQuantizer* q = l.output_quantizer()) {
             y.c = requantize(y.a, *q, false, join_name(name, ActivationEnds::kOutputName));
             y.kind = Value::codes;
@@ -335,7 +336,7 @@ private:
             const CodeTensor& c = need_codes(x, name);
             const int64_t n = c.shape[0], hw = c.shape[1] * c.shape[2], ch = c.shape[3];
             a = Accumulator{{n, ch}, std::vector<int32_t>(size_t(n * ch), 0), std::vector<int>(size_t(ch), c.exponent),
-                            hw};
+                            hw, ""};
             for (int64_t b = 0; b < n; ++b)
                 for (int64_t k = 0; k < hw; ++k)
                     for (int64_t j = 0; j < ch; ++j) a.acc[size_t(b * ch + j)] += c.codes[size_t((b * hw + k) * ch + j)];
@@ -367,7 +368,7 @@ private:
         // float32 adds the two exactly while 127 (2^sl + 2^sr) < 2^24.
         HFQ_CHECK(std::max(sl, sr) <= 16, source_, ": the residual sum of '", name, "' aligns exponents ", lhs.exponent,
                   " and ", rhs.exponent, ", too far apart for an exact float32 sum in the fake-quant graph");
-        Accumulator a{lhs.shape, std::vector<int32_t>(lhs.codes.size()), std::vector<int>(size_t(lhs.shape.back()), m), 1};
+        Accumulator a{lhs.shape, std::vector<int32_t>(lhs.codes.size()), std::vector<int>(size_t(lhs.shape.back()), m), 1, ""};
         for (size_t i = 0; i < a.acc.size(); ++i) a.acc[i] = (int32_t(lhs.codes[i]) << sl) + (int32_t(rhs.codes[i]) << sr);
         Value out;
         out.kind = Value::codes;

@@ -51,7 +51,8 @@ struct CodeTensor {
     std::vector<int16_t> codes;  // row-major
     int exponent = 0;
     quant::Grid grid;
-    std::string site;  // the activation quantizer whose grid it is
+    std::string site;      // the activation quantizer whose grid it is
+    std::string producer;  // the layer whose accumulator it was requantized from ("" otherwise)
 };
 
 // An accumulator tensor: value = acc * 2^unit[channel] / divisor.
@@ -60,6 +61,7 @@ struct Accumulator {
     std::vector<int32_t> acc;
     std::vector<int> unit;  // per channel (the last dimension)
     int64_t divisor = 1;
+    std::string producer;  // the layer that accumulated it ("" for a sum or the pooling)
 };
 
 class IntegerEngine {
