@@ -261,6 +261,8 @@ TEST_CASE("the integer engine equals the fake-quant evaluation exactly: every bo
             rewritten(path, classifier + ".bias_code", [](Tensor& t) { t.data<int32_t>()[0] += 1; }));
         const Tensor off = tampered.run(images).float_logits();
         for (int64_t n = 0; n < off.dim(0); ++n) CHECK(off.f32()[n * off.dim(1)] != expected.logits.f32()[n * off.dim(1)]);
+        std::remove(path.c_str());
+        std::remove(temp_path("tampered.safetensors").c_str());
     }
 }
 

@@ -87,7 +87,9 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
         CHECK(s.at("grad_norm").get<double>() > 0);
         if (s.at("stage") == "qat") {
             const auto& q = s.at("quantizers");
-            REQUIRE(q.size() == 28);  // MobileNetV1: 27 convolutions and the classifier
+            // MobileNetV1: 27 convolutions and the classifier; W4A8 also the
+            // image, 27 ReLU6 and the pooling.
+            REQUIRE(q.size() == (c.activation_bits ? 28 + 29 : 28));
             CHECK(q[0].at("bits") == 8);
             CHECK(q[1].at("bits") == c.bits);
             CHECK(q[1].at("per_channel") == c.per_channel);
@@ -118,7 +120,7 @@ std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunRe
     CHECK(integer.top1 == summary.at("integer_export").at("top1").get<double>());
     CHECK(summary.at("audit").at("passed") == true);
     CHECK(summary.at("audit").at("weight_mismatches") == 0);
-    REQUIRE(summary.at("layers").size() == 28);
+    REQUIRE(summary.at("layers").size() == (c.activation_bits ? 28 + 29 : 28));
     CHECK(summary.at("layers")[1].at("exponents").size() == groups_1);
 
     const TrainingCheckpoint last = read_training_checkpoint(c.out + "/checkpoint.safetensors");
@@ -142,6 +144,21 @@ TEST_CASE("A run end to end on a generated image folder: loss falls, files, metr
     // test accuracy needs batch norm's running statistics to settle, which
     // takes more than 30 steps; the Fashion-MNIST run checks it.)
     CHECK(epochs[4].at("train_top1").get<double>() > 0.5);
+}
+
+TEST_CASE("A W4A8 run ends with the integer engine equal to the fake-quant model on every test image") {
+    test::TempDir dir;
+    test::make_image_folder(dir / "images");
+    TrainConfig c = test::tiny_config(dir / "images", dir / "run");
+    c.activation_bits = 8;
+    c.freeze_bn_step = 4;
+    const RunResult r = run_training(c);
+    check_finished_run(c, r, 6 * (c.epochs + c.qat_epochs));  // 48 images, batch 8
+    const nlohmann::json& engine = r.summary.at("integer_engine");
+    CHECK(engine.at("samples") == r.summary.at("test_samples"));
+    CHECK(engine.at("identical_logits") == engine.at("samples"));
+    CHECK(engine.at("top1") == r.summary.at("fake_quant").at("top1"));
+    CHECK(engine.at("loss") == r.summary.at("fake_quant").at("loss"));
 }
 
 TEST_CASE("A run end to end on a subset of Fashion-MNIST") {
