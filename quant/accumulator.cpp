@@ -15,6 +15,22 @@ int32_t bias_code(float b, int unit_exponent) {
     return int32_t(std::clamp(v, -kMax, kMax));
 }
 
+std::vector<int> accumulator_weight_exponents(int e_x, std::vector<int> e_w, const Tensor& w_q, const Tensor& bias) {
+    const int64_t out = w_q.dim(0), per = w_q.numel() / out, groups = int64_t(e_w.size());
+    HFQ_CHECK(groups == 1 || groups == out, "accumulator exponents: ", groups, " groups for ", out, " channels");
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t first = groups == 1 ? 0 : g, last = groups == 1 ? out : g + 1;  // its channels
+        const float* w = w_q.f32() + first * per;
+        if (std::any_of(w, w + (last - first) * per, [](float v) { return v != 0; })) continue;
+        for (int64_t o = first; o < last; ++o) {
+            const float b = std::fabs(bias.f32()[o]);
+            // |b| / 2^(e_x + e) <= 2^22  <=>  e >= log2|b| - 22 - e_x
+            if (b > 0) e_w[size_t(g)] = std::max(e_w[size_t(g)], int(std::ceil(std::log2(double(b)))) - 22 - e_x);
+        }
+    }
+    return e_w;
+}
+
 Variable quantize_bias(const Variable& bias, const std::vector<int>& unit_exponents) {
     const Tensor& b = bias.value();
     const int64_t out = b.numel();

@@ -28,6 +28,20 @@ namespace hfq::quant {
 // rint(b / 2^unit_exponent), clamped to the int32 range (NaN: refused).
 int32_t bias_code(float b, int unit_exponent);
 
+// The weight exponents a W4A8 layer accumulates with, per scale group:
+// the quantizer's, except for a group whose codes are all zero. Its
+// channels output their bias alone, and any exponent gives the same zero
+// weights, but the one a quantizer picks for zeros can lie far below the
+// bias (a dead channel, zeroed by quant/quantize_model.h zero_dead_channels,
+// gets msqe-po2's smallest exponent), which would put the bias code beyond
+// what float32 sums exactly: such a group's exponent is raised until every
+// bias code of its channels is at most 2^22 in size. The fake-quant graph and
+// the export use this one rule, so they agree.
+//   e_w     the quantizer's exponents {groups} (1 group: per tensor)
+//   w_q     the fake-quantized weights {O, ...}
+//   bias    {O}
+std::vector<int> accumulator_weight_exponents(int e_x, std::vector<int> e_w, const Tensor& w_q, const Tensor& bias);
+
 // b {O} -> b_code[o] 2^u[o] with u = unit_exponents ({O} or {1} for all).
 // Backward: the gradient passes unchanged.
 Variable quantize_bias(const Variable& bias, const std::vector<int>& unit_exponents);

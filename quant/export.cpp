@@ -81,9 +81,13 @@ LayerTensors layer_tensors(const QuantizedLayer& layer) {
     t.input_grid = layer.module->input_grid();
     if (t.input_grid) {
         HFQ_CHECK(!t.integer.exponent.empty(), "export: layer '", layer.name, "' has no power-of-two scale");
+        const int e_x = t.input_grid->exponent();
+        // The exponents the layer accumulates with (an all-zero group's raised), stored as its exponents.
+        t.integer.exponent = accumulator_weight_exponents(
+            e_x, t.integer.exponent, layer.quantizer->fake_quantize(Variable(t.weight), false).value(), t.bias);
         const int64_t out = t.bias.numel();
         for (int64_t c = 0; c < out; ++c) {
-            const int u = t.input_grid->exponent() + t.integer.exponent[t.integer.exponent.size() == 1 ? 0 : c];
+            const int u = e_x + t.integer.exponent[t.integer.exponent.size() == 1 ? 0 : c];
             t.bias_code.push_back(bias_code(t.bias.f32()[c], u));
             t.bias.f32()[c] = float(std::ldexp(double(t.bias_code.back()), u));
         }

@@ -312,7 +312,7 @@ Variable FoldedConvBn::run(const Variable& input, bool with_relu6) {
     }
     Variable y;
     if (!batch_stats) {
-        y = conv2d(x, w_q, accumulator_bias(folded_bias()), conv().config().params);
+        y = conv2d(x, w_q, accumulator_bias(folded_bias(), w_q), conv().config().params);
     } else {
         const Variable y_q = conv().apply(x, w_q);              // conv(x, Q(W_fold))
         const Variable y_f = conv().apply(x, conv().weight());  // conv(x, W): the batch statistics

@@ -36,19 +36,21 @@ Variable Quantized<Layer>::forward(const Variable& input) {
     const Variable x = quantize_input(input);
     const Variable w = quantizer_->quantize(layer_->weight());
     if (!input_grid()) return quantize_output(layer_->apply(x, w));
-    const Variable b = layer_->bias().defined() ? accumulator_bias(layer_->bias()) : Variable();
+    const Variable b = layer_->bias().defined() ? accumulator_bias(layer_->bias(), w) : Variable();
     if constexpr (std::is_same_v<Layer, Conv2d>)
         return quantize_output(conv2d(x, w, b, layer_->config().params));
     else
         return quantize_output(is_training() ? linear(x, w, b) : exact_linear(x, w, b));
 }
 
-Variable QuantizedModule::accumulator_bias(const Variable& bias) {
+Variable QuantizedModule::accumulator_bias(const Variable& bias, const Variable& w_q) {
     if (!input_grid()) return bias;
-    std::vector<int> units = quantizer().exponents_of_last_pass();
-    HFQ_CHECK(!units.empty(), "quantized layer: a bias on the accumulator grid needs a power-of-two weight scale (",
-              quantizer().method(), " has none)");
-    for (int& u : units) u += input_grid()->last_forward_exponent();
+    const int e_x = input_grid()->last_forward_exponent();
+    HFQ_CHECK(!quantizer().exponents_of_last_pass().empty(), "quantized layer: a bias on the accumulator grid needs a "
+              "power-of-two weight scale (", quantizer().method(), " has none)");
+    std::vector<int> units =
+        accumulator_weight_exponents(e_x, quantizer().exponents_of_last_pass(), w_q.value(), bias.value());
+    for (int& u : units) u += e_x;
     return quantize_bias(bias, units);
 }
 

@@ -64,8 +64,9 @@ public:
 
 protected:
     // With an input grid (W4A8): the bias on the accumulator grid of this
-    // pass, 2^(e_x + e_w[o]) (quant/accumulator.h); without, the bias.
-    Variable accumulator_bias(const Variable& bias);
+    // pass, 2^(e_x + e_w[o]) for the fake-quantized weights w_q
+    // (quant/accumulator.h); without, the bias.
+    Variable accumulator_bias(const Variable& bias, const Variable& w_q);
 };
 
 // Layer is Conv2d or Linear (instantiated in quantized_layers.cpp).

@@ -51,8 +51,11 @@ QuantPolicy w4a8_policy(const std::string& method = "msqe-po2", bool per_channel
     return p;
 }
 
-// A small W4A8 model after a few SGD steps on a fixed batch.
-std::shared_ptr<Model> trained_model(Arch arch, const QuantPolicy& policy, int steps = 5) {
+// A small W4A8 model after a few SGD steps on a fixed batch. With
+// dead_channel, the first depthwise layer's channel 0 has zero weights, as
+// zero_dead_channels leaves a channel that never sees input (its output is
+// its bias alone).
+std::shared_ptr<Model> trained_model(Arch arch, const QuantPolicy& policy, int steps = 5, bool dead_channel = false) {
     ModelConfig c;
     c.arch = arch;
     c.width = 0.25;
@@ -73,6 +76,19 @@ std::shared_ptr<Model> trained_model(Arch arch, const QuantPolicy& policy, int s
         loss.backward();
         opt.step();
         opt_scales.step();
+    }
+    if (dead_channel) {
+        // Zeroed, with the exponent msqe-po2 gives zeros when it starts on
+        // them (round(log2(0 + 1e-7)) = -23), as in a real run whose dead
+        // channel got 2^-23 and a bias code of 2.4e8: far beyond 2^24.
+        for (const NamedParameter& p : params)
+            if (p.name == "features.1.0.weight") {  // {C, 1, 3, 3}
+                Variable v = p.var;
+                std::fill_n(v.value().f32(), v.value().numel() / v.value().dim(0), 0.0f);
+            }
+        hfq::testing::edit_state(*quantized_layers(*model)[1].quantizer, [](const std::string& name, Tensor& t) {
+            if (name == "exponent") t.data<int32_t>()[0] = -23;
+        });
     }
     model->eval();
     return model;
@@ -226,18 +242,25 @@ TEST_CASE("the integer engine equals the fake-quant evaluation exactly: every bo
         const char* name;
         Arch arch;
         QuantPolicy policy;
+        bool dead_channel = false;
     };
     const Case cases[] = {
         {"v1 msqe-po2 per channel", Arch::mobilenet_v1, w4a8_policy()},
+        {"v1 msqe-po2 per channel, a dead channel", Arch::mobilenet_v1, w4a8_policy(), true},
         {"v2 msqe-po2 per channel", Arch::mobilenet_v2, w4a8_policy()},
         {"v2 learnable-po2 per tensor", Arch::mobilenet_v2, w4a8_policy("learnable-po2", false)},
     };
     for (const Case& c : cases) {
         INFO(c.name);
-        auto model = trained_model(c.arch, c.policy);
+        auto model = trained_model(c.arch, c.policy, 5, c.dead_channel);
         const std::string path = temp_path("w4a8.safetensors");
         export_quantized_model(path, *model, c.policy);
         const IntegerEngine engine(path);
+        if (c.dead_channel) {  // its exponent was raised to keep the bias code small (quant/accumulator.h)
+            const int chosen = quantized_layers(*model)[1].quantizer->exponents_of_last_pass()[0];
+            const int stored = read_safetensors(path).get("features.1.0.exp").data<int32_t>()[0];
+            CHECK(stored > chosen);
+        }
         const Tensor images = random_tensor({8, 16, 16, 3}, 33);
         const FakeQuantRun expected = fake_quant(*model, images);
         const IntegerEngine::Result got = engine.run(images, /*keep_boundaries=*/true);
