@@ -1,0 +1,409 @@
+// export.onnx (deploy/onnx_export.h) run in onnxruntime: for MobileNetV1
+// and V2 trained a few steps (4-bit msqe-po2 per channel, folded, first and
+// last layer at 8 bits), onnxruntime's logits on a batch equal those of the
+// model hfq rebuilds from the export within a derived float32 bound, with
+// the same top-1; the file holds the export's codes and exponents and its
+// metadata; a changed code is caught; a broken export is a clear error.
+//
+// onnxruntime runs in node (tests/onnx/run_onnx.mjs, onnxruntime-node from
+// tests/onnx/node_modules, installed by scripts/setup.sh).
+#include <doctest/doctest.h>
+#include <onnx/onnx_pb.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "deploy/onnx_export.h"
+#include "engine/atomic_file.h"
+#include "engine/ops.h"
+#include "layers/activation.h"
+#include "layers/mobilenet_v2.h"
+#include "layers/optimizer.h"
+#include "layers/pooling.h"
+#include "quant/export.h"
+#include "quant/quantize_model.h"
+#include "tests/float_error.h"
+#include "tests/gradcheck.h"
+#include "tests/test_quant_util.h"
+
+using namespace hfq;
+using hfq::testing::error_message;
+using hfq::testing::gamma_double_n;
+using hfq::testing::gamma_n;
+using hfq::testing::random_tensor;
+
+namespace {
+
+// Named per process: ctest runs this test's thread and ISA variants at once.
+std::string temp_path(const std::string& name) {
+    return (std::filesystem::temp_directory_path() / cat("hfq_test_onnx_", ::getpid(), "_", name)).string();
+}
+
+constexpr int kBatch = 16, kSize = 16, kClasses = 5;
+
+// A 4-bit msqe-po2 per-channel model, folded, first and last layers at 8
+// bits (the policy's defaults), after a few SGD steps on random images: batch
+// norm's moving statistics and the exponents are trained ones, not the
+// initial ones. Exported to a file; returns its path.
+std::string trained_export(Arch arch) {
+    ModelConfig c;
+    c.arch = arch;
+    c.width = 0.25;
+    c.classes = kClasses;
+    c.small_input = true;
+    c.dropout = 0.0;
+    auto model = build_model(c, 31);
+    quant::QuantPolicy policy;
+    policy.method = "msqe-po2";
+    policy.options.bits = 4;
+    policy.options.per_channel = true;
+    quant::quantize_model(*model, policy);
+    SGD opt(model->named_parameters(), SgdOptions{0.02f, 0.9f});
+    const Tensor x = random_tensor({8, kSize, kSize, 3}, 32);
+    model->train();
+    for (int step = 0; step < 3; ++step) {
+        opt.zero_grad();
+        cross_entropy((*model)(Variable(x)), {0, 1, 2, 3, 4, 0, 1, 2}).backward();
+        opt.step();
+    }
+    model->eval();
+    const std::string path = temp_path(cat(arch_name(arch), ".safetensors"));
+    quant::export_quantized_model(path, *model, policy);
+    return path;
+}
+
+onnx::ModelProto read_onnx(const std::string& path) {
+    const std::vector<std::byte> bytes = read_file_bytes(path);
+    onnx::ModelProto m;
+    REQUIRE(m.ParseFromArray(bytes.data(), int(bytes.size())));
+    return m;
+}
+
+void write_onnx_proto(const onnx::ModelProto& m, const std::string& path) {
+    std::string bytes;
+    REQUIRE(m.SerializeToString(&bytes));
+    write_file_atomically(path, bytes);
+}
+
+const onnx::TensorProto& initializer(const onnx::ModelProto& m, const std::string& name) {
+    for (const onnx::TensorProto& t : m.graph().initializer())
+        if (t.name() == name) return t;
+    FAIL("export.onnx has no initializer '", name, "'");
+    throw;
+}
+
+// How many of the layer's codes in the ONNX file differ from the export's
+// or leave the layer's grid (+-7 at 4 bits, +-127 at 8).
+int64_t codes_differing(const onnx::ModelProto& m, const SafetensorsFile& file, const nlohmann::json& layer) {
+    const std::string name = layer.at("name");
+    const Tensor& codes = file.get(name + ".q");
+    const onnx::TensorProto& q = initializer(m, name + ".q");
+    CHECK(q.data_type() == onnx::TensorProto::INT8);
+    CHECK(std::vector<int64_t>(q.dims().begin(), q.dims().end()) == codes.shape());
+    REQUIRE(q.raw_data().size() == size_t(codes.numel()));
+    const int limit = (1 << (layer.at("bits").get<int>() - 1)) - 1;
+    int64_t differing = 0;
+    for (int64_t i = 0; i < codes.numel(); ++i) {
+        const int8_t c = int8_t(q.raw_data()[i]);
+        differing += c != codes.data<int8_t>()[i] || std::abs(c) > limit;
+    }
+    return differing;
+}
+
+// The output of a command's standard output, and its exit status.
+std::pair<std::string, int> run(const std::string& command) {
+    FILE* p = ::popen(command.c_str(), "r");
+    REQUIRE(p);
+    std::string out;
+    char buf[256];
+    while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+    return {out, ::pclose(p)};
+}
+
+// onnxruntime's output for the batch x {N, H, W, C}, through node.
+Tensor onnxruntime_logits(const std::string& model, const Tensor& x) {
+    const auto [node, found] = run("command -v node");
+    if (found != 0 || !std::filesystem::exists(HFQ_ONNX_NODE_MODULES "/onnxruntime-node"))
+        FAIL("node or onnxruntime-node (" HFQ_ONNX_NODE_MODULES ") is missing: run scripts/setup.sh");
+    const std::string in = temp_path("input.f32"), out = temp_path("output.f32");
+    write_file_atomically(in, std::span(reinterpret_cast<const std::byte*>(x.f32()), size_t(x.numel()) * 4));
+    const std::string shape = cat(x.dim(0), ",", x.dim(1), ",", x.dim(2), ",", x.dim(3));
+    const auto [said, status] =
+        run(cat("node '" HFQ_ONNX_RUNNER "' '", model, "' '", in, "' ", shape, " '", out, "' 2>&1"));
+    INFO(said);
+    REQUIRE(status == 0);
+    CHECK(said == cat("output ", x.dim(0), ",", kClasses, "\n"));
+    const std::vector<std::byte> bytes = read_file_bytes(out);
+    std::filesystem::remove(in);
+    std::filesystem::remove(out);
+    Tensor y = Tensor::empty({x.dim(0), kClasses});
+    REQUIRE(bytes.size() == size_t(y.numel()) * 4);
+    std::memcpy(y.f32(), bytes.data(), bytes.size());
+    return y;
+}
+
+// ---- The bound ---------------------------------------------------------------
+// hfq (H) and onnxruntime (O) evaluate the same real function of the same
+// float input, step by step, each rounding in float32 in its own order.
+// Each step's output differs between the sides by the two sides' roundings
+// of the step (its local bound, below) plus what the differences of its
+// inputs become; a difference at a step's output reaches logit k as J_k
+// times it, J_k the derivative of the logit with respect to that output (the
+// gradient of a zero probe added there, from hfq's backward), so the logits
+// differ by at most the sum over the steps of |J_k| times the local bounds.
+// Local bounds (Higham, Lemma 3.1 and eq. 3.5: a sum of n terms, in any
+// order, with or without FMA, is within gamma(n) of the sum of |terms|):
+//  - conv or linear, y = W x + b, n products per output: W = codes 2^e on
+//    both sides (O's DequantizeLinear is exact, a code times 2^e is a float;
+//    H's conv(x, codes, b / 2^e) 2^e only scales by powers of two), so each
+//    side is within gamma(n + 1) (|W| |x| + |b|): 2 gamma(n + 1) of it;
+//  - the residual sum, one rounding a side: 2 u |a + b|;
+//  - global average pooling of m values (a sum and a division, or a
+//    multiplication by a rounded 1/m): 2 gamma(m + 1) mean |x|;
+//  - ReLU6, ReLU and dropout (identity in evaluation) are exact.
+// This is first order, as tests/test_quant_export.cpp's bound on the same
+// network: the network is piecewise linear, and a unit within a rounding of
+// a ReLU6 kink may clamp on one side only; J_k comes from a float32
+// backward whose own rounding is second order. A worst case carried through
+// |W| instead grows like the product of the layers' norms: on V2 here it is
+// 1e18 times the differences, and would not notice a wrong code.
+struct Walk {
+    std::vector<Variable> probes;  // one per step, zero, at the step's output
+    std::vector<Tensor> local;     // the steps' local bounds
+    Tensor classifier_input;       // the last layer's input (for the changed-code check)
+};
+
+Variable walk(Module& m, const Variable& x, Walk& w) {
+    using hfq::testing::abs_of;
+    using hfq::testing::bound_from;
+    const auto probe = [&](const Variable& y, const Tensor& local) {
+        w.probes.emplace_back(Tensor::zeros(y.shape()), true);
+        w.local.push_back(local);
+        return add(y, w.probes.back());
+    };
+    if (auto* l = dynamic_cast<quant::IntegerLayer*>(&m)) {
+        REQUIRE(!l->input_quantizer());  // weight-only: no activation grids
+        REQUIRE(!l->output_quantizer());
+        Tensor magnitude;
+        {
+            NoGradGuard no_grad;
+            const Variable ax(abs_of(x.value())), aw(abs_of(l->weights())), ab(abs_of(l->bias()));
+            magnitude = l->is_conv() ? conv2d(ax, aw, ab, l->params()).value() : linear(ax, aw, ab).value();
+        }
+        if (!l->is_conv()) w.classifier_input = x.value();
+        const int64_t n = l->codes().numel() / l->codes().dim(0);  // products per output
+        return probe(m.forward(x), bound_from(magnitude, 2 * gamma_n(double(n + 1)), n + 1));
+    }
+    if (auto* b = dynamic_cast<InvertedResidual*>(&m)) {
+        const Variable y = walk(*b->child("conv"), x, w);
+        if (!b->uses_residual()) return y;
+        REQUIRE(!b->after_add());
+        const Variable sum = add(x, y);
+        return probe(sum, bound_from(abs_of(sum.value()), 2 * testing::kUnitRoundoff, 1));
+    }
+    if (dynamic_cast<Model*>(&m) || dynamic_cast<Sequential*>(&m)) {
+        Variable y = x;
+        for (const Module::Child& c : m.children()) y = walk(*c.module, y, w);
+        return y;
+    }
+    if (dynamic_cast<ReLU6*>(&m) || dynamic_cast<ReLU*>(&m) || dynamic_cast<Dropout*>(&m)) return m.forward(x);
+    if (dynamic_cast<GlobalAvgPool*>(&m)) {
+        Tensor magnitude;
+        {
+            NoGradGuard no_grad;
+            magnitude = global_avg_pool(Variable(abs_of(x.value()))).value();
+        }
+        const int64_t hw = x.value().dim(1) * x.value().dim(2);
+        return probe(m.forward(x), bound_from(magnitude, 2 * gamma_n(double(hw + 1)), hw + 1));
+    }
+    FAIL("the bound has no rule for a ", m.type_name());
+    return x;
+}
+
+// hfq's logits and the bound on |hfq - onnxruntime| for each of them.
+struct Bounded {
+    Tensor logits;
+    std::vector<double> bound;
+    Tensor classifier_input;
+};
+Bounded hfq_logits(Model& model, const Tensor& input) {
+    const int64_t rows = input.dim(0);
+    Bounded r{Tensor(), std::vector<double>(size_t(rows * kClasses), 0.0), Tensor()};
+    for (int64_t k = 0; k < kClasses; ++k) {  // the forward again for each logit's backward
+        Walk w;
+        const Variable y = walk(model, Variable(input), w);
+        if (k == 0) {
+            r.logits = y.value().clone();
+            r.classifier_input = w.classifier_input;
+        }
+        Tensor seed = Tensor::zeros(y.shape());
+        for (int64_t row = 0; row < rows; ++row) seed.f32()[row * kClasses + k] = 1;
+        y.backward(seed);  // each row's logit depends on its own image only (evaluation mode)
+        for (size_t s = 0; s < w.probes.size(); ++s) {
+            const Tensor& g = w.probes[s].grad();
+            const int64_t per_row = g.numel() / rows;
+            for (int64_t i = 0; i < g.numel(); ++i)
+                r.bound[size_t((i / per_row) * kClasses + k)] += std::fabs(g.f32()[i]) * double(w.local[s].f32()[i]);
+        }
+    }
+    // Summed in double over at most a few 10^5 terms a logit: relative
+    // error below gamma_double(10^6), far below the rounding of the result.
+    for (double& b : r.bound) b *= 1 + gamma_double_n(1e6);
+    return r;
+}
+
+// The worst |a - b| / d over the logits.
+double worst_ratio(const Tensor& a, const Tensor& b, const std::vector<double>& d) {
+    double worst = 0;
+    for (int64_t i = 0; i < a.numel(); ++i) {
+        const double diff = std::fabs(double(a.f32()[i]) - double(b.f32()[i]));
+        if (diff > 0) worst = std::max(worst, d[i] > 0 ? diff / d[i] : INFINITY);
+    }
+    return worst;
+}
+
+int64_t top1(const Tensor& logits, int64_t row) {
+    const float* r = logits.f32() + row * kClasses;
+    return std::max_element(r, r + kClasses) - r;
+}
+
+void check_model_in_onnxruntime(Arch arch) {
+    INFO(std::string(arch_name(arch)));
+    const std::string exported = trained_export(arch), onnx_path = temp_path(cat(arch_name(arch), ".onnx"));
+    const SafetensorsFile file = read_safetensors(exported);
+    deploy::write_onnx(file, onnx_path);
+    const nlohmann::json meta = nlohmann::json::parse(file.metadata.at(quant::kExportKey));
+
+    // The file: codes, scales 2^exp on axis 0, each DequantizeLinear feeding
+    // its Conv / Gemm directly, the metadata.
+    const onnx::ModelProto m = read_onnx(onnx_path);
+    CHECK(m.producer_name() == "hfq");
+    CHECK(m.opset_import(0).version() == 13);
+    for (const auto& [key, value] : file.metadata) {
+        if (key.rfind("hfq.", 0) != 0) continue;  // safetensors' own "format"
+        const auto& props = m.metadata_props();
+        CHECK_MESSAGE(std::any_of(props.begin(), props.end(),
+                                  [&](const auto& p) { return p.key() == key && p.value() == value; }),
+                      key);
+    }
+    for (const nlohmann::json& e : meta.at("layers")) {
+        const std::string name = e.at("name");
+        INFO(name);
+        const Tensor& codes = file.get(name + ".q");
+        const Tensor& exps = file.get(name + ".exp");
+        CHECK(codes_differing(m, file, e) == 0);
+        const onnx::TensorProto& s = initializer(m, name + ".scale");
+        REQUIRE(s.raw_data().size() == size_t(codes.dim(0)) * 4);
+        for (int64_t c = 0; c < codes.dim(0); ++c) {
+            float v;
+            std::memcpy(&v, s.raw_data().data() + 4 * c, 4);
+            CHECK(v == std::ldexp(1.0f, exps.data<int32_t>()[exps.numel() == 1 ? 0 : c]));
+        }
+        int consumers = 0;
+        for (const onnx::NodeProto& n : m.graph().node()) {
+            if (n.op_type() == "DequantizeLinear" && n.input(0) == name + ".q") {
+                CHECK(n.output(0) == name + ".weight");
+                REQUIRE(n.attribute_size() == 1);
+                CHECK((n.attribute(0).name() == "axis" && n.attribute(0).i() == 0));
+            }
+            if (std::find(n.input().begin(), n.input().end(), name + ".weight") != n.input().end()) {
+                ++consumers;
+                CHECK(n.op_type() == (e.at("op") == "conv" ? "Conv" : "Gemm"));
+            }
+        }
+        CHECK(consumers == 1);
+    }
+
+    // The logits: hfq's (walking the rebuilt model, with the bound) against onnxruntime's.
+    const std::shared_ptr<Model> model = quant::build_model_from_export(file);
+    const Tensor x = random_tensor({kBatch, kSize, kSize, 3}, 33);
+    const Bounded hfq = hfq_logits(*model, x);
+    {
+        NoGradGuard no_grad;  // the walk is the model's forward, bit for bit (the probes add zeros)
+        CHECK(hfq.logits.to_vector() == (*model)(Variable(x)).value().to_vector());
+    }
+    const Tensor ort = onnxruntime_logits(onnx_path, x);
+    const double ratio = worst_ratio(ort, hfq.logits, hfq.bound);
+    if (std::getenv("HFQ_SHOW_ERRORS")) MESSAGE("worst |onnxruntime - hfq| / bound = ", ratio);
+    CHECK(ratio <= 1.0);
+    for (int64_t i = 0; i < kBatch; ++i) CHECK_MESSAGE(top1(ort, i) == top1(hfq.logits, i), "image ", i);
+
+    // A code changed in the file: one step of a 4-bit code is caught by the
+    // comparison of the codes. Its effect on the logits can lie within the
+    // float32 bound (a worst case, ~10^3 times the realised differences
+    // here); a classifier code changed by 64 steps, at the input the
+    // classifier sees largest, leaves the bound.
+    const nlohmann::json& four_bits = meta.at("layers")[1];
+    const nlohmann::json& classifier = meta.at("layers").back();
+    REQUIRE(four_bits.at("bits") == 4);
+    const Tensor& in = hfq.classifier_input;
+    int64_t widest = 0;
+    for (int64_t i = 0; i < in.numel(); ++i)
+        if (std::fabs(in.f32()[i]) > std::fabs(in.f32()[widest])) widest = i;
+    onnx::ModelProto changed = m;
+    for (onnx::TensorProto& t : *changed.mutable_graph()->mutable_initializer()) {
+        std::string& raw = *t.mutable_raw_data();
+        if (t.name() == four_bits.at("name").get<std::string>() + ".q") raw[0] = char(raw[0] > 0 ? raw[0] - 1 : raw[0] + 1);
+        if (t.name() == classifier.at("name").get<std::string>() + ".q") {
+            char& code = raw[widest % in.dim(1)];  // row 0 (logit 0), that input
+            code = char(code > 0 ? code - 64 : code + 64);
+        }
+    }
+    CHECK(codes_differing(changed, file, four_bits) == 1);
+    CHECK(codes_differing(changed, file, classifier) == 1);
+    write_onnx_proto(changed, onnx_path);
+    const double changed_ratio = worst_ratio(onnxruntime_logits(onnx_path, x), hfq.logits, hfq.bound);
+    if (std::getenv("HFQ_SHOW_ERRORS")) MESSAGE("codes changed: worst ratio = ", changed_ratio);
+    CHECK(changed_ratio > 1.0);
+
+    std::filesystem::remove(exported);
+    std::filesystem::remove(onnx_path);
+}
+
+}  // namespace
+
+TEST_CASE("export.onnx of MobileNetV1 runs in onnxruntime as hfq's model rebuilt from the export") {
+    check_model_in_onnxruntime(Arch::mobilenet_v1);
+}
+
+TEST_CASE("export.onnx of MobileNetV2 runs in onnxruntime as hfq's model rebuilt from the export") {
+    check_model_in_onnxruntime(Arch::mobilenet_v2);
+}
+
+TEST_CASE("a broken export is an error naming the file and the tensor") {
+    const std::string exported = trained_export(Arch::mobilenet_v1), onnx_path = temp_path("broken.onnx");
+    const SafetensorsFile file = read_safetensors(exported);
+    const std::string layer = nlohmann::json::parse(file.metadata.at(quant::kExportKey)).at("layers")[1].at("name");
+    // A copy of the export without `drop`, or with `reshaped` flattened.
+    const auto tampered = [&](const std::string& drop, const std::string& reshaped) {
+        std::vector<std::pair<std::string, Tensor>> tensors;
+        for (const auto& [n, t] : file.tensors) {
+            if (n == drop) continue;
+            tensors.emplace_back(n, n == reshaped ? t.clone().reshape({t.numel()}) : t);
+        }
+        const std::string path = temp_path("tampered.safetensors");
+        write_safetensors(path, tensors, file.metadata);
+        return path;
+    };
+    const auto message = [&](const std::string& path) {
+        return error_message([&] { deploy::write_onnx(path, onnx_path); });
+    };
+    const std::string no_exp = message(tampered(layer + ".exp", ""));
+    CHECK(no_exp.find(layer + ".exp") != std::string::npos);
+    CHECK(no_exp.find("tampered.safetensors") != std::string::npos);
+    const std::string bad_shape = message(tampered("", layer + ".q"));
+    CHECK(bad_shape.find(layer + ".q") != std::string::npos);
+    CHECK(bad_shape.find("tampered.safetensors") != std::string::npos);
+    CHECK(!std::filesystem::exists(onnx_path));
+    std::filesystem::remove(temp_path("tampered.safetensors"));
+    std::filesystem::remove(exported);
+}
