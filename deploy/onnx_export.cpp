@@ -76,6 +76,7 @@ private:
         if (auto* l = dynamic_cast<quant::IntegerLayer*>(&m)) return integer_layer(*l, x);
         if (auto* a = dynamic_cast<quant::QuantizedActivation*>(&m))
             return quantize(a->quantizer(), emit(a->activation(), x));
+        if (auto* q = dynamic_cast<quant::ActivationQuantizer*>(&m)) return quantize(*q, x);  // a residual sum's
         if (auto* b = dynamic_cast<InvertedResidual*>(&m)) return inverted_residual(*b, name, x);
         if (dynamic_cast<Model*>(&m) || dynamic_cast<Sequential*>(&m)) {
             std::string y = x;

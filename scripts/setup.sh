@@ -5,10 +5,17 @@
 #   bash scripts/setup.sh          # install what is missing
 #   bash scripts/setup.sh --list   # print the packages, one a line
 #
-# `packages` is the one list of what a fresh Debian 12 needs for
-# scripts/train.sh and scripts/test.sh, a reason per package. The README's
-# table shows it; the ctest setup_packages_in_readme checks that the table
-# names exactly these packages.
+# `packages` is the list of what a fresh Debian 12 needs for scripts/train.sh
+# and scripts/test.sh, a reason per package; `node_packages` are installed only
+# when `node` / `npm` are not on PATH (a machine with another Node.js, e.g.
+# nodesource's, keeps it: Debian's npm conflicts with it). The README's table
+# shows both lists; the ctest setup_packages_in_readme checks that the table
+# names exactly these packages (--list prints both).
+#
+# Then onnxruntime-node, pinned in tests/onnx/package-lock.json, goes into
+# tests/onnx/node_modules (test_onnx_export runs export.onnx in it):
+# `npm ci --ignore-scripts`, since its install script fetches GPU providers
+# from outside the npm registry (and the CPU provider ships in the package).
 set -euo pipefail
 
 packages=(
@@ -33,10 +40,16 @@ packages=(
   python3                  # the walkthrough_references test (standard library only)
   libopenmpi-dev           # Open MPI: data-parallel training (MPI_Allreduce of the gradients)
   openmpi-bin              # mpirun: starts the ranks of a data-parallel run (and the MPI tests)
+  libonnx-dev              # ONNX 1.12: export.onnx's generated protobuf classes and its checker
+  libprotobuf-dev          # protobuf, which ONNX's classes are built on (and its CMake config needs)
+)
+node_packages=(
+  nodejs                   # runs onnxruntime-node, which test_onnx_export checks export.onnx in
+  npm                      # installs onnxruntime-node from tests/onnx/package-lock.json
 )
 
 if [ "${1:-}" = --list ]; then
-  printf '%s\n' "${packages[@]}"
+  printf '%s\n' "${packages[@]}" "${node_packages[@]}"
   exit 0
 fi
 
@@ -44,9 +57,19 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# onnxruntime-node, unless the installed one is the lock file's (fast when it is).
+onnx_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/onnx"
+if ! cmp -s "$onnx_dir/package-lock.json" "$onnx_dir/node_modules/.package-lock.json.hfq" 2>/dev/null; then
+  echo "setup: installing onnxruntime-node into $onnx_dir/node_modules"
+  (cd "$onnx_dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  cp "$onnx_dir/package-lock.json" "$onnx_dir/node_modules/.package-lock.json.hfq"
 fi

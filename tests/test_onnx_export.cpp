@@ -53,8 +53,9 @@ constexpr int kBatch = 16, kSize = 16, kClasses = 5;
 // A 4-bit msqe-po2 per-channel model, folded, first and last layers at 8
 // bits (the policy's defaults), after a few SGD steps on random images: batch
 // norm's moving statistics and the exponents are trained ones, not the
-// initial ones. Exported to a file; returns its path.
-std::string trained_export(Arch arch) {
+// initial ones. With activation_bits, W4A8 (activation quantizers too).
+// Exported to a file; returns its path.
+std::string trained_export(Arch arch, int activation_bits = 0) {
     ModelConfig c;
     c.arch = arch;
     c.width = 0.25;
@@ -66,14 +67,20 @@ std::string trained_export(Arch arch) {
     policy.method = "msqe-po2";
     policy.options.bits = 4;
     policy.options.per_channel = true;
+    policy.activation_bits = activation_bits;
     quant::quantize_model(*model, policy);
-    SGD opt(model->named_parameters(), SgdOptions{0.02f, 0.9f});
+    // The activations' log2 scales train slower, as a trainer sets them up.
+    const auto params = model->named_parameters();
+    SGD opt(select_params(params, {ParamGroup::weight, ParamGroup::bias, ParamGroup::bn}), SgdOptions{0.02f, 0.9f});
+    SGD opt_scales(select_params(params, {ParamGroup::quantizer}), SgdOptions{1e-4f});
     const Tensor x = random_tensor({8, kSize, kSize, 3}, 32);
     model->train();
     for (int step = 0; step < 3; ++step) {
         opt.zero_grad();
+        opt_scales.zero_grad();
         cross_entropy((*model)(Variable(x)), {0, 1, 2, 3, 4, 0, 1, 2}).backward();
         opt.step();
+        opt_scales.step();
     }
     model->eval();
     const std::string path = temp_path(cat(arch_name(arch), ".safetensors"));
@@ -377,6 +384,42 @@ TEST_CASE("export.onnx of MobileNetV1 runs in onnxruntime as hfq's model rebuilt
 
 TEST_CASE("export.onnx of MobileNetV2 runs in onnxruntime as hfq's model rebuilt from the export") {
     check_model_in_onnxruntime(Arch::mobilenet_v2);
+}
+
+// W4A8 (issue 17's weight-only items come first): the file is written and
+// checked, with one QuantizeLinear / DequantizeLinear pair per activation
+// quantizer, uint8 or int8 as the entry's "signed" says, and onnxruntime runs
+// it. Its logits are not compared: a float difference at a rounding boundary
+// of an activation grid moves a code, which no float bound covers.
+TEST_CASE("export.onnx of a W4A8 MobileNetV2: a Q/DQ pair per activation quantizer, signed or not") {
+    const std::string exported = trained_export(Arch::mobilenet_v2, 8), onnx_path = temp_path("w4a8.onnx");
+    const SafetensorsFile file = read_safetensors(exported);
+    deploy::write_onnx(file, onnx_path);
+    const onnx::ModelProto m = read_onnx(onnx_path);
+    const nlohmann::json activations = nlohmann::json::parse(file.metadata.at(quant::kExportKey)).at("activations");
+    int signed_sites = 0;
+    for (const nlohmann::json& a : activations) {
+        const std::string name = a.at("name");
+        INFO(name);
+        signed_sites += a.at("signed").get<bool>();
+        const auto q = std::find_if(m.graph().node().begin(), m.graph().node().end(), [&](const onnx::NodeProto& n) {
+            return n.op_type() == "QuantizeLinear" && n.output(0) == name + ".codes";
+        });
+        REQUIRE(q != m.graph().node().end());
+        CHECK(initializer(m, q->input(2)).data_type() ==
+              (a.at("signed").get<bool>() ? onnx::TensorProto::INT8 : onnx::TensorProto::UINT8));
+        float scale;
+        std::memcpy(&scale, initializer(m, q->input(1)).raw_data().data(), 4);
+        CHECK(scale == std::ldexp(1.0f, file.get(name + ".exp").data<int32_t>()[0]));
+    }
+    CHECK(signed_sites > 0);  // the image, the linear bottlenecks and the sums
+    CHECK(signed_sites < int(activations.size()));
+    const int64_t pairs = std::count_if(m.graph().node().begin(), m.graph().node().end(),
+                                        [](const onnx::NodeProto& n) { return n.op_type() == "QuantizeLinear"; });
+    CHECK(pairs == int64_t(activations.size()));
+    onnxruntime_logits(onnx_path, random_tensor({2, kSize, kSize, 3}, 34));  // runs, with the right output shape
+    std::filesystem::remove(exported);
+    std::filesystem::remove(onnx_path);
 }
 
 TEST_CASE("a broken export is an error naming the file and the tensor") {

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "data/loader.h"
+#include "deploy/onnx_export.h"
 #include "engine/atomic_file.h"
 #include "engine/check.h"
 #include "layers/checkpoint.h"
@@ -212,7 +213,7 @@ void Trainer::enter_qat() {
 }
 
 // Exports the quantized model (export.safetensors: integer codes, exponents,
-// folded biases) and evaluates the network rebuilt from that file alone;
+// folded biases; and export.onnx) and evaluates the network rebuilt from that file alone;
 // with `engine`, for a W4A8 model, also the integer engine beside the
 // fake-quant model (train/integer_engine_check.h).
 // Under mpirun the other ranks write the same export to a file of their own
@@ -224,6 +225,8 @@ Json Trainer::evaluate_export(Json* engine) {
             ? path("export.safetensors")
             : (fs::temp_directory_path() / cat("hfq-export-rank", mpi::rank(), "-", getpid(), ".safetensors")).string();
     quant::export_quantized_model(file, model(), cfg_.quant_policy(), run_.data.preprocessing);
+    // export.onnx beside it, the same model for ONNX runtimes (deploy/onnx_export.h).
+    if (mpi::is_root()) deploy::write_onnx(file, path("export.onnx"));
     const std::shared_ptr<Model> integer = quant::build_model_from_export(file);
     Json r = eval_json(evaluate(*integer, run_.data.test, eval_options()));
     r["seconds"] = seconds_since(t0);
