@@ -67,7 +67,7 @@ EvalResult evaluate_saved(const std::string& file, const TrainConfig& config) {
 std::vector<nlohmann::json> check_finished_run(const TrainConfig& c, const RunResult& r, int64_t steps) {
     CHECK(r.status == RunStatus::finished);
     CHECK(r.global_step == steps);
-    CHECK(test::list_files(c.out) == std::vector<std::string>{"checkpoint.safetensors", "config.json",
+    CHECK(test::list_files(c.out) == std::vector<std::string>{"checkpoint.safetensors", "config.json", "export.onnx",
                                                               "export.safetensors", "final.safetensors",
                                                               "float.safetensors", "metrics.jsonl", "summary.json"});
     const auto lines = test::read_metrics(c.out + "/metrics.jsonl");
