@@ -40,7 +40,7 @@ float power_of_two(int e, const std::string& what, const std::string& source) {
 class GraphWriter {
 public:
     GraphWriter(const SafetensorsFile& file, Model& model) : file_(file), graph_(*proto_.mutable_graph()) {
-        for (auto& [name, m] : model.named_modules()) names_.emplace(m, name);  // the first (outer) name wins
+        for (auto& [name, m] : model.named_modules()) names_.emplace(m, name);
         for (const quant::QuantizedActivationSite& a : quant::quantized_activations(model))
             site_of_[a.quantizer] = a.name;
         const nlohmann::json meta = nlohmann::json::parse(file.metadata.at(quant::kExportKey));
