@@ -216,7 +216,7 @@ private:
                 } else if (a.divisor == 1) {  // a layer's accumulator or a sum: a shift with rounding
                     r = shift_round_half_even(v, -shift);
                 } else {
-                    r = shift >= 0 ? divide_round_half_even(v << shift, a.divisor)
+                    r = shift >= 0 ? divide_round_half_even(v * (int64_t(1) << shift), a.divisor)
                                    : divide_round_half_even(v, a.divisor << -shift);
                 }
                 c.codes[i] = int16_t(std::clamp(r, lo, hi));
@@ -369,7 +369,8 @@ private:
         HFQ_CHECK(std::max(sl, sr) <= 16, source_, ": the residual sum of '", name, "' aligns exponents ", lhs.exponent,
                   " and ", rhs.exponent, ", too far apart for an exact float32 sum in the fake-quant graph");
         Accumulator a{lhs.shape, std::vector<int32_t>(lhs.codes.size()), std::vector<int>(size_t(lhs.shape.back()), m), 1, ""};
-        for (size_t i = 0; i < a.acc.size(); ++i) a.acc[i] = (int32_t(lhs.codes[i]) << sl) + (int32_t(rhs.codes[i]) << sr);
+        for (size_t i = 0; i < a.acc.size(); ++i)  // products, not shifts: the codes may be negative
+            a.acc[i] = int32_t(lhs.codes[i]) * (1 << sl) + int32_t(rhs.codes[i]) * (1 << sr);
         Value out;
         out.kind = Value::codes;
         out.c = requantize(a, *q, false, join_name(name, quant::kSumQuantizerName));
