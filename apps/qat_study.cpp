@@ -17,6 +17,7 @@
 #include <cstdio>
 
 #include "study/study.h"
+#include "train/stop_signal.h"
 
 namespace {
 
@@ -30,6 +31,7 @@ std::string joined(const std::vector<std::string>& v) {
 
 int main(int argc, char** argv) {
     using namespace hfq;
+    watch_stop_signals();  // before any thread starts (train/stop_signal.h says why)
     study::StudyOptions o;
     TrainConfig& t = o.train;
     CLI::App app{

@@ -28,6 +28,7 @@
 #include "study/run_curves.h"
 #include "train/config.h"
 #include "train/mpi_job.h"
+#include "train/stop_signal.h"
 #include "train/trainer.h"
 
 namespace {
@@ -46,6 +47,7 @@ void draw_curves(const std::string& out_dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    hfq::watch_stop_signals();  // before any thread starts (train/stop_signal.h says why)
     hfq::mpi::Session mpi(argc, argv);  // MPI_Init only under mpirun
     const hfq::ParsedArgs args = hfq::parse_args(argc, argv);
     if (!args.run) {  // the same on every rank: rank 0 says it
