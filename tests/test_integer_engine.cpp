@@ -6,10 +6,12 @@
 // pieces (bias codes, signed quantizers, the accumulator bound) and the
 // errors for exports the engine must refuse.
 #include <doctest/doctest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
+#include <iomanip>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -18,14 +20,16 @@
 #include "engine/ops.h"
 #include "layers/activation.h"
 #include "layers/mobilenet_v2.h"
-#include "layers/optimizer.h"
 #include "quant/accumulator.h"
 #include "quant/activation_quantizer.h"
 #include "quant/export.h"
 #include "quant/quantize_model.h"
 #include "quant/quantized_layers.h"
 #include "tests/gradcheck.h"
+#include "tests/test_model_util.h"
 #include "tests/test_quant_util.h"
+#include "tests/test_train_util.h"
+#include "train/datasets.h"
 
 using namespace hfq;
 using namespace hfq::quant;
@@ -56,32 +60,14 @@ QuantPolicy w4a8_policy(const std::string& method = "msqe-po2", bool per_channel
 // zero_dead_channels leaves a channel that never sees input (its output is
 // its bias alone).
 std::shared_ptr<Model> trained_model(Arch arch, const QuantPolicy& policy, int steps = 5, bool dead_channel = false) {
-    ModelConfig c;
-    c.arch = arch;
-    c.width = 0.25;
-    c.classes = 5;
-    c.small_input = true;
-    c.dropout = 0.0;
-    auto model = build_model(c, 31);
+    auto model = build_model(hfq::testing::small_model_config(arch), 31);
     quantize_model(*model, policy);
-    const auto params = model->named_parameters();
-    SGD opt(select_params(params, {ParamGroup::weight, ParamGroup::bias, ParamGroup::bn}), SgdOptions{0.02f, 0.9f});
-    SGD opt_scales(select_params(params, {ParamGroup::quantizer}), SgdOptions{1e-4f});
-    const Tensor x = random_tensor({4, 16, 16, 3}, 32);
-    model->train();
-    for (int s = 0; s < steps; ++s) {
-        opt.zero_grad();
-        opt_scales.zero_grad();
-        Variable loss = cross_entropy((*model)(Variable(x)), {0, 1, 2, 3});
-        loss.backward();
-        opt.step();
-        opt_scales.step();
-    }
+    hfq::testing::train_steps(*model, random_tensor({4, 16, 16, 3}, 32), steps);
     if (dead_channel) {
         // Zeroed, with the exponent msqe-po2 gives zeros when it starts on
         // them (round(log2(0 + 1e-7)) = -23), as in a real run whose dead
         // channel got 2^-23 and a bias code of 2.4e8: far beyond 2^24.
-        for (const NamedParameter& p : params)
+        for (const NamedParameter& p : model->named_parameters())
             if (p.name == "features.1.0.weight") {  // {C, 1, 3, 3}
                 Variable v = p.var;
                 std::fill_n(v.value().f32(), v.value().numel() / v.value().dim(0), 0.0f);
@@ -330,4 +316,64 @@ TEST_CASE("the export proves the accumulator bound and the integer engine refuse
     export_quantized_model(wo_path, *weight_only, QuantPolicy{});
     CHECK(contains(error_message([&] { IntegerEngine{wo_path}; }), "W4A8"));
     for (const std::string& p : {path, other_path, wo_path, temp_path("tampered.safetensors")}) std::remove(p.c_str());
+}
+
+TEST_CASE("explain_integer: one output value worked through, equal to the engine's code; bad choices are errors") {
+    const std::string exe = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "explain_integer").string();
+    REQUIRE_MESSAGE(std::filesystem::exists(exe), exe, " is not built");
+    test::TempDir dir;
+    test::make_image_folder(dir / "images");
+    auto model = trained_model(Arch::mobilenet_v2, w4a8_policy(), 2);
+    const std::string path = dir / "export.safetensors";
+    export_quantized_model(path, *model, w4a8_policy());
+    const auto run = [&](const std::string& args) {
+        FILE* p = ::popen((exe + " '" + path + "' --data '" + (dir / "images") + "' " + args + " 2>&1").c_str(), "r");
+        REQUIRE(p);
+        std::string out;
+        char buf[256];
+        while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+        const int status = ::pclose(p);
+        return std::pair<std::string, int>{out, WEXITSTATUS(status)};
+    };
+    // The engine's own codes after layer `layer` for test image 1, as the program loads it.
+    TrainConfig config;
+    config.data = dir / "images";
+    const TrainData sets = open_datasets(config);
+    Shape shape{1};
+    for (int64_t d : sets.test->sample_shape()) shape.push_back(d);
+    Tensor pixels = Tensor::empty(shape);
+    Rng unused;
+    sets.test->load(1, unused, pixels.f32());
+    const IntegerEngine engine(path);
+    const IntegerEngine::Result r = engine.run(pixels, /*keep_boundaries=*/true);
+    const std::string layer = quantized_layers(*model)[2].name;  // a pointwise convolution
+    const deploy::CodeTensor* next = nullptr;
+    for (const deploy::CodeTensor& c : r.boundaries)
+        if (c.producer == layer) next = &c;
+    REQUIRE(next);
+    const int64_t channel = 3, y = 1, x = 2;
+    const int want = next->codes[size_t((y * next->shape[2] + x) * next->shape[3] + channel)];
+
+    const auto [out, status] = run(cat("--layer ", layer, " --channel ", channel, " --y ", y, " --x ", x, " --image 1"));
+    INFO(out);
+    CHECK(status == 0);
+    CHECK(contains(out, cat("layer ", layer, ", output channel 3 at (1, 2) of test image 1")));
+    CHECK(contains(out, cat(" -> code ", want, " (value")));
+    CHECK(contains(out, cat("the integer engine's code: ", want, " (equal)")));
+    // The classifier: its logit, as the engine's float logits give it.
+    const std::string classifier = quantized_layers(*model).back().name;
+    const auto [logit_out, logit_status] = run(cat("--layer ", classifier, " --channel 4 --image 1"));
+    INFO(logit_out);
+    CHECK(logit_status == 0);
+    CHECK(contains(logit_out, cat(" = ", cat(std::setprecision(9), r.float_logits().f32()[4]), "\n")));
+
+    const auto [no_layer, no_layer_status] = run("--layer features.99");
+    CHECK(no_layer_status == 1);
+    CHECK(contains(no_layer, path + ": no layer 'features.99'"));
+    const auto [far, far_status] = run(cat("--layer ", layer, " --channel 100000"));
+    CHECK(far_status == 1);
+    CHECK(contains(far, "--channel 100000 is outside the layer's"));
+    const auto [image, image_status] = run(cat("--layer ", layer, " --image 18"));
+    CHECK(image_status == 1);
+    CHECK(contains(image, "--image 18 is outside the 18 test images"));
 }

@@ -9,6 +9,7 @@
 // tests/onnx/node_modules, installed by scripts/setup.sh).
 #include <doctest/doctest.h>
 #include <onnx/onnx_pb.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,12 +28,13 @@
 #include "engine/ops.h"
 #include "layers/activation.h"
 #include "layers/mobilenet_v2.h"
-#include "layers/optimizer.h"
 #include "layers/pooling.h"
 #include "quant/export.h"
 #include "quant/quantize_model.h"
+#include "layers/checkpoint.h"
 #include "tests/float_error.h"
 #include "tests/gradcheck.h"
+#include "tests/test_model_util.h"
 #include "tests/test_quant_util.h"
 
 using namespace hfq;
@@ -54,35 +56,23 @@ constexpr int kBatch = 16, kSize = 16, kClasses = 5;
 // bits (the policy's defaults), after a few SGD steps on random images: batch
 // norm's moving statistics and the exponents are trained ones, not the
 // initial ones. With activation_bits, W4A8 (activation quantizers too).
-// Exported to a file; returns its path.
-std::string trained_export(Arch arch, int activation_bits = 0) {
-    ModelConfig c;
-    c.arch = arch;
-    c.width = 0.25;
-    c.classes = kClasses;
-    c.small_input = true;
-    c.dropout = 0.0;
-    auto model = build_model(c, 31);
+// In evaluation mode.
+std::pair<std::shared_ptr<Model>, quant::QuantPolicy> trained_model(Arch arch, int activation_bits) {
+    auto model = build_model(hfq::testing::small_model_config(arch, kClasses), 31);
     quant::QuantPolicy policy;
     policy.method = "msqe-po2";
     policy.options.bits = 4;
     policy.options.per_channel = true;
     policy.activation_bits = activation_bits;
     quant::quantize_model(*model, policy);
-    // The activations' log2 scales train slower, as a trainer sets them up.
-    const auto params = model->named_parameters();
-    SGD opt(select_params(params, {ParamGroup::weight, ParamGroup::bias, ParamGroup::bn}), SgdOptions{0.02f, 0.9f});
-    SGD opt_scales(select_params(params, {ParamGroup::quantizer}), SgdOptions{1e-4f});
-    const Tensor x = random_tensor({8, kSize, kSize, 3}, 32);
-    model->train();
-    for (int step = 0; step < 3; ++step) {
-        opt.zero_grad();
-        opt_scales.zero_grad();
-        cross_entropy((*model)(Variable(x)), {0, 1, 2, 3, 4, 0, 1, 2}).backward();
-        opt.step();
-        opt_scales.step();
-    }
+    hfq::testing::train_steps(*model, random_tensor({8, kSize, kSize, 3}, 32), 3);
     model->eval();
+    return {model, policy};
+}
+
+// trained_model's export in a file; returns its path.
+std::string trained_export(Arch arch, int activation_bits = 0) {
+    const auto [model, policy] = trained_model(arch, activation_bits);
     const std::string path = temp_path(cat(arch_name(arch), ".safetensors"));
     quant::export_quantized_model(path, *model, policy);
     return path;
@@ -449,4 +439,45 @@ TEST_CASE("a broken export is an error naming the file and the tensor") {
     CHECK(!std::filesystem::exists(onnx_path));
     std::filesystem::remove(temp_path("tampered.safetensors"));
     std::filesystem::remove(exported);
+}
+
+TEST_CASE("export_onnx: from an export or from its QAT checkpoint, write_onnx's bytes; a float checkpoint is refused") {
+    const std::string exe = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "export_onnx").string();
+    REQUIRE_MESSAGE(std::filesystem::exists(exe), exe, " is not built");
+    const auto [model, policy] = trained_model(Arch::mobilenet_v2, 8);
+    const std::string exported = temp_path("program.safetensors"), qat = temp_path("program-qat.safetensors"),
+                      plain = temp_path("program-float.safetensors"), expected = temp_path("expected.onnx"),
+                      tmp = temp_path("tmp");
+    quant::export_quantized_model(exported, *model, policy);
+    save_checkpoint(qat, *model, std::nullopt, {{quant::kQuantPolicyKey, policy.to_json()}});
+    save_checkpoint(plain, *build_model(hfq::testing::small_model_config(Arch::mobilenet_v2, kClasses), 31));
+    deploy::write_onnx(exported, expected);
+    const std::vector<std::byte> want = read_file_bytes(expected);
+    std::filesystem::create_directory(tmp);
+
+    // Without -o: the input's name with .onnx.
+    const auto [said, status] = run(exe + " '" + exported + "' 2>&1");
+    INFO(said);
+    CHECK(status == 0);
+    const std::string beside = temp_path("program.onnx");
+    CHECK(said == "export_onnx: wrote " + beside + "\n");
+    CHECK(read_file_bytes(beside) == want);
+    // A QAT checkpoint is exported as a run's end exports it, to a temporary
+    // file that is gone afterwards.
+    const std::string from_qat = temp_path("from-qat.onnx");
+    const auto [said_qat, status_qat] = run("TMPDIR='" + tmp + "' " + exe + " '" + qat + "' -o '" + from_qat + "' 2>&1");
+    INFO(said_qat);
+    CHECK(status_qat == 0);
+    CHECK(read_file_bytes(from_qat) == want);
+    CHECK(std::filesystem::is_empty(tmp));
+
+    const std::string refused = temp_path("refused.onnx");
+    const auto [said_float, status_float] = run(exe + " '" + plain + "' -o '" + refused + "' 2>&1");
+    CHECK(WEXITSTATUS(status_float) == 1);
+    CHECK_MESSAGE(said_float.find(plain + ": neither an export") != std::string::npos, said_float);
+    CHECK_MESSAGE(said_float.find("a float model has no quantized layers to export") != std::string::npos, said_float);
+    CHECK(!std::filesystem::exists(refused));
+
+    for (const std::string& f : {exported, qat, plain, expected, beside, from_qat}) std::filesystem::remove(f);
+    std::filesystem::remove_all(tmp);
 }

@@ -15,7 +15,6 @@
 #include "layers/activation.h"
 #include "layers/batch_norm.h"
 #include "layers/checkpoint.h"
-#include "layers/optimizer.h"
 #include "layers/pooling.h"
 #include "layers/sequential.h"
 #include "quant/audit.h"
@@ -25,6 +24,7 @@
 #include "quant/quantized_layers.h"
 #include "tests/float_error.h"
 #include "tests/gradcheck.h"
+#include "tests/test_model_util.h"
 #include "tests/test_quant_util.h"
 
 using namespace hfq;
@@ -44,37 +44,12 @@ std::string temp_path(const std::string& name) {
         .string();
 }
 
-ModelConfig small_config(Arch arch) {
-    ModelConfig c;
-    c.arch = arch;
-    c.width = 0.25;
-    c.classes = 5;
-    c.small_input = true;
-    c.dropout = 0.0;
-    return c;
-}
-
 // A quantized model after a few SGD steps on a fixed batch (batch statistics
 // and moving statistics both move, exponents settle).
 std::shared_ptr<Model> trained_model(Arch arch, const QuantPolicy& policy, int steps = 3) {
-    auto model = build_model(small_config(arch), 21);
+    auto model = build_model(hfq::testing::small_model_config(arch), 21);
     quantize_model(*model, policy);
-    // The quantizers' scales train slower (as a trainer would set them up):
-    // slowly enough that no lsq scale crosses zero (at 1e-3 one of 0.027
-    // met a gradient of 28 and did, or not, with the summation order).
-    const auto params = model->named_parameters();
-    SGD opt(select_params(params, {ParamGroup::weight, ParamGroup::bias, ParamGroup::bn}), SgdOptions{0.02f, 0.9f});
-    SGD opt_scales(select_params(params, {ParamGroup::quantizer}), SgdOptions{1e-4f});
-    const Tensor x = random_tensor({4, 16, 16, 3}, 22);
-    model->train();
-    for (int s = 0; s < steps; ++s) {
-        opt.zero_grad();
-        opt_scales.zero_grad();
-        Variable loss = cross_entropy((*model)(Variable(x)), {0, 1, 2, 3});
-        loss.backward();
-        opt.step();
-        opt_scales.step();
-    }
+    hfq::testing::train_steps(*model, random_tensor({4, 16, 16, 3}, 22), steps);
     return model;
 }
 
@@ -359,7 +334,7 @@ TEST_CASE("the audit notices a changed code, exponent or bias; bad exports are c
     std::remove(bad.c_str());
 
     // Errors that name the problem.
-    auto plain = build_model(small_config(Arch::mobilenet_v1), 1);
+    auto plain = build_model(hfq::testing::small_model_config(Arch::mobilenet_v1), 1);
     CHECK(contains(error_message([&] { export_quantized_model(path, *plain, p); }), "not quantized"));
     const std::string ckpt = temp_path("ckpt.safetensors");
     save_checkpoint(ckpt, *plain);
@@ -374,7 +349,7 @@ TEST_CASE("diagnostics: per-layer table and JSON") {
     p.method = "learnable-po2";
     p.options.per_channel = true;
     p.activation_bits = 8;
-    auto model = build_model(small_config(Arch::mobilenet_v1), 21);
+    auto model = build_model(hfq::testing::small_model_config(Arch::mobilenet_v1), 21);
     quantize_model(*model, p);
     // Before any training: nothing measured yet.
     auto rows = collect_diagnostics(*model);
