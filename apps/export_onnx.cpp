@@ -12,8 +12,6 @@
 // Exit status 0 on success; 1 with a message on standard error for a file
 // that is neither (a float checkpoint has no quantized layers to export) or
 // that the export refuses; CLI11's status for bad options.
-#include <unistd.h>
-
 #include <CLI/CLI.hpp>
 #include <filesystem>
 #include <iostream>
@@ -24,42 +22,18 @@
 #include "engine/safetensors.h"
 #include "layers/checkpoint.h"
 #include "quant/export.h"
-#include "quant/quantize_model.h"
-#include "train/training_checkpoint.h"
+#include "train/qat_checkpoint.h"
 
 using namespace hfq;
 namespace fs = std::filesystem;
 
 namespace {
 
-// Removes the file when it goes out of scope, also when an exception leaves.
-struct TemporaryFile {
-    fs::path path;
-    ~TemporaryFile() {
-        std::error_code ignored;
-        fs::remove(path, ignored);
-    }
-};
-
-// A QAT checkpoint restored as train_mobilenet restores it (the float model
-// of "hfq.model", quantize_model with the checkpoint's policy, its tensors),
-// then exported as a run's end exports it.
+// A QAT checkpoint restored as train_mobilenet restores it, exported as a
+// run's end exports it, and that export written as ONNX.
 void export_checkpoint(const SafetensorsFile& file, const std::string& out) {
-    quant::QuantPolicy policy;
-    try {
-        policy = quant::QuantPolicy::from_json(file.metadata.at(quant::kQuantPolicyKey));
-    } catch (const Error& e) {
-        throw Error(cat(file.source, ": metadata '", quant::kQuantPolicyKey, "': ", e.what()));
-    }
-    const std::optional<ModelConfig> config = checkpoint_model_config(file);
-    HFQ_CHECK(config, file.source, ": the checkpoint has no '", kModelConfigKey, "' metadata");
-    std::shared_ptr<Model> model = build_model(*config);
-    quant::quantize_model(*model, policy);
-    load_state_dict(*model, model_tensors(file));
-    model->eval();
-    const TemporaryFile exported{fs::temp_directory_path() / cat("export_onnx-", ::getpid(), ".safetensors")};
-    quant::export_quantized_model(exported.path.string(), *model, policy, checkpoint_preprocessing(file));
-    deploy::write_onnx(exported.path.string(), out);
+    const TemporaryExport exported(restore_qat_checkpoint(file), checkpoint_preprocessing(file));
+    deploy::write_onnx(exported.path(), out);
 }
 
 }  // namespace

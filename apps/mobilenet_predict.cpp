@@ -1,9 +1,32 @@
-// mobilenet_predict: classifies images (or a tensor batch) with a MobileNet
-// checkpoint, in evaluation mode.
+// mobilenet_predict: classifies images (or a tensor batch) with anything
+// train_mobilenet writes, in evaluation mode.
 //
 //   mobilenet_predict --weights model.safetensors cat.jpg dog.png
 //   mobilenet_predict --weights model.safetensors --tensor batch.safetensors
 //   mobilenet_predict --weights mobilenet_v2.safetensors --arch v2 --width 1.0 --classes 1000 img.jpg
+//   mobilenet_predict --weights run/export.safetensors --fake-quant img.jpg
+//
+// What runs depends on the file's metadata:
+//   a float checkpoint (float.safetensors, torchvision weights)
+//       the float model;
+//   a QAT checkpoint ("hfq.quant_policy": final.safetensors, or a run's
+//   checkpoint.safetensors, whose optimizer state is skipped)
+//       the fake-quant model, rebuilt as train_mobilenet restores it
+//       (quantize_model with the policy, then the checkpoint's tensors);
+//       --integer, for a W4A8 policy (activation bits): the model exported to a
+//       temporary file (removed afterwards) and run by the integer engine;
+//   an export ("hfq.export": export.safetensors)
+//       W4A8 (every layer's input on an activation grid): the integer engine
+//       (deploy/integer_engine.h), integer arithmetic only;
+//       weight-only, or W4A8 with --fake-quant: the model rebuilt from the
+//       export (quant::build_model_from_export: IntegerLayers in float).
+// The fake-quant model and the integer engine give the same logits bit for
+// bit on a W4A8 model (the engine's claim, tests/test_integer_engine.cpp), so
+// --integer / --fake-quant choose how the numbers are computed, not what they
+// are. A choice the file does not offer (--integer on a float or weight-only
+// model, --fake-quant on a float checkpoint, both flags) is an error;
+// --fake-quant where it is the default (a QAT checkpoint, a weight-only
+// export) changes nothing.
 //
 // Standard output: one JSON object per input, one per line:
 //   {"input": "cat.jpg", "logits": [...all classes...], "top5": [[index, probability], ...]}
@@ -11,13 +34,13 @@
 // exit status 2; a bad checkpoint or option gives a message on standard error
 // and the exit status 1.
 //
-// The architecture comes from the checkpoint's "hfq.model" metadata, or from
-// --arch/--width/--classes/--input-channels/--small-input (needed for
-// converted torchvision weights without metadata; they override metadata).
-// Images are decoded and preprocessed by the data library as the checkpoint's
-// "hfq.preprocessing" says (resize the shorter side, centre crop, normalize),
-// ImageNet's 256 / 224 and mean / std without it. --tensor reads an NCHW
-// float32 batch: the tensor named "input", else the file's first tensor.
+// The architecture comes from the file's "hfq.model" metadata, or, for a
+// checkpoint, from --arch/--width/--classes/--input-channels/--small-input
+// (needed for converted torchvision weights without metadata; they override
+// metadata). Images are decoded and preprocessed by the data library as the
+// file's "hfq.preprocessing" says (resize the shorter side, centre crop,
+// normalize), ImageNet's 256 / 224 and mean / std without it. --tensor reads
+// an NCHW float32 batch: the tensor named "input", else the file's first tensor.
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -31,10 +54,15 @@
 #include <vector>
 
 #include "data/image_folder.h"
+#include "deploy/integer_engine.h"
 #include "engine/check.h"
 #include "engine/safetensors.h"
 #include "layers/checkpoint.h"
 #include "layers/model.h"
+#include "quant/export.h"
+#include "train/evaluate.h"
+#include "train/qat_checkpoint.h"
+#include "train/training_checkpoint.h"
 
 using namespace hfq;
 
@@ -55,6 +83,8 @@ struct Options {
     int input_channels = 3;
     bool small_input = false;
     int batch_size = 16;
+    bool integer = false;     // run the integer engine
+    bool fake_quant = false;  // run a model in float arithmetic
 };
 
 // The model config: the command line's when --arch is given, else the
@@ -84,6 +114,73 @@ Preprocessing choose_preprocessing(const SafetensorsFile& file, int input_channe
     return p;
 }
 
+// What computes the logits, chosen once from the file: a function from
+// images {N, H, W, C} to logits {N, classes} (train/evaluate.h's LogitsFn), so
+// that every kind of file goes through the same input and output code.
+struct Network {
+    ModelConfig config;  // what the inputs must fit (input channels)
+    LogitsFn logits;
+};
+
+Network model_network(std::shared_ptr<Model> model) {
+    model->eval();
+    return {model->config(), [model](const Tensor& images) {
+                NoGradGuard no_grad;
+                return (*model)(Variable(images)).value();
+            }};
+}
+
+Network engine_network(std::shared_ptr<const deploy::IntegerEngine> engine) {
+    return {engine->model().config(), [engine](const Tensor& images) { return engine->run(images).float_logits(); }};
+}
+
+// A W4A8 export: every layer's input is on an activation quantizer's grid,
+// what the integer engine needs (a weight-only export has null input grids).
+bool is_w4a8_export(const SafetensorsFile& file) {
+    try {
+        const nlohmann::json layers = nlohmann::json::parse(file.metadata.at(quant::kExportKey)).at("layers");
+        return !layers.empty() && std::all_of(layers.begin(), layers.end(),
+                                              [](const nlohmann::json& l) { return !l.at("input_grid").is_null(); });
+    } catch (const nlohmann::json::exception& e) {
+        throw Error(cat(file.source, ": metadata '", quant::kExportKey, "': ", e.what()));
+    }
+}
+
+Network export_network(const Options& o, const SafetensorsFile& file) {
+    HFQ_CHECK(o.arch.empty(), o.weights, ": an export runs the network of its \"", kModelConfigKey,
+              "\" metadata; --arch is for checkpoints");
+    if (is_w4a8_export(file) && !o.fake_quant)
+        return engine_network(std::make_shared<const deploy::IntegerEngine>(file));
+    HFQ_CHECK(!o.integer, o.weights,
+              ": a weight-only export (its layers' inputs are on no activation grid): --integer runs the integer "
+              "engine, which needs a W4A8 export (train_mobilenet --activation-bits 8)");
+    return model_network(quant::build_model_from_export(file));
+}
+
+// As train_mobilenet restores a QAT run (train/qat_checkpoint.h); for
+// --integer exported as a run's end exports it, to a temporary file the
+// engine reads whole when built.
+Network qat_network(const Options& o, const SafetensorsFile& file) {
+    const QatModel qat = restore_qat_checkpoint(file, choose_config(o, file));
+    HFQ_CHECK(!o.integer || qat.policy.activation_bits > 0, o.weights,
+              ": a weight-only QAT checkpoint (no activation bits in its policy): --integer runs the integer "
+              "engine, which needs a W4A8 model (train_mobilenet --activation-bits 8)");
+    if (!o.integer) return model_network(qat.model);
+    const TemporaryExport exported(qat, checkpoint_preprocessing(file));
+    return engine_network(std::make_shared<const deploy::IntegerEngine>(exported.path()));
+}
+
+Network choose_network(const Options& o, const SafetensorsFile& file) {
+    HFQ_CHECK(!(o.integer && o.fake_quant), "--integer and --fake-quant exclude each other: give one of them");
+    if (file.metadata.count(quant::kExportKey)) return export_network(o, file);
+    if (file.metadata.count(quant::kQuantPolicyKey)) return qat_network(o, file);
+    HFQ_CHECK(!o.integer && !o.fake_quant, o.weights, ": a float checkpoint (no \"", quant::kQuantPolicyKey, "\" or \"",
+              quant::kExportKey, "\" metadata): --integer and --fake-quant are for quantized models");
+    std::shared_ptr<Model> model = build_model(choose_config(o, file));
+    load_state_dict(*model, model_tensors(file));
+    return model_network(model);
+}
+
 // softmax(logits) in double, then the k largest as [index, probability].
 Json top_k(const float* logits, int n, int k) {
     const double peak = *std::max_element(logits, logits + n);
@@ -99,10 +196,9 @@ Json top_k(const float* logits, int n, int k) {
     return out;
 }
 
-// Runs the model on {N, H, W, C}: one JSON line per row.
-std::vector<Json> predict(Model& model, const Tensor& batch, const std::vector<std::string>& names) {
-    NoGradGuard no_grad;
-    const Tensor logits = model(Variable(batch)).value();  // {N, classes}
+// Runs the network on {N, H, W, C}: one JSON line per row.
+std::vector<Json> predict(const Network& network, const Tensor& batch, const std::vector<std::string>& names) {
+    const Tensor logits = network.logits(batch);  // {N, classes}
     const int classes = static_cast<int>(logits.dim(1));
     std::vector<Json> lines;
     for (size_t i = 0; i < names.size(); ++i) {
@@ -122,7 +218,7 @@ void print(const std::vector<Json>& lines) {
 }
 
 // --tensor: an NCHW float32 batch ({C, H, W} for one input), to NHWC.
-void predict_tensor(Model& model, const std::string& path, int batch_size) {
+void predict_tensor(const Network& network, const std::string& path, int batch_size) {
     const SafetensorsFile file = read_safetensors(path);
     HFQ_CHECK(!file.tensors.empty(), path, ": holds no tensor");
     const Tensor& t = file.has("input") ? file.get("input") : file.tensors.front().second;
@@ -131,8 +227,8 @@ void predict_tensor(Model& model, const std::string& path, int batch_size) {
               "' must be float32 NCHW (or CHW), got ", dtype_name(t.dtype()), " ", shape_str(t.shape()));
     const Tensor nchw = t.rank() == 4 ? t : t.reshape({1, t.dim(0), t.dim(1), t.dim(2)});
     const int64_t n = nchw.dim(0), c = nchw.dim(1), h = nchw.dim(2), w = nchw.dim(3);
-    HFQ_CHECK(c == model.config().input_channels, path, ": tensor '", name, "' has ", c, " channels, the model takes ",
-              model.config().input_channels);
+    HFQ_CHECK(c == network.config.input_channels, path, ": tensor '", name, "' has ", c, " channels, the model takes ",
+              network.config.input_channels);
     for (int64_t first = 0; first < n; first += batch_size) {
         const int64_t count = std::min<int64_t>(batch_size, n - first);
         Tensor batch = Tensor::empty({count, h, w, c});
@@ -143,14 +239,15 @@ void predict_tensor(Model& model, const std::string& path, int batch_size) {
                 for (int64_t p = 0; p < h * w; ++p) dst[(i * h * w + p) * c + ch] = src[(i * c + ch) * h * w + p];
         std::vector<std::string> names;
         for (int64_t i = 0; i < count; ++i) names.push_back(cat(path, "[", first + i, "]"));
-        print(predict(model, batch, names));
+        print(predict(network, batch, names));
     }
 }
 
 // Image files, through the data library's evaluation transform. Returns the
 // number of unreadable images (each reported as an "error" line).
-int predict_images(Model& model, const std::vector<std::string>& paths, const Preprocessing& pre, int batch_size) {
-    const int channels = model.config().input_channels;
+int predict_images(const Network& network, const std::vector<std::string>& paths, const Preprocessing& pre,
+                   int batch_size) {
+    const int channels = network.config.input_channels;
     HFQ_CHECK(channels == 1 || channels == 3, "images need a model with 1 or 3 input channels, not ", channels);
     HFQ_CHECK(static_cast<int>(pre.mean.size()) == channels, "the preprocessing metadata has ", pre.mean.size(),
               " mean values for a model with ", channels, " input channels");
@@ -203,7 +300,7 @@ int predict_images(Model& model, const std::vector<std::string>& paths, const Pr
             }
         }
         if (!names.empty()) {
-            std::vector<Json> results = predict(model, batch.slice0(0, static_cast<int64_t>(names.size())), names);
+            std::vector<Json> results = predict(network, batch.slice0(0, static_cast<int64_t>(names.size())), names);
             for (size_t k = 0; k < slots.size(); ++k) lines[slots[k]] = std::move(results[k]);
         }
         print(lines);
@@ -214,9 +311,9 @@ int predict_images(Model& model, const std::vector<std::string>& paths, const Pr
 }  // namespace
 
 int main(int argc, char** argv) {
-    CLI::App app{"Classify images or a tensor batch with a MobileNet checkpoint (JSON lines on standard output)"};
+    CLI::App app{"Classify images or a tensor batch with a MobileNet checkpoint or export (JSON lines on stdout)"};
     Options o;
-    app.add_option("--weights", o.weights, "checkpoint (.safetensors)")->required()->check(CLI::ExistingFile);
+    app.add_option("--weights", o.weights, "checkpoint or export (.safetensors)")->required()->check(CLI::ExistingFile);
     app.add_option("--tensor", o.tensor, "safetensors file with an NCHW float32 batch ('input' or the first tensor)")
         ->check(CLI::ExistingFile);
     app.add_option("images", o.images, "JPEG or PNG files");
@@ -229,21 +326,23 @@ int main(int argc, char** argv) {
     app.add_option("--batch-size", o.batch_size, "inputs per forward pass")
         ->capture_default_str()
         ->check(CLI::PositiveNumber);
+    app.add_flag("--integer", o.integer,
+                 "run the integer engine: the default for a W4A8 export; a W4A8 QAT checkpoint is exported to a "
+                 "temporary file for it");
+    app.add_flag("--fake-quant", o.fake_quant,
+                 "for a W4A8 export: run the model rebuilt from it (float arithmetic), not the integer engine");
     CLI11_PARSE(app, argc, argv);
 
     try {
         HFQ_CHECK(o.tensor.empty() != o.images.empty(), "give image files or --tensor FILE (one of them)");
         const SafetensorsFile file = read_safetensors(o.weights);
-        const ModelConfig config = choose_config(o, file);
-        std::shared_ptr<Model> model = build_model(config);
-        load_state_dict(*model, file);
-        model->eval();
+        const Network network = choose_network(o, file);
         if (!o.tensor.empty()) {
-            predict_tensor(*model, o.tensor, o.batch_size);
+            predict_tensor(network, o.tensor, o.batch_size);
             return 0;
         }
-        const Preprocessing pre = choose_preprocessing(file, config.input_channels);
-        return predict_images(*model, o.images, pre, o.batch_size) == 0 ? 0 : 2;
+        const Preprocessing pre = choose_preprocessing(file, network.config.input_channels);
+        return predict_images(network, o.images, pre, o.batch_size) == 0 ? 0 : 2;
     } catch (const std::exception& e) {
         std::cerr << "mobilenet_predict: " << e.what() << '\n';
         return 1;

@@ -1,5 +1,7 @@
 // mobilenet_predict, run as a program: tensor and image inputs, the
-// architecture from metadata or the command line, JSON lines, errors.
+// architecture from metadata or the command line, JSON lines, errors; QAT
+// checkpoints and exports (weight-only and W4A8), each run the way its
+// metadata says or --integer / --fake-quant choose.
 #include <doctest/doctest.h>
 
 #include <sys/wait.h>
@@ -12,11 +14,17 @@
 #include <opencv2/imgcodecs.hpp>
 
 #include "data/image_folder.h"
+#include "deploy/integer_engine.h"
 #include "engine/check.h"
+#include "engine/ops.h"
 #include "engine/tensor_math.h"
 #include "layers/checkpoint.h"
+#include "quant/export.h"
+#include "quant/quantize_model.h"
 #include "tests/gradcheck.h"
 #include "tests/test_data_util.h"
+#include "tests/test_model_util.h"
+#include "train/training_checkpoint.h"
 
 using namespace hfq;
 namespace fs = std::filesystem;
@@ -31,12 +39,13 @@ struct Run {
     std::string err;
 };
 
-// The program sits next to this test in the build folder.
-Run run_predict(const std::string& args, const test::TempDir& dir) {
+// The program sits next to this test in the build folder. `env` goes before
+// it on the shell's command line ("NAME=value ...").
+Run run_predict(const std::string& args, const test::TempDir& dir, const std::string& env = "") {
     const fs::path exe = fs::read_symlink("/proc/self/exe").parent_path() / "mobilenet_predict";
     REQUIRE_MESSAGE(fs::exists(exe), exe.string(), " is not built");
     const std::string err_file = dir / "stderr.txt";
-    FILE* pipe = ::popen((exe.string() + " " + args + " 2>" + err_file).c_str(), "r");
+    FILE* pipe = ::popen((env + " " + exe.string() + " " + args + " 2>" + err_file).c_str(), "r");
     REQUIRE(pipe != nullptr);
     Run r;
     std::string out;
@@ -82,6 +91,49 @@ Tensor model_logits(const SafetensorsFile& weights, const Tensor& x) {
 }
 
 bool same_floats(const Tensor& a, const Tensor& b) { return a.shape() == b.shape() && a.to_vector() == b.to_vector(); }
+
+// A run that printed one line per row of `expected` {N, K}, with these logits
+// bit for bit.
+void check_logits(const Run& r, const Tensor& expected) {
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    REQUIRE(static_cast<int64_t>(r.lines.size()) == expected.dim(0));
+    for (int64_t i = 0; i < expected.dim(0); ++i) CHECK(same_floats(logits_of(r.lines[i]), expected.slice0(i, i + 1)));
+}
+
+void check_refused(const Run& r, const std::string& message) {
+    CHECK(r.status == 1);
+    CHECK(r.lines.empty());
+    CHECK_MESSAGE(r.err.find(message) != std::string::npos, r.err);
+}
+
+quant::QuantPolicy policy(int activation_bits) {
+    quant::QuantPolicy p;
+    p.options.per_channel = true;
+    p.activation_bits = activation_bits;  // 8: W4A8, 0: weight-only
+    p.freeze_bn_step = 3;                 // the last steps train the evaluation graph
+    return p;
+}
+
+// A tiny quantized model after 5 training steps, in evaluation mode.
+std::shared_ptr<Model> trained_model(Arch arch, const quant::QuantPolicy& policy) {
+    auto model = build_model(testing::small_model_config(arch), 31);
+    quant::quantize_model(*model, policy);
+    testing::train_steps(*model, testing::random_tensor({4, 16, 16, 3}, 32), 5);
+    model->eval();
+    return model;
+}
+
+Tensor eval_logits(Model& model, const Tensor& x) {
+    NoGradGuard ng;
+    return model(Variable(x)).value();
+}
+
+// The QAT checkpoint train_mobilenet writes (final.safetensors): the model's
+// tensors, its policy in the metadata.
+void save_qat_checkpoint(const std::string& path, Model& model, const quant::QuantPolicy& policy) {
+    save_checkpoint(path, model, std::nullopt, {{quant::kQuantPolicyKey, policy.to_json()}});
+}
 
 }  // namespace
 
@@ -212,4 +264,69 @@ TEST_CASE("architecture from the command line for weights without metadata; erro
     const Run missing = run_predict("--weights " + q(dir / "absent.safetensors") + " x.png", dir);
     CHECK(missing.status != 0);
     CHECK(missing.lines.empty());
+}
+
+TEST_CASE("a W4A8 model: its QAT checkpoint and its export, through the fake-quant model or the integer engine") {
+    test::TempDir dir;
+    const quant::QuantPolicy w4a8 = policy(8);
+    auto model = trained_model(Arch::mobilenet_v2, w4a8);  // V2: residual sums too
+    save_qat_checkpoint(dir / "qat.safetensors", *model, w4a8);
+    quant::export_quantized_model(dir / "export.safetensors", *model, w4a8);
+    const Tensor x = testing::random_tensor({3, 16, 16, 3}, 7);
+    write_safetensors(dir / "batch.safetensors", {{"input", to_nchw(x)}});
+    const std::string batch = " --tensor " + q(dir / "batch.safetensors");
+    // The program loads the checkpoint into the model quantize_model builds
+    // and runs it on a batch of the same shape: the same code, the same floats.
+    const Tensor fake_quant = eval_logits(*model, x);
+
+    // QAT checkpoint: the fake-quant model.
+    check_logits(run_predict("--weights " + q(dir / "qat.safetensors") + batch, dir), fake_quant);
+    // QAT checkpoint, --integer: exported to a temporary file (removed
+    // afterwards) and run by the integer engine.
+    const std::string tmp = dir / "tmp";
+    fs::create_directory(tmp);
+    check_logits(run_predict("--weights " + q(dir / "qat.safetensors") + " --integer" + batch, dir, "TMPDIR=" + q(tmp)),
+                 fake_quant);
+    CHECK(fs::is_empty(tmp));
+    // Export: the integer engine, whose logits are the fake-quant model's.
+    const Run engine = run_predict("--weights " + q(dir / "export.safetensors") + batch, dir);
+    check_logits(engine, deploy::IntegerEngine(dir / "export.safetensors").run(x).float_logits());
+    check_logits(engine, fake_quant);
+    // Export, --fake-quant: the model rebuilt from the export, in float.
+    const Run rebuilt = run_predict("--weights " + q(dir / "export.safetensors") + " --fake-quant" + batch, dir);
+    check_logits(rebuilt, eval_logits(*quant::build_model_from_export(dir / "export.safetensors"), x));
+    check_logits(rebuilt, fake_quant);
+
+    check_refused(run_predict("--weights " + q(dir / "export.safetensors") + " --integer --fake-quant" + batch, dir),
+                  "--integer and --fake-quant exclude each other");
+}
+
+TEST_CASE("a weight-only model: its export runs the model rebuilt from it; --integer is refused") {
+    test::TempDir dir;
+    const quant::QuantPolicy weight_only = policy(0);
+    auto model = trained_model(Arch::mobilenet_v1, weight_only);
+    save_qat_checkpoint(dir / "qat.safetensors", *model, weight_only);
+    quant::export_quantized_model(dir / "export.safetensors", *model, weight_only);
+    const Tensor x = testing::random_tensor({3, 16, 16, 3}, 8);
+    write_safetensors(dir / "batch.safetensors", {{"input", to_nchw(x)}});
+    const std::string batch = " --tensor " + q(dir / "batch.safetensors");
+
+    check_logits(run_predict("--weights " + q(dir / "qat.safetensors") + batch, dir), eval_logits(*model, x));
+    // A run's checkpoint.safetensors holds the optimizers' state beside the
+    // model's (train/training_checkpoint.h): left out, the same model.
+    std::vector<std::pair<std::string, Tensor>> tensors = model->state_dict();
+    tensors.emplace_back(std::string(kOptimizerPrefix) + "weights/momentum.0", Tensor::zeros({1}));
+    write_safetensors(dir / "checkpoint.safetensors", tensors, read_safetensors(dir / "qat.safetensors").metadata);
+    check_logits(run_predict("--weights " + q(dir / "checkpoint.safetensors") + batch, dir), eval_logits(*model, x));
+    check_logits(run_predict("--weights " + q(dir / "export.safetensors") + batch, dir),
+                 eval_logits(*quant::build_model_from_export(dir / "export.safetensors"), x));
+
+    check_refused(run_predict("--weights " + q(dir / "export.safetensors") + " --integer" + batch, dir),
+                  "a weight-only export (its layers' inputs are on no activation grid): --integer runs the integer "
+                  "engine, which needs a W4A8 export");
+    check_refused(run_predict("--weights " + q(dir / "qat.safetensors") + " --integer" + batch, dir),
+                  "a weight-only QAT checkpoint (no activation bits in its policy)");
+    check_refused(run_predict("--weights " + q(kData + "/model_v1.safetensors") + " --fake-quant" + batch, dir),
+                  "a float checkpoint (no \"hfq.quant_policy\" or \"hfq.export\" metadata): --integer and "
+                  "--fake-quant are for quantized models");
 }
