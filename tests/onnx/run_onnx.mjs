@@ -1,15 +1,19 @@
 // Runs an ONNX model on onnxruntime's CPU provider, for tests/test_onnx_export.cpp:
-//   node run_onnx.mjs MODEL.onnx INPUT.f32 N,H,W,C OUTPUT.f32
+//   node run_onnx.mjs MODEL.onnx INPUT.f32 N,H,W,C OUTPUT.f32 [LEVEL]
 // INPUT.f32 is the one input tensor as raw little-endian float32 in the
 // given shape; the model's one output is written to OUTPUT.f32 the same way,
-// and its shape printed on stdout ("output 16,10").
+// and its shape printed on stdout ("output 16,10"). LEVEL is onnxruntime's
+// graph optimization level: "all" (its default, what a user gets: QDQ
+// groups fused into int8 kernels such as QLinearConv and QLinearAdd) or
+// "basic" (no such fusion: every operator as the ONNX standard defines it).
 // Exit code 0 on success, 1 (with the error on stderr) otherwise.
 import { readFileSync, writeFileSync } from 'node:fs';
 import ort from 'onnxruntime-node';
 
 async function main() {
-  const [model, inputPath, shapeText, outputPath] = process.argv.slice(2);
-  if (!outputPath) throw new Error('usage: node run_onnx.mjs MODEL.onnx INPUT.f32 N,H,W,C OUTPUT.f32');
+  const [model, inputPath, shapeText, outputPath, level = 'all'] = process.argv.slice(2);
+  if (!outputPath) throw new Error('usage: node run_onnx.mjs MODEL.onnx INPUT.f32 N,H,W,C OUTPUT.f32 [all|basic]');
+  if (level !== 'all' && level !== 'basic') throw new Error(`optimization level '${level}': all or basic`);
   const shape = shapeText.split(',').map(Number);
   const bytes = readFileSync(inputPath);
   const data = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
@@ -21,6 +25,7 @@ async function main() {
     executionProviders: ['cpu'],
     intraOpNumThreads: 1,
     interOpNumThreads: 1,
+    graphOptimizationLevel: level,
   });
   const feeds = { [session.inputNames[0]]: new ort.Tensor('float32', data, shape) };
   const result = await session.run(feeds);
