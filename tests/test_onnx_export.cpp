@@ -36,6 +36,7 @@
 #include "tests/float_error.h"
 #include "tests/gradcheck.h"
 #include "tests/test_model_util.h"
+#include "tests/test_train_util.h"
 #include "tests/test_quant_util.h"
 
 using namespace hfq;
@@ -565,4 +566,34 @@ TEST_CASE("export_onnx: from an export or from its QAT checkpoint, write_onnx's 
 
     for (const std::string& f : {exported, qat, plain, expected, beside, from_qat}) std::filesystem::remove(f);
     std::filesystem::remove_all(tmp);
+}
+
+TEST_CASE("check_onnx: a run folder's export.onnx on its test images, against the integer engine") {
+    const std::string exe = (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "check_onnx").string();
+    REQUIRE_MESSAGE(std::filesystem::exists(exe), exe, " is not built");
+    test::TempDir dir;
+    test::make_image_folder(dir / "images");  // 18 test images, 3 classes
+    TrainConfig config = test::tiny_config(dir / "images", dir / "run");
+    std::filesystem::create_directories(dir / "run");
+    write_file_atomically(dir / "run/config.json", config.to_json());
+    const auto [model, policy] = trained_model(Arch::mobilenet_v1, 8);  // 5 classes: the images' 3 and 2 unused
+    quant::export_quantized_model(dir / "run/export.safetensors", *model, policy);
+    deploy::write_onnx(dir / "run/export.safetensors", dir / "run/export.onnx");
+
+    // V1 W4A8: identical logits at both levels. Up to the classifier the codes
+    // are exact (the W4A8 test above says why), and V1 x0.25's classifier
+    // sums 256 features: 256 * 255 * 127 < 2^24 units, exact in float32 too.
+    for (const std::string level : {"all", "basic"}) {
+        const auto [said, status] = run(cat(exe, " '", dir / "run", "' --level ", level, " 2>&1"));
+        INFO(said);
+        CHECK(status == 0);
+        CHECK(said.find("export.onnx on 18 test images (onnxruntime at level " + level + ")") != std::string::npos);
+        CHECK(said.find("hfq (the integer engine) top-1") != std::string::npos);
+        CHECK(said.find("same top-1 on 18, identical logits on 18; largest |logit difference| 0\n") !=
+              std::string::npos);
+    }
+    std::filesystem::remove(dir / "run/export.onnx");
+    const auto [missing, missing_status] = run(cat(exe, " '", dir / "run", "' 2>&1"));
+    CHECK(WEXITSTATUS(missing_status) == 1);
+    CHECK_MESSAGE(missing.find("export.onnx does not exist") != std::string::npos, missing);
 }
