@@ -434,11 +434,12 @@ namespace {
 // That is the ONNX operators' arithmetic, which onnxruntime follows at the
 // optimization level "basic". At its default level it fuses each QDQ group
 // into an int8 kernel. V1 at "all" still meets the bound (identical here);
-// V2, whose residual sums become QLinearAdd, does not: that kernel
-// requantizes with a fixed-point multiplier and shift (MLAS), not with
-// QuantizeLinear's float division rounded half to even, so at least its
-// ties can round otherwise. V2 at "all" is measured, not bounded (returned:
-// the worst ratio to the bound).
+// V2 does not, and does again with those fusions switched off
+// (session.disable_quant_qdq): its fused graph has kernels V1's lacks,
+// QLinearAdd (MLAS requantizes it with a fixed-point multiplier and shift,
+// not QuantizeLinear's division rounded half to even) and convolutions with
+// int8 outputs (docs/deploy.md). V2 at "all" is measured, not bounded
+// (returned: the worst ratio to the bound).
 double check_w4a8_in_onnxruntime(Arch arch, const std::string& level) {
     const std::string exported = trained_export(arch, 8), onnx_path = temp_path("w4a8-logits.onnx");
     deploy::write_onnx(exported, onnx_path);
