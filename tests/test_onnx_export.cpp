@@ -432,15 +432,13 @@ namespace {
 //   |O_j - E_j| <= gamma(K + 2) S_j,   S_j = (sum_k |c_x,k c_w,jk| + |b_j|) 2^u_j
 // (gamma(K + 1) for onnxruntime's sum, u <= gamma(1) for the engine's rounding).
 // That is the ONNX operators' arithmetic, which onnxruntime follows at the
-// optimization level "basic". At its default level it fuses each QDQ group
-// into an int8 kernel. V1 at "all" still meets the bound (identical here);
-// V2 does not, and does again with those fusions switched off
-// (session.disable_quant_qdq): its fused graph has kernels V1's lacks,
-// QLinearAdd (MLAS requantizes it with a fixed-point multiplier and shift,
-// not QuantizeLinear's division rounded half to even) and convolutions with
-// int8 outputs (docs/deploy.md). V2 at "all" is measured, not bounded
-// (returned: the worst ratio to the bound).
-double check_w4a8_in_onnxruntime(Arch arch, const std::string& level) {
+// optimization level "basic". At its default level, "all", it fuses each QDQ
+// group into an int8 kernel (QLinearConv, QLinearAdd), whose arithmetic
+// depends on the CPU (MLAS picks its int8 kernels by ISA) and is not the
+// standard's: on this AVX2 machine V1 here was identical, V2 83x the bound,
+// and a Fashion-MNIST V1 differed on every test image (docs/deploy.md). So
+// "all" is measured (HFQ_SHOW_ERRORS=1 prints the worst ratio to the bound), not asserted.
+void check_w4a8_in_onnxruntime(Arch arch, const std::string& level) {
     const std::string exported = trained_export(arch, 8), onnx_path = temp_path("w4a8-logits.onnx");
     deploy::write_onnx(exported, onnx_path);
     const Tensor x = random_tensor({kBatch, kSize, kSize, 3}, 35);
@@ -475,28 +473,24 @@ double check_w4a8_in_onnxruntime(Arch arch, const std::string& level) {
     const double ratio = worst_ratio(ort, hfq, bound);
     if (std::getenv("HFQ_SHOW_ERRORS"))
         MESSAGE(std::string(arch_name(arch)), " W4A8, level ", level, ": worst |onnxruntime - engine| / bound = ", ratio);
-    if (arch == Arch::mobilenet_v1 || level == "basic") {
+    if (level == "basic") {
         CHECK(ratio <= 1.0);
         for (int64_t i = 0; i < kBatch; ++i) CHECK_MESSAGE(top1(ort, i) == top1(hfq, i), "image ", i);
     }
     std::filesystem::remove(exported);
     std::filesystem::remove(onnx_path);
-    return ratio;
 }
 
 }  // namespace
 
 TEST_CASE("export.onnx of a W4A8 MobileNetV1 in onnxruntime: the integer engine's logits, within the classifier's bound") {
     check_w4a8_in_onnxruntime(Arch::mobilenet_v1, "basic");
-    check_w4a8_in_onnxruntime(Arch::mobilenet_v1, "all");
+    check_w4a8_in_onnxruntime(Arch::mobilenet_v1, "all");  // measured (HFQ_SHOW_ERRORS=1 prints it)
 }
 
-TEST_CASE("export.onnx of a W4A8 MobileNetV2 in onnxruntime: within the classifier's bound with the ONNX operators' "
-          "arithmetic, not with onnxruntime's fused QLinearAdd") {
+TEST_CASE("export.onnx of a W4A8 MobileNetV2 in onnxruntime: the integer engine's logits, within the classifier's bound") {
     check_w4a8_in_onnxruntime(Arch::mobilenet_v2, "basic");
-    // The fused kernels' tie rule shows: if a later onnxruntime rounded as
-    // QuantizeLinear does, this would fail, and docs/deploy.md would change.
-    CHECK(check_w4a8_in_onnxruntime(Arch::mobilenet_v2, "all") > 1.0);
+    check_w4a8_in_onnxruntime(Arch::mobilenet_v2, "all");  // measured
 }
 
 TEST_CASE("a broken export is an error naming the file and the tensor") {
@@ -581,18 +575,20 @@ TEST_CASE("check_onnx: a run folder's export.onnx on its test images, against th
     quant::export_quantized_model(dir / "run/export.safetensors", *model, policy);
     deploy::write_onnx(dir / "run/export.safetensors", dir / "run/export.onnx");
 
-    // V1 W4A8: identical logits at both levels. Up to the classifier the codes
+    // V1 W4A8 at level basic: identical logits. Up to the classifier the codes
     // are exact (the W4A8 test above says why), and V1 x0.25's classifier
     // sums 256 features: 256 * 255 * 127 < 2^24 units, exact in float32 too.
-    for (const std::string level : {"all", "basic"}) {
-        const auto [said, status] = run(cat(exe, " '", dir / "run", "' --level ", level, " 2>&1"));
-        INFO(said);
-        CHECK(status == 0);
-        CHECK(said.find("export.onnx on 18 test images (onnxruntime at level " + level + ")") != std::string::npos);
-        CHECK(said.find("hfq (the integer engine) top-1") != std::string::npos);
-        CHECK(said.find("same top-1 on 18, identical logits on 18; largest |logit difference| 0\n") !=
-              std::string::npos);
-    }
+    const auto [said, status] = run(cat(exe, " '", dir / "run", "' --level basic 2>&1"));
+    INFO(said);
+    CHECK(status == 0);
+    CHECK(said.find("export.onnx on 18 test images (onnxruntime at level basic)") != std::string::npos);
+    CHECK(said.find("hfq (the integer engine) top-1") != std::string::npos);
+    CHECK(said.find("same top-1 on 18, identical logits on 18; largest |logit difference| 0\n") != std::string::npos);
+    // The default level runs onnxruntime's own int8 kernels: measured, not asserted.
+    const auto [said_all, status_all] = run(cat(exe, " '", dir / "run", "' 2>&1"));
+    INFO(said_all);
+    CHECK(status_all == 0);
+    CHECK(said_all.find("export.onnx on 18 test images (onnxruntime at level all)") != std::string::npos);
     std::filesystem::remove(dir / "run/export.onnx");
     const auto [missing, missing_status] = run(cat(exe, " '", dir / "run", "' 2>&1"));
     CHECK(WEXITSTATUS(missing_status) == 1);
