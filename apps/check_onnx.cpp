@@ -50,10 +50,7 @@ std::string read_text(const fs::path& path) {
 // hfq's logits for the export: the integer engine where the export is W4A8
 // (every layer's input on a grid), else the model rebuilt from it.
 LogitsFn hfq_logits(const SafetensorsFile& file, std::string& what) {
-    const nlohmann::json layers = nlohmann::json::parse(file.metadata.at(quant::kExportKey)).at("layers");
-    const bool w4a8 = std::all_of(layers.begin(), layers.end(),
-                                  [](const nlohmann::json& l) { return !l.at("input_grid").is_null(); });
-    if (w4a8) {
+    if (quant::is_w4a8_export(file)) {
         what = "the integer engine";
         auto engine = std::make_shared<const deploy::IntegerEngine>(file);
         return [engine](const Tensor& images) { return engine->run(images).float_logits(); };

@@ -134,22 +134,10 @@ Network engine_network(std::shared_ptr<const deploy::IntegerEngine> engine) {
     return {engine->model().config(), [engine](const Tensor& images) { return engine->run(images).float_logits(); }};
 }
 
-// A W4A8 export: every layer's input is on an activation quantizer's grid,
-// what the integer engine needs (a weight-only export has null input grids).
-bool is_w4a8_export(const SafetensorsFile& file) {
-    try {
-        const nlohmann::json layers = nlohmann::json::parse(file.metadata.at(quant::kExportKey)).at("layers");
-        return !layers.empty() && std::all_of(layers.begin(), layers.end(),
-                                              [](const nlohmann::json& l) { return !l.at("input_grid").is_null(); });
-    } catch (const nlohmann::json::exception& e) {
-        throw Error(cat(file.source, ": metadata '", quant::kExportKey, "': ", e.what()));
-    }
-}
-
 Network export_network(const Options& o, const SafetensorsFile& file) {
     HFQ_CHECK(o.arch.empty(), o.weights, ": an export runs the network of its \"", kModelConfigKey,
               "\" metadata; --arch is for checkpoints");
-    if (is_w4a8_export(file) && !o.fake_quant)
+    if (quant::is_w4a8_export(file) && !o.fake_quant)
         return engine_network(std::make_shared<const deploy::IntegerEngine>(file));
     HFQ_CHECK(!o.integer, o.weights,
               ": a weight-only export (its layers' inputs are on no activation grid): --integer runs the integer "

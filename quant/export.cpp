@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "engine/check.h"
@@ -213,6 +214,16 @@ void add_unwrapped_state(Model& model, NamedTensorList& tensors) {
 }
 
 }  // namespace
+
+bool is_w4a8_export(const SafetensorsFile& file) {
+    const nlohmann::json layers = export_metadata(file).at("layers");
+    try {
+        return !layers.empty() && std::all_of(layers.begin(), layers.end(),
+                                              [](const nlohmann::json& l) { return !l.at("input_grid").is_null(); });
+    } catch (const nlohmann::json::exception& e) {  // a layer without "input_grid"
+        throw Error(cat(file.source, ": metadata '", kExportKey, "': ", e.what()));
+    }
+}
 
 void export_quantized_model(const std::string& path, Model& model, const QuantPolicy& policy,
                             const std::optional<Preprocessing>& preprocessing) {

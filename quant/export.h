@@ -57,6 +57,11 @@ inline constexpr const char* kExportKey = "hfq.export";
 inline constexpr const char* kExportFormat = "hfq-integer-2";
 inline constexpr const char* kExportFormatV1 = "hfq-integer-1";  // read too
 
+// Whether an export is W4A8: every layer's input on an activation grid (what
+// the integer engine runs; a weight-only export has null input grids).
+// Malformed metadata is an error naming the file.
+bool is_w4a8_export(const SafetensorsFile& file);
+
 void export_quantized_model(const std::string& path, Model& model, const QuantPolicy& policy,
                             const std::optional<Preprocessing>& preprocessing = std::nullopt);
 
