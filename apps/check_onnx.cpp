@@ -7,7 +7,8 @@
 // The test images are the run's (its config.json: --data, --input-size, ...),
 // preprocessed as the run evaluated them. onnxruntime runs RUN/export.onnx
 // through node and onnxruntime-node (tests/onnx/run_onnx.mjs, installed by
-// scripts/setup.sh), 1000 images a call; hfq runs RUN/export.safetensors:
+// scripts/setup.sh; it sets session.x64quantprecision, and says why), 1000
+// images a call; hfq runs RUN/export.safetensors:
 // on the integer engine for a W4A8 export, as the model rebuilt from the
 // export for a weight-only one. Printed: both top-1 accuracies, on how many
 // images the two agree on the top class and give identical logits, and the

@@ -3,9 +3,17 @@
 // INPUT.f32 is the one input tensor as raw little-endian float32 in the
 // given shape; the model's one output is written to OUTPUT.f32 the same way,
 // and its shape printed on stdout ("output 16,10"). LEVEL is onnxruntime's
-// graph optimization level: "all" (its default, what a user gets: QDQ
-// groups fused into int8 kernels such as QLinearConv and QLinearAdd) or
-// "basic" (no such fusion: every operator as the ONNX standard defines it).
+// graph optimization level: "all" (its default: QDQ groups fused into its
+// int8 kernels, QLinearConv for hfq's graphs) or "basic" (no such fusion:
+// every operator as the ONNX standard defines it).
+//
+// Session config session.x64quantprecision = 1, always: on x86 without VNNI
+// onnxruntime's u8 x s8 convolution kernel adds pairs of products in
+// saturating int16 (vpmaddubsw), and it turns hfq's signed input codes into
+// uint8 codes with zero point 128, so an 8-bit layer (the first convolution)
+// saturates: 147 * 127 + 151 * 107 = 34,826 > 32,767 (docs/deploy.md). This
+// option makes it use the u8 x u8 kernel for such weights, whose pair sums
+// are exact in int32; elsewhere (VNNI, ARM) it changes nothing.
 // Exit code 0 on success, 1 (with the error on stderr) otherwise.
 import { readFileSync, writeFileSync } from 'node:fs';
 import ort from 'onnxruntime-node';
@@ -26,6 +34,7 @@ async function main() {
     intraOpNumThreads: 1,
     interOpNumThreads: 1,
     graphOptimizationLevel: level,
+    extra: { session: { x64quantprecision: '1' } },
   });
   const feeds = { [session.inputNames[0]]: new ort.Tensor('float32', data, shape) };
   const result = await session.run(feeds);
