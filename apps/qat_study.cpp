@@ -1,10 +1,12 @@
 // qat_study: the paper's comparison, reproduced. From one float model per
-// architecture (trained here unless given), with one seed and one schedule,
-// quantization-aware training with each method of the grid, then a report
-// folder: report.md (results table, comparisons) and PNG figures. Everything
-// is in the study library (study/); this is its command line.
+// architecture (trained here unless given), quantization-aware training with
+// each method of the grid at each bit width and scale granularity, with
+// several seeds, then a report folder: report.md (results over the seeds,
+// paired differences with 95 % intervals, findings) and PNG figures.
+// Everything is in the study library (study/); this is its command line.
 //
-//   qat_study                                     # Fashion-MNIST, V1 and V2, the five methods, 4 bits
+//   qat_study                                     # Fashion-MNIST: the default study (docs/study.md)
+//   qat_study --archs v1 --bits 4 --granularity tensor --seeds 5
 //   qat_study --archs v1 --fixes none,outlier-mask,second-moments,line-search,stable-exponent
 //   qat_study --data /data/imagenet --float-checkpoint v2.safetensors --archs v2
 //
@@ -15,15 +17,23 @@
 // bad options.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <type_traits>
 
 #include "study/study.h"
 #include "train/stop_signal.h"
 
 namespace {
 
-std::string joined(const std::vector<std::string>& v) {
+template <class T>
+std::string joined(const std::vector<T>& v) {
     std::string out;
-    for (const std::string& s : v) out += (out.empty() ? "" : ",") + s;
+    for (const T& s : v) {
+        if (!out.empty()) out += ",";
+        if constexpr (std::is_same_v<T, std::string>)
+            out += s;
+        else
+            out += std::to_string(s);
+    }
     return out;
 }
 
@@ -37,8 +47,9 @@ int main(int argc, char** argv) {
     CLI::App app{
         "qat_study: compares hardware-friendly weight quantizers as the paper does. From one float model per "
         "architecture (trained first unless --float-checkpoint gives it), runs quantization-aware training "
-        "with each method (and optionally each fix alone), then writes OUT/report.md with the results table "
-        "and PNG figures. Run it again to continue: finished cells are not run again.",
+        "with each method (and optionally each fix alone) at each bit width and scale granularity, over several "
+        "seeds, then writes OUT/report.md (means over the seeds, paired differences with 95 % intervals, the "
+        "findings) and PNG figures. Run it again to continue: finished cells are not run again.",
         "qat_study"};
     app.get_formatter()->column_width(36);
 
@@ -67,10 +78,40 @@ int main(int argc, char** argv) {
                    "Start from this float model (repeatable, one per architecture; its metadata says which); "
                    "architectures without one are trained with the float options below")
         ->group(grid);
-    app.add_option("--bits", t.bits, "Weight bits (first convolution and classifier: 8)")
+    app.add_option("--bits", o.bits, "Weight bit widths, comma-separated (first convolution and classifier: 8)")
+        ->delimiter(',')
+        ->default_str(joined(o.bits))
+        ->group(grid);
+    app.add_option("--v2-bits", o.v2_bits,
+                   "MobileNetV2 runs only those of --bits that are in this list (the default study cuts V2 to "
+                   "4 bits for time)")
+        ->delimiter(',')
+        ->default_str(joined(o.v2_bits))
+        ->group(grid);
+    app.add_option("--granularity", o.granularities,
+                   "Scales, comma-separated: tensor (one per tensor), channel (one per output channel)")
+        ->delimiter(',')
+        ->default_str(joined(o.granularities))
+        ->group(grid);
+    app.add_option("--bn-stats", o.bn_stats,
+                   "Batch statistics of the folded layers, comma-separated: float-conv, quantized-conv, "
+                   "quantized-conv-freeze (quantized-conv, batch norm frozen at half of QAT); the first at every "
+                   "bit width, the others at --bn-stats-bits")
+        ->delimiter(',')
+        ->default_str(joined(o.bn_stats))
+        ->group(grid);
+    app.add_option("--bn-stats-bits", o.bn_stats_bits, "Bit widths that also run the --bn-stats modes after the first")
+        ->delimiter(',')
+        ->default_str(joined(o.bn_stats_bits))
+        ->group(grid);
+    app.add_option("--seeds", o.seeds,
+                   "QAT seeds per cell (data order, augmentation): the report gives mean, standard deviation and "
+                   "paired differences with 95 % intervals")
         ->capture_default_str()
         ->group(grid);
-    app.add_flag("--per-channel", t.per_channel, "One scale per output channel (default: per tensor)")->group(grid);
+    app.add_flag("--float-seeds", o.float_seeds,
+                 "Train a float model per seed too (else every seed starts from one float model per architecture)")
+        ->group(grid);
     app.add_option("--stable-start", o.stable_start,
                    "stable-exponent fix: start averaging the exponent at this "
                    "fraction of the QAT steps")
@@ -108,7 +149,7 @@ int main(int argc, char** argv) {
         ->capture_default_str()
         ->group(data);
 
-    const std::string schedule = "Training (one seed and one schedule for every run)";
+    const std::string schedule = "Training (one schedule for every run)";
     app.add_option("--epochs", t.epochs, "Epochs of float training (architectures without --float-checkpoint)")
         ->capture_default_str()
         ->group(schedule);
@@ -132,7 +173,7 @@ int main(int argc, char** argv) {
         ->capture_default_str()
         ->group(schedule);
     app.add_option("--batch-size", t.batch_size, "Training batch size")->capture_default_str()->group(schedule);
-    app.add_option("--seed", t.seed, "Random seed (initialisation, data order, augmentation)")
+    app.add_option("--seed", t.seed, "First random seed (float models: initialisation; cells: data order, augmentation)")
         ->capture_default_str()
         ->group(schedule);
 

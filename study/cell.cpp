@@ -104,7 +104,15 @@ Json to_json(const CellResult& r) {
                           {"flips", flips_json(t.flips)},
                           {"exponents", t.exponents}});
     const DepthwiseLayer& h = r.histogram;
-    return {{"cell", {{"arch", r.cell.arch}, {"method", r.cell.method}, {"fix", r.cell.fix}}},
+    const CellSpec& c = r.cell;
+    return {{"cell",
+             {{"arch", c.arch},
+              {"bits", c.bits},
+              {"per_channel", c.per_channel},
+              {"bn_stats", c.bn_stats},
+              {"method", c.method},
+              {"fix", c.fix},
+              {"seed", c.seed}}},
             {"config", r.config},
             {"float_top1", r.float_top1},
             {"fake_quant_top1", r.fake_quant_top1},
@@ -132,7 +140,10 @@ CellResult cell_result_from_json(const Json& j, const std::string& source) {
     try {
         CellResult r;
         const Json& c = j.at("cell");
-        r.cell = {c.at("arch").get<std::string>(), c.at("method").get<std::string>(), c.at("fix").get<std::string>()};
+        r.cell = {c.at("arch").get<std::string>(),   c.at("bits").get<int>(),
+                  c.at("per_channel").get<bool>(),   c.at("bn_stats").get<std::string>(),
+                  c.at("method").get<std::string>(), c.at("fix").get<std::string>(),
+                  c.at("seed").get<int>()};
         r.config = j.at("config");
         r.float_top1 = number_or_nan(j.at("float_top1"));
         r.fake_quant_top1 = number_or_nan(j.at("fake_quant_top1"));

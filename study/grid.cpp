@@ -12,13 +12,32 @@
 namespace hfq::study {
 namespace {
 
-bool contains(const std::vector<std::string>& v, const std::string& s) {
-    return std::find(v.begin(), v.end(), s) != v.end();
+template <class T>
+bool contains(const std::vector<T>& v, const T& x) {
+    return std::find(v.begin(), v.end(), x) != v.end();
 }
 
 std::string joined(const std::vector<std::string>& v) {
     std::string out;
     for (const std::string& s : v) out += (out.empty() ? "" : ", ") + s;
+    return out;
+}
+
+void check_bits(const std::vector<int>& given, const char* option) {
+    HFQ_CHECK(!given.empty(), "qat_study: --", option, " needs at least one bit width");
+    std::set<int> seen;
+    for (int b : given) {
+        HFQ_CHECK(b >= 2 && b <= 8, "qat_study: --", option, ": bit widths are 2..8, got ", b);
+        HFQ_CHECK(seen.insert(b).second, "qat_study: --", option, ": ", b, " is given twice");
+    }
+}
+
+// The bit widths an architecture's cells run at.
+std::vector<int> arch_bits(const StudyOptions& o, const std::string& arch) {
+    if (arch != "v2") return o.bits;
+    std::vector<int> out;
+    for (int b : o.bits)
+        if (contains(o.v2_bits, b)) out.push_back(b);
     return out;
 }
 
@@ -38,7 +57,6 @@ TrainConfig StudyOptions::default_train_config() {
     TrainConfig c;
     c.epochs = 5;
     c.qat_epochs = 1;
-    c.per_channel = false;  // the paper's comparison: one scale per tensor (--per-channel for the other)
     return c;
 }
 
@@ -47,6 +65,18 @@ void StudyOptions::validate() const {
     check_list(archs, {"v1", "v2"}, "archs");
     check_list(methods, grid_methods(), "methods");
     check_list(fixes, grid_fixes(), "fixes");
+    check_bits(bits, "bits");
+    check_bits(v2_bits, "v2-bits");
+    check_list(granularities, {"tensor", "channel"}, "granularity");
+    check_list(bn_stats, grid_bn_stats(), "bn-stats");
+    check_bits(bn_stats_bits, "bn-stats-bits");
+    for (int b : bn_stats_bits)
+        HFQ_CHECK(contains(bits, b), "qat_study: --bn-stats-bits: ", b, " is not one of --bits");
+    HFQ_CHECK(!contains(archs, std::string("v2")) || !arch_bits(*this, "v2").empty(),
+              "qat_study: no MobileNetV2 cell: none of --bits is in --v2-bits");
+    HFQ_CHECK(seeds >= 1 && seeds <= 100, "qat_study: --seeds must be in 1..100, got ", seeds);
+    HFQ_CHECK(!float_seeds || float_checkpoints.empty(),
+              "qat_study: --float-seeds trains a float model per seed: it cannot be combined with --float-checkpoint");
     HFQ_CHECK(qat_train_limit >= 0, "qat_study: --qat-train-limit must be >= 0 (0: all), got ", qat_train_limit);
     HFQ_CHECK(train.qat_epochs >= 1, "qat_study: --qat-epochs must be >= 1, got ", train.qat_epochs);
     HFQ_CHECK(stable_start >= 0 && stable_start <= stable_switch && stable_switch < 1,
@@ -67,7 +97,22 @@ void StudyOptions::validate() const {
     }
 }
 
-std::string CellSpec::id() const { return arch + "-" + method + (fix == "default" ? "" : "." + fix); }
+std::string CellSpec::group() const {
+    const std::string bn = bn_stats == "float-conv"       ? ""
+                           : bn_stats == "quantized-conv" ? "-qconv"
+                                                          : "-qconv-freeze";
+    return cat(arch, "-", bits, "bit-", per_channel ? "channel" : "tensor", bn, "-", method,
+               fix == "default" ? "" : "." + fix);
+}
+
+std::string CellSpec::id() const { return cat(group(), "/seed", seed); }
+
+std::string CellSpec::setting() const {
+    const std::string bn = bn_stats == "float-conv"       ? ""
+                           : bn_stats == "quantized-conv" ? ", quantized-conv"
+                                                          : ", quantized-conv + freeze";
+    return cat(bits, " bits per ", per_channel ? "channel" : "tensor", bn);
+}
 
 std::string CellSpec::label() const {
     if (fix == "default") return method;
@@ -88,6 +133,11 @@ const std::vector<std::string>& grid_fixes() {
     return f;
 }
 
+const std::vector<std::string>& grid_bn_stats() {
+    static const std::vector<std::string> b{"float-conv", "quantized-conv", "quantized-conv-freeze"};
+    return b;
+}
+
 bool fix_applies(const std::string& fix, const std::string& method) {
     if (fix == "default") return true;
     if (method == "msqe-po2") return true;
@@ -101,9 +151,16 @@ bool fix_applies(const std::string& fix, const std::string& method) {
 std::vector<CellSpec> make_grid(const StudyOptions& options) {
     std::vector<CellSpec> cells;
     for (const std::string& arch : options.archs)
-        for (const std::string& method : options.methods)
-            for (const std::string& fix : options.fixes)
-                if (fix_applies(fix, method)) cells.push_back({arch, method, fix});
+        for (int bits : arch_bits(options, arch))
+            for (const std::string& granularity : options.granularities)
+                for (const std::string& bn : options.bn_stats) {
+                    if (bn != options.bn_stats.front() && !contains(options.bn_stats_bits, bits)) continue;
+                    for (const std::string& method : options.methods)
+                        for (const std::string& fix : options.fixes)
+                            if (fix_applies(fix, method))
+                                for (int seed = 0; seed < options.seeds; ++seed)
+                                    cells.push_back({arch, bits, granularity == "channel", bn, method, fix, seed});
+                }
     return cells;
 }
 
@@ -135,6 +192,11 @@ TrainConfig cell_train_config(const StudyOptions& options, const CellSpec& cell,
     if (c.progress != "none") c.progress = isatty(STDOUT_FILENO) ? "bar" : "none";
 
     const bool learnable = cell.method.rfind("learnable-po2", 0) == 0;
+    c.bits = cell.bits;
+    c.per_channel = cell.per_channel;
+    c.bn_stats = cell.bn_stats == "float-conv" ? "float-conv" : "quantized-conv";
+    c.freeze_bn_step = cell.bn_stats == "quantized-conv-freeze" ? qat_steps / 2 : -1;
+    c.seed = options.train.seed + uint64_t(cell.seed);
     c.quantizer = learnable ? "learnable-po2" : cell.method;
     if (learnable) c.rounding = cell.method == "learnable-po2-ceil" ? "ceil" : "msqe-round";
     c.stable_start_step = c.stable_switch_step = -1;

@@ -140,6 +140,11 @@ void draw_line(cv::Mat& img, const Mapping& m, const Line& l) {
                 pen.stroke(prev, p);
             }
         }
+        if (i < l.error.size() && std::isfinite(l.error[i]) && !m.log_y) {
+            const cv::Point2d top = m.at(l.x[i], vy + l.error[i]), bottom = m.at(l.x[i], vy - l.error[i]);
+            segment(img, top, bottom, c, 1);
+            for (const cv::Point2d& end : {top, bottom}) segment(img, end - cv::Point2d(5, 0), end + cv::Point2d(5, 0), c, 1);
+        }
         if (l.markers)
             cv::circle(img, cv::Point(int(std::lround(p.x)), int(std::lround(p.y))), 4, c, cv::FILLED, cv::LINE_AA);
         prev = p;
@@ -215,7 +220,11 @@ void draw_panel(cv::Mat& img, const cv::Rect& box, const Panel& p, int legend_ma
     Range xr, yr;
     for (const Line& l : p.lines) {
         for (double v : l.x) xr.add(v);
-        for (double v : l.y) yr.add(m.yv(v));
+        for (size_t i = 0; i < l.y.size(); ++i) {
+            yr.add(m.yv(l.y[i]));
+            if (i < l.error.size() && std::isfinite(l.error[i]) && !p.log_y)
+                for (double end : {l.y[i] - l.error[i], l.y[i] + l.error[i]}) yr.add(end);
+        }
     }
     for (double e : p.bars.edges) xr.add(e);
     if (!p.bars.counts.empty()) {

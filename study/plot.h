@@ -8,6 +8,7 @@
 //   Panel& p = f.panels.emplace_back();
 //   p.title = "msqe-po2";  p.x_label = "step";  p.y_label = "exponent";
 //   p.lines.push_back({"features.3.0", {1, 2, 3}, {-5, -4, -4}, /*color*/ 0, /*steps*/ true});
+//   (a Line's `error` adds error bars: y -+ error[i] at point i)
 //   write_png("exponents.png", render(f));     // figure_size(f) pixels
 #pragma once
 #include <string>
@@ -24,6 +25,7 @@ struct Line {
     bool steps = false;        // draw as a staircase (values hold until the next x)
     bool markers = false;      // a dot at every point
     bool dashed = false;       // dashes: a line that may lie on another one still lets it show
+    std::vector<double> error = {};  // empty, or per point the half-length of a vertical error bar (y -+ error; linear y only)
 };
 
 // A histogram: counts[i] of the values in [edges[i], edges[i+1]).

@@ -18,6 +18,7 @@ namespace hfq::study {
 // The float model of one architecture.
 struct FloatModel {
     std::string arch;                // "v1"
+    int seed = 0;                    // the study's seed index (0 unless float_seeds)
     std::string checkpoint;          // the file the cells start from
     std::string model_name;          // "MobileNetV1 x0.5"
     std::vector<double> epoch_top1;  // test top-1 per float epoch, when trained by the study

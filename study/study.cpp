@@ -130,47 +130,54 @@ StudyOutcome run_study(const StudyOptions& options_in, const std::function<void(
         return outcome;
     };
 
-    // 1. The float models.
+    // 1. The float models: one per architecture, or one per architecture and seed.
     std::vector<FloatModel> floats;
-    for (const std::string& arch : o.archs) {
-        FloatModel f;
-        f.arch = arch;
-        if (given.count(arch)) {
-            f.checkpoint = given.at(arch);
-        } else {
-            const fs::path job = out / ("float-" + arch);
-            TrainConfig c = o.train;
-            c.arch = arch;
-            c.quantizer = "none";
-            if (!finished_result(job, c)) {
-                say(cat("Float model ", arch, ": training ", c.epochs, " epochs in ", run_folder(job)));
-                const RunResult r = run_or_resume(c, job);
-                if (r.status != RunStatus::finished) return interrupted(r);
-                write_file_atomically(result_file(job), Json{{"config", Json::parse(c.to_json())}}.dump(2) + "\n");
-                outcome.floats_trained = true;
+    for (const std::string& arch : o.archs)
+        for (int seed = 0; seed < (o.float_seeds ? o.seeds : 1); ++seed) {
+            FloatModel f;
+            f.arch = arch;
+            f.seed = seed;
+            if (given.count(arch)) {
+                f.checkpoint = given.at(arch);
+            } else {
+                const fs::path job = out / (seed == 0 ? "float-" + arch : cat("float-", arch, "-seed", seed));
+                TrainConfig c = o.train;
+                c.arch = arch;
+                c.quantizer = "none";
+                c.seed = o.train.seed + uint64_t(seed);
+                if (!finished_result(job, c)) {
+                    say(cat("Float model ", arch, o.float_seeds ? cat(" seed ", seed) : std::string(), ": training ",
+                            c.epochs, " epochs in ", run_folder(job)));
+                    const RunResult r = run_or_resume(c, job);
+                    if (r.status != RunStatus::finished) return interrupted(r);
+                    write_file_atomically(result_file(job),
+                                          Json{{"config", Json::parse(c.to_json())}}.dump(2) + "\n");
+                    outcome.floats_trained = true;
+                }
+                f.checkpoint = run_folder(job) + "/final.safetensors";
+                f.epoch_top1 = epoch_test_top1(run_folder(job), "float");
             }
-            f.checkpoint = run_folder(job) + "/final.safetensors";
-            f.epoch_top1 = epoch_test_top1(run_folder(job), "float");
+            f.model_name = model_name(f.checkpoint);
+            TrainConfig policy_config = o.train;
+            policy_config.quantizer = "msqe-po2";
+            const std::vector<DepthwiseLayer> dw = depthwise_layers(f.checkpoint, policy_config.quant_policy());
+            f.histogram_layer = o.histogram_layer.empty() ? most_outlier_heavy(dw).name : o.histogram_layer;
+            HFQ_CHECK(std::any_of(dw.begin(), dw.end(),
+                                  [&](const DepthwiseLayer& d) { return d.name == f.histogram_layer; }),
+                      "qat_study: --histogram-layer ", f.histogram_layer, " is not a depthwise convolution of ",
+                      f.model_name, " (e.g. ", dw.empty() ? std::string("none") : dw.front().name, ")");
+            floats.push_back(f);
         }
-        f.model_name = model_name(f.checkpoint);
-        TrainConfig policy_config = o.train;
-        policy_config.quantizer = "msqe-po2";
-        const std::vector<DepthwiseLayer> dw = depthwise_layers(f.checkpoint, policy_config.quant_policy());
-        f.histogram_layer = o.histogram_layer.empty() ? most_outlier_heavy(dw).name : o.histogram_layer;
-        HFQ_CHECK(
-            std::any_of(dw.begin(), dw.end(), [&](const DepthwiseLayer& d) { return d.name == f.histogram_layer; }),
-            "qat_study: --histogram-layer ", f.histogram_layer, " is not a depthwise convolution of ", f.model_name,
-            " (e.g. ", dw.empty() ? std::string("none") : dw.front().name, ")");
-        floats.push_back(f);
-    }
 
     // 2. The cells.
     const std::vector<CellSpec> grid = make_grid(o);
     std::vector<CellResult> results;
     for (size_t i = 0; i < grid.size(); ++i) {
         const CellSpec& cell = grid[i];
-        const FloatModel& f =
-            *std::find_if(floats.begin(), floats.end(), [&](const FloatModel& m) { return m.arch == cell.arch; });
+        const int float_seed = o.float_seeds ? cell.seed : 0;
+        const FloatModel& f = *std::find_if(floats.begin(), floats.end(), [&](const FloatModel& m) {
+            return m.arch == cell.arch && m.seed == float_seed;
+        });
         const fs::path job = out / "cells" / cell.id();
         const TrainConfig config = cell_train_config(o, cell, f.checkpoint, run_folder(job), data.qat_steps);
         if (const std::optional<Json> stored = finished_result(job, config)) {
@@ -178,8 +185,8 @@ StudyOutcome run_study(const StudyOptions& options_in, const std::function<void(
             ++outcome.cells_reused;
             continue;
         }
-        say(cat("Cell ", i + 1, "/", grid.size(), ": ", f.model_name, ", ", cell.label(), " (", data.qat_steps,
-                " QAT steps) in ", job.string()));
+        say(cat("Cell ", i + 1, "/", grid.size(), ": ", f.model_name, ", ", cell.setting(), ", ", cell.label(),
+                ", seed ", cell.seed, " (", data.qat_steps, " QAT steps) in ", job.string()));
         const RunResult r = run_or_resume(config, job);
         if (r.status != RunStatus::finished) return interrupted(r);
         CellResult result = summarize_run(cell, run_folder(job), f.histogram_layer, o.plot_layers, o.late_fraction);

@@ -1,12 +1,15 @@
 // The study (study/): the flip counter against scripted exponent sequences
-// and against the quantizer's own count; plot ticks; a tiny grid end to end
-// (float model, two methods, report table and figures), its resumption
-// (finished cells are not run again) and its refusal of changed settings.
+// and against the quantizer's own count; plot ticks; the seeds' statistics
+// (t quantiles against published values, paired intervals); a tiny grid over
+// two seeds end to end (float model, two methods, report tables and figures),
+// its resumption (finished cells are not run again, an interrupted one is)
+// and its refusal of changed settings.
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include <opencv2/imgcodecs.hpp>
@@ -18,6 +21,7 @@
 #include "quant/quantizer.h"
 #include "study/flips.h"
 #include "study/plot.h"
+#include "study/stats.h"
 #include "study/study.h"
 #include "tests/test_data_util.h"
 #include "tests/test_train_util.h"
@@ -43,11 +47,6 @@ std::vector<std::string> table_row(const std::string& md, const std::string& pre
     return cells;
 }
 
-std::string as_percent(double fraction) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.2f %%", 100 * fraction);
-    return buf;
-}
 
 }  // namespace
 
@@ -120,65 +119,135 @@ TEST_CASE("plot: nice ticks, labels, and the figure's size") {
     CHECK(s.height > 400);  // two rows of panels and a title band
 }
 
-TEST_CASE("A tiny study: float model, two methods, the report; run again, nothing is rerun") {
+TEST_CASE("stats: Student's t quantiles, mean, standard deviation and the paired 95 % interval") {
+    // Published two-sided 95 % critical values (rounded to 3 decimals: the tolerance).
+    const std::pair<int, double> table[] = {{1, 12.706}, {2, 4.303}, {3, 3.182}, {4, 2.776},
+                                            {9, 2.262},  {10, 2.228}, {30, 2.042}};
+    for (const auto& [df, t] : table) {
+        INFO("df ", df);
+        CHECK(std::abs(study::t_quantile(0.975, df) - t) < 5e-4);
+    }
+    CHECK(std::abs(study::t_quantile(0.995, 5) - 4.032) < 5e-4);
+    CHECK_THROWS_AS(study::t_quantile(0.4, 3), Error);
+
+    const std::vector<double> x{1, 2, 4};
+    CHECK(study::mean_of(x) == doctest::Approx(7.0 / 3));
+    CHECK(study::sd_of(x) == doctest::Approx(std::sqrt((16.0 / 9 + 1.0 / 9 + 25.0 / 9) / 2)));
+    CHECK(std::isnan(study::sd_of(std::vector<double>{1})));
+
+    // d = a - b = (1, 2, 0.5): mean 7/6, sd sqrt(7/12), half-width 4.303 sd / sqrt(3) = 1.897: contains 0.
+    const std::vector<double> a{91, 92, 90.5}, b{90, 90, 90};
+    const study::PairedDifference d = study::paired_difference(a, b);
+    CHECK(d.differences == std::vector<double>{1, 2, 0.5});
+    CHECK(d.mean == doctest::Approx(7.0 / 6));
+    CHECK(d.sd == doctest::Approx(std::sqrt(7.0 / 12)));
+    CHECK(d.hi - d.mean == doctest::Approx(study::t_quantile(0.975, 2) * std::sqrt(7.0 / 12) / std::sqrt(3.0)));
+    CHECK(d.mean - d.lo == doctest::Approx(d.hi - d.mean));
+    CHECK(d.verdict() == "not distinguishable");
+    // Four seeds, each 1 +- 0.1 higher: the interval lies above zero.
+    CHECK(study::paired_difference(std::vector<double>{2, 2.1, 1.9, 2}, std::vector<double>{1, 1, 1, 1}).verdict() ==
+          "higher");
+    CHECK(study::paired_difference(std::vector<double>{0, 0.1, -0.1, 0}, std::vector<double>{1, 1, 1, 1}).verdict() ==
+          "lower");
+    CHECK(study::paired_difference(std::vector<double>{2}, std::vector<double>{1}).verdict() == "one seed");
+    CHECK_THROWS_AS(study::paired_difference(std::vector<double>{1, 2}, std::vector<double>{1}), Error);
+}
+
+TEST_CASE("A tiny study over two seeds: float model, two methods, the report; interrupted and run again") {
     test::TempDir dir;
     test::make_image_folder(dir / "images");  // 48 training images: 6 steps of 8 per epoch
     study::StudyOptions o;
     o.out = dir / "study";
     o.archs = {"v1"};
     o.methods = {"msqe-baseline", "msqe-po2"};
+    o.bits = {4};
+    o.granularities = {"tensor"};
+    o.seeds = 2;
     o.train = test::tiny_config(dir / "images", "");
     o.train.qat_epochs = 2;  // 12 QAT steps; the last 20 % are steps 11 and 12
-    o.train.per_channel = false;
     o.plot_layers = 2;
     std::vector<std::string> said;
     const study::StudyOutcome r = study::run_study(o, [&](const std::string& s) { said.push_back(s); });
     REQUIRE(!r.interrupted);
     CHECK(r.floats_trained);
-    CHECK(r.cells_run == 2);
+    CHECK(r.cells_run == 4);
     CHECK(r.cells_reused == 0);
 
-    // The results table: one row per method, with the values of the runs.
+    // The results table: one row per method, the mean and every seed's value.
     const std::string md = read_text(r.report);
+    std::map<std::string, std::vector<double>> top1;  // per method, per seed (percent)
     for (const char* method : {"msqe-baseline", "msqe-po2"}) {
         INFO(method);
-        const std::string cell_dir = dir / cat("study/cells/v1-", method);
-        const Json summary = Json::parse(read_text(cell_dir + "/run/summary.json"));
-        const Json result = Json::parse(read_text(cell_dir + "/result.json"));
-        const std::vector<std::string> row = table_row(md, cat("| MobileNetV1 x0.25 | ", method, " |"));
-        REQUIRE(row.size() == 11);
-        CHECK(row[2] == as_percent(summary.at("float").at("top1").get<double>()));
-        CHECK(row[3] == as_percent(summary.at("fake_quant").at("top1").get<double>()));
-        CHECK(row[4] == as_percent(summary.at("integer_export").at("top1").get<double>()));
-        CHECK(row[5] == std::to_string(result.at("flips").at("total").get<int64_t>()));
-        CHECK(row[6] == std::to_string(result.at("flips").at("late").get<int64_t>()));
-        CHECK(row[7].find(" %") != std::string::npos);
+        std::vector<Json> results;
+        for (int seed = 0; seed < 2; ++seed) {
+            const std::string cell_dir = dir / cat("study/cells/v1-4bit-tensor-", method, "/seed", seed);
+            const Json summary = Json::parse(read_text(cell_dir + "/run/summary.json"));
+            const Json result = Json::parse(read_text(cell_dir + "/result.json"));
+            const Json config = Json::parse(read_text(cell_dir + "/run/config.json"));
+            CHECK(config.at("seed").get<uint64_t>() == o.train.seed + uint64_t(seed));
+            CHECK(config.at("bits").get<int>() == 4);
+            CHECK(!config.at("per-channel").get<bool>());
+            CHECK(result.at("fake_quant_top1").get<double>() == summary.at("fake_quant").at("top1").get<double>());
+            top1[method].push_back(100 * summary.at("fake_quant").at("top1").get<double>());
+            results.push_back(result);
 
-        // The flips are the quantizers' own counts: every step's line of
-        // metrics.jsonl reports the flips since the previous step.
-        int64_t reported = 0, step_lines = 0;
-        std::ifstream metrics(cell_dir + "/run/metrics.jsonl");
-        for (std::string line; std::getline(metrics, line);) {
-            const Json j = Json::parse(line);
-            if (j.at("type") != "step") continue;
-            ++step_lines;
-            for (const Json& layer : j.at("quantizers")) reported += layer.at("flips").get<int64_t>();
+            // The flips are the quantizers' own counts: every step's line of
+            // metrics.jsonl reports the flips since the previous step.
+            int64_t reported = 0, step_lines = 0;
+            std::ifstream metrics(cell_dir + "/run/metrics.jsonl");
+            for (std::string line; std::getline(metrics, line);) {
+                const Json j = Json::parse(line);
+                if (j.at("type") != "step") continue;
+                ++step_lines;
+                for (const Json& layer : j.at("quantizers")) reported += layer.at("flips").get<int64_t>();
+            }
+            CHECK(step_lines == 12);
+            CHECK(result.at("flips").at("total").get<int64_t>() == reported);
+            CHECK(reported <= 28 * 11);  // per tensor: at most one flip per layer and step after the first
+            CHECK(result.at("steps").size() == 12);
+            for (const Json& e : result.at("mean_error")) CHECK(e.get<double>() > 0);
+            const double clipped = result.at("mean_clipped").get<double>();
+            CHECK((clipped >= 0 && clipped <= 1));
+            CHECK(result.at("traces").size() == 2);
+            CHECK(result.at("histogram").at("weights").size() > 0);
         }
-        CHECK(step_lines == 12);
-        CHECK(result.at("flips").at("total").get<int64_t>() == reported);
-        CHECK(reported <= 28 * 11);  // per tensor: at most one flip per layer and step after the first
-        CHECK(result.at("steps").size() == 12);
-        for (const Json& e : result.at("mean_error")) CHECK(e.get<double>() > 0);
-        CHECK(result.at("epoch_top1").size() == 2);
-        const double clipped = result.at("mean_clipped").get<double>();
-        CHECK((clipped >= 0 && clipped <= 1));
-        CHECK(result.at("traces").size() == 2);
-        CHECK(result.at("histogram").at("weights").size() > 0);
+        const std::vector<double>& v = top1[method];
+        const std::vector<std::string> row = table_row(md, cat("| MobileNetV1 x0.25 | 4 bits per tensor | ", method, " |"));
+        REQUIRE(row.size() == 12);
+        const double mean = (v[0] + v[1]) / 2, sd = std::abs(v[0] - v[1]) / std::sqrt(2.0);
+        char expected[64];
+        std::snprintf(expected, sizeof expected, "%.2f ± %.2f", mean, sd);
+        CHECK(row[3] == expected);
+        std::snprintf(expected, sizeof expected, "%.2f, %.2f", v[0], v[1]);
+        CHECK(row[4] == expected);
+        const double flips0 = double(results[0].at("flips").at("late").get<int64_t>()),
+                     flips1 = double(results[1].at("flips").at("late").get<int64_t>());
+        std::snprintf(expected, sizeof expected, "%.1f ± %.1f", (flips0 + flips1) / 2,
+                      std::abs(flips0 - flips1) / std::sqrt(2.0));
+        CHECK(row[7] == expected);
     }
-    CHECK(md.find("msqe-po2 against msqe-baseline") != std::string::npos);
+    // The paired comparison: each seed's difference, their mean and the
+    // interval mean -+ 12.706 sd / sqrt(2) (one degree of freedom).
+    const std::vector<std::string> cmp = table_row(
+        md, "| MobileNetV1 x0.25 | 4 bits per tensor | msqe-po2 against msqe-baseline | fake-quant top-1 (points) |");
+    REQUIRE(cmp.size() == 8);
+    const double d0 = top1["msqe-po2"][0] - top1["msqe-baseline"][0], d1 = top1["msqe-po2"][1] - top1["msqe-baseline"][1];
+    char expected[96];
+    std::snprintf(expected, sizeof expected, "%+.2f, %+.2f", d0, d1);
+    CHECK(cmp[4] == expected);
+    std::snprintf(expected, sizeof expected, "%+.2f", (d0 + d1) / 2);
+    CHECK(cmp[5] == expected);
+    const double half = study::t_quantile(0.975, 1) * std::abs(d0 - d1) / std::sqrt(2.0) / std::sqrt(2.0);
+    std::snprintf(expected, sizeof expected, "[%+.2f, %+.2f]", (d0 + d1) / 2 - half, (d0 + d1) / 2 + half);
+    CHECK(cmp[6] == expected);
+    CHECK((cmp[7] == "reproduced" || cmp[7] == "reversed" || cmp[7] == "not distinguishable"));
+    CHECK(md.find("**the improved MSQE method (outlier sensitivity)**") != std::string::npos);
+    // The float model is named relative to the report folder.
+    CHECK(md.find("float model `float-v1/run/final.safetensors`") != std::string::npos);
+    CHECK(md.find(dir.path.string()) == std::string::npos);
 
-    // The figures: four, each a PNG of the size the report states.
-    REQUIRE(r.figures.size() == 4);
+    // The figures: six, each a PNG of the size the report states.
+    REQUIRE(r.figures.size() == 6);
     for (const study::FigureFile& f : r.figures) {
         INFO(f.path);
         const cv::Mat img = cv::imread(f.path, cv::IMREAD_UNCHANGED);
@@ -196,28 +265,37 @@ TEST_CASE("A tiny study: float model, two methods, the report; run again, nothin
     }
 
     // Run again: the float model and the cells are reused, their runs untouched.
-    const std::string metrics_before = read_text(dir / "study/cells/v1-msqe-po2/run/metrics.jsonl");
+    const std::string cell = "study/cells/v1-4bit-tensor-msqe-po2/seed1";
+    const std::string metrics_before = read_text(dir / (cell + "/run/metrics.jsonl"));
     const std::string float_before = read_text(dir / "study/float-v1/run/metrics.jsonl");
     const study::StudyOutcome again = study::run_study(o);
     CHECK(!again.floats_trained);
     CHECK(again.cells_run == 0);
-    CHECK(again.cells_reused == 2);
-    CHECK(read_text(dir / "study/cells/v1-msqe-po2/run/metrics.jsonl") == metrics_before);
+    CHECK(again.cells_reused == 4);
+    CHECK(read_text(dir / (cell + "/run/metrics.jsonl")) == metrics_before);
     CHECK(read_text(dir / "study/float-v1/run/metrics.jsonl") == float_before);
     CHECK(read_text(again.report) == md);
 
+    // A study interrupted inside one seed's cell: that cell alone runs again,
+    // and (same seed, same float model) gives the same result.
+    fs::remove_all(dir / cell);
+    const study::StudyOutcome resumed = study::run_study(o);
+    CHECK(resumed.cells_run == 1);
+    CHECK(resumed.cells_reused == 3);
+    CHECK(read_text(resumed.report) == md);
+
     // The same folder with other settings is refused, naming the option.
     study::StudyOptions other = o;
-    other.train.bits = 3;
+    other.train.qat_lr = 0.02;
     try {
         study::run_study(other);
-        FAIL("a changed --bits was accepted");
+        FAIL("a changed --qat-lr was accepted");
     } catch (const Error& e) {
-        CHECK(std::string(e.what()).find("--bits differs") != std::string::npos);
+        CHECK(std::string(e.what()).find("--qat-lr differs") != std::string::npos);
     }
 }
 
-TEST_CASE("The grid: which fixes make cells, and each cell's quantizer options") {
+TEST_CASE("The grid: bits, scales, batch statistics, fixes and seeds, and each cell's trainer options") {
     test::TempDir dir;
     const std::string float_file = dir / "float.safetensors";
     ModelConfig m;
@@ -230,16 +308,54 @@ TEST_CASE("The grid: which fixes make cells, and each cell's quantizer options")
 
     study::StudyOptions o;
     o.archs = {"v1"};
+    o.bits = {4};
+    o.granularities = {"tensor"};
+    o.seeds = 1;
     o.fixes = {"default", "none", "stable-exponent", "all"};
     std::vector<std::string> ids;
     for (const study::CellSpec& c : study::make_grid(o)) ids.push_back(c.id());
     // msqe-po2 takes every fix; msqe-round the mask and second moments (and none); the others only default.
-    CHECK(ids == std::vector<std::string>{"v1-msqe-baseline", "v1-msqe-po2", "v1-msqe-po2.none",
-                                          "v1-msqe-po2.stable-exponent", "v1-msqe-po2.all", "v1-learnable-po2-ceil",
-                                          "v1-learnable-po2-msqe-round", "v1-learnable-po2-msqe-round.none", "v1-lsq"});
+    const std::string p = "v1-4bit-tensor-";
+    CHECK(ids == std::vector<std::string>{p + "msqe-baseline/seed0", p + "msqe-po2/seed0", p + "msqe-po2.none/seed0",
+                                          p + "msqe-po2.stable-exponent/seed0", p + "msqe-po2.all/seed0",
+                                          p + "learnable-po2-ceil/seed0", p + "learnable-po2-msqe-round/seed0",
+                                          p + "learnable-po2-msqe-round.none/seed0", p + "lsq/seed0"});
+
+    // Bits x granularity x batch statistics x seeds; the modes after the
+    // first only at --bn-stats-bits; MobileNetV2 only at --v2-bits.
+    study::StudyOptions g;
+    g.archs = {"v1", "v2"};
+    g.methods = {"msqe-po2"};
+    g.bits = {3, 4};
+    g.v2_bits = {4};
+    g.granularities = {"tensor", "channel"};
+    g.bn_stats = {"float-conv", "quantized-conv-freeze"};
+    g.bn_stats_bits = {4};
+    g.seeds = 2;
+    ids.clear();
+    for (const study::CellSpec& c : study::make_grid(g)) ids.push_back(c.id());
+    CHECK(ids.size() == 2 * 2 * (1 + 2) + 2 * 2 * 1 * 2);  // V1: 3 bits 2 scales + 4 bits 2 scales x 2 modes; V2: 4 bits
+    CHECK(ids.front() == "v1-3bit-tensor-msqe-po2/seed0");
+    CHECK(std::count(ids.begin(), ids.end(), "v1-4bit-channel-qconv-freeze-msqe-po2/seed1") == 1);
+    CHECK(std::count(ids.begin(), ids.end(), "v1-3bit-tensor-qconv-freeze-msqe-po2/seed0") == 0);
+    CHECK(std::count_if(ids.begin(), ids.end(), [](const std::string& id) { return id.rfind("v2-3bit", 0) == 0; }) == 0);
+    CHECK(ids.back() == "v2-4bit-channel-qconv-freeze-msqe-po2/seed1");
+    g.v2_bits = {2};
+    CHECK_THROWS_WITH_AS(g.validate(), doctest::Contains("no MobileNetV2 cell"), Error);
+    g.v2_bits = {4};
+    g.bn_stats_bits = {2};
+    CHECK_THROWS_WITH_AS(g.validate(), doctest::Contains("--bn-stats-bits: 2 is not one of --bits"), Error);
+    g.bn_stats_bits = {4};
+    g.bits = {3, 9};
+    CHECK_THROWS_WITH_AS(g.validate(), doctest::Contains("bit widths are 2..8"), Error);
+    g.bits = {3, 4};
+    g.float_seeds = true;
+    g.float_checkpoints = {float_file};
+    CHECK_THROWS_WITH_AS(g.validate(), doctest::Contains("--float-seeds"), Error);
 
     auto config = [&](const std::string& method, const std::string& fix) {
-        return study::cell_train_config(o, {"v1", method, fix}, float_file, dir / "run", 100);
+        return study::cell_train_config(o, {"v1", 4, false, "float-conv", method, fix, 0}, float_file, dir / "run",
+                                        100);
     };
     const TrainConfig all = config("msqe-po2", "all"), alone = config("msqe-po2", "stable-exponent"),
                       plain = config("msqe-po2", "default");
@@ -250,9 +366,21 @@ TEST_CASE("The grid: which fixes make cells, and each cell's quantizer options")
     CHECK(alone.stable_start_step == 50);
     CHECK((plain.outlier_mask && plain.second_moments && plain.line_search));
     CHECK(plain.stable_start_step == -1);
+    CHECK(plain.bn_stats == "float-conv");
+    CHECK(plain.freeze_bn_step == -1);
     const TrainConfig round = config("learnable-po2-msqe-round", "default");
     CHECK(round.quantizer == "learnable-po2");
     CHECK(round.rounding == "msqe-round");
     CHECK(round.width == 0.25);  // the float checkpoint's model
-    CHECK(study::CellSpec{"v1", "msqe-po2", "all"}.label() == "msqe-po2, all fixes");
+    // The cell's bits, scales, batch statistics and seed.
+    const study::CellSpec spec{"v1", 3, true, "quantized-conv-freeze", "msqe-po2", "default", 2};
+    const TrainConfig c = study::cell_train_config(o, spec, float_file, dir / "run", 100);
+    CHECK(c.bits == 3);
+    CHECK(c.per_channel);
+    CHECK(c.bn_stats == "quantized-conv");
+    CHECK(c.freeze_bn_step == 50);
+    CHECK(c.seed == o.train.seed + 2);
+    CHECK(spec.id() == "v1-3bit-channel-qconv-freeze-msqe-po2/seed2");
+    CHECK(spec.setting() == "3 bits per channel, quantized-conv + freeze");
+    CHECK(study::CellSpec{"v1", 4, false, "float-conv", "msqe-po2", "all", 0}.label() == "msqe-po2, all fixes");
 }
