@@ -32,12 +32,14 @@ void check_bits(const std::vector<int>& given, const char* option) {
     }
 }
 
-// The bit widths an architecture's cells run at.
-std::vector<int> arch_bits(const StudyOptions& o, const std::string& arch) {
-    if (arch != "v2") return o.bits;
-    std::vector<int> out;
-    for (int b : o.bits)
-        if (contains(o.v2_bits, b)) out.push_back(b);
+// What of a grid dimension an architecture runs: everything, or for
+// MobileNetV2 the part also in its --v2-* list.
+template <class T>
+std::vector<T> for_arch(const std::string& arch, const std::vector<T>& all, const std::vector<T>& v2_only) {
+    if (arch != "v2") return all;
+    std::vector<T> out;
+    for (const T& x : all)
+        if (contains(v2_only, x)) out.push_back(x);
     return out;
 }
 
@@ -72,8 +74,13 @@ void StudyOptions::validate() const {
     check_bits(bn_stats_bits, "bn-stats-bits");
     for (int b : bn_stats_bits)
         HFQ_CHECK(contains(bits, b), "qat_study: --bn-stats-bits: ", b, " is not one of --bits");
-    HFQ_CHECK(!contains(archs, std::string("v2")) || !arch_bits(*this, "v2").empty(),
-              "qat_study: no MobileNetV2 cell: none of --bits is in --v2-bits");
+    check_list(v2_granularities, {"tensor", "channel"}, "v2-granularity");
+    check_list(v2_bn_stats, grid_bn_stats(), "v2-bn-stats");
+    HFQ_CHECK(!contains(archs, std::string("v2")) || (!for_arch("v2", bits, v2_bits).empty() &&
+                                                     !for_arch("v2", granularities, v2_granularities).empty() &&
+                                                     !for_arch("v2", bn_stats, v2_bn_stats).empty()),
+              "qat_study: no MobileNetV2 cell: none of --bits is in --v2-bits, or none of --granularity in "
+              "--v2-granularity, or none of --bn-stats in --v2-bn-stats");
     HFQ_CHECK(seeds >= 1 && seeds <= 100, "qat_study: --seeds must be in 1..100, got ", seeds);
     HFQ_CHECK(!float_seeds || float_checkpoints.empty(),
               "qat_study: --float-seeds trains a float model per seed: it cannot be combined with --float-checkpoint");
@@ -151,9 +158,9 @@ bool fix_applies(const std::string& fix, const std::string& method) {
 std::vector<CellSpec> make_grid(const StudyOptions& options) {
     std::vector<CellSpec> cells;
     for (const std::string& arch : options.archs)
-        for (int bits : arch_bits(options, arch))
-            for (const std::string& granularity : options.granularities)
-                for (const std::string& bn : options.bn_stats) {
+        for (int bits : for_arch(arch, options.bits, options.v2_bits))
+            for (const std::string& granularity : for_arch(arch, options.granularities, options.v2_granularities))
+                for (const std::string& bn : for_arch(arch, options.bn_stats, options.v2_bn_stats)) {
                     if (bn != options.bn_stats.front() && !contains(options.bn_stats_bits, bits)) continue;
                     for (const std::string& method : options.methods)
                         for (const std::string& fix : options.fixes)

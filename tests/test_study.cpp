@@ -162,6 +162,7 @@ TEST_CASE("A tiny study over two seeds: float model, two methods, the report; in
     o.methods = {"msqe-baseline", "msqe-po2"};
     o.bits = {4};
     o.granularities = {"tensor"};
+    o.bn_stats = {"float-conv"};
     o.seeds = 2;
     o.train = test::tiny_config(dir / "images", "");
     o.train.qat_epochs = 2;  // 12 QAT steps; the last 20 % are steps 11 and 12
@@ -310,6 +311,7 @@ TEST_CASE("The grid: bits, scales, batch statistics, fixes and seeds, and each c
     o.archs = {"v1"};
     o.bits = {4};
     o.granularities = {"tensor"};
+    o.bn_stats = {"float-conv"};
     o.seeds = 1;
     o.fixes = {"default", "none", "stable-exponent", "all"};
     std::vector<std::string> ids;
@@ -322,12 +324,14 @@ TEST_CASE("The grid: bits, scales, batch statistics, fixes and seeds, and each c
                                           p + "learnable-po2-msqe-round.none/seed0", p + "lsq/seed0"});
 
     // Bits x granularity x batch statistics x seeds; the modes after the
-    // first only at --bn-stats-bits; MobileNetV2 only at --v2-bits.
+    // first only at --bn-stats-bits; MobileNetV2 only in the --v2-* lists.
     study::StudyOptions g;
     g.archs = {"v1", "v2"};
     g.methods = {"msqe-po2"};
     g.bits = {3, 4};
     g.v2_bits = {4};
+    g.v2_granularities = {"tensor", "channel"};
+    g.v2_bn_stats = {"float-conv", "quantized-conv-freeze"};
     g.granularities = {"tensor", "channel"};
     g.bn_stats = {"float-conv", "quantized-conv-freeze"};
     g.bn_stats_bits = {4};
@@ -340,9 +344,19 @@ TEST_CASE("The grid: bits, scales, batch statistics, fixes and seeds, and each c
     CHECK(std::count(ids.begin(), ids.end(), "v1-3bit-tensor-qconv-freeze-msqe-po2/seed0") == 0);
     CHECK(std::count_if(ids.begin(), ids.end(), [](const std::string& id) { return id.rfind("v2-3bit", 0) == 0; }) == 0);
     CHECK(ids.back() == "v2-4bit-channel-qconv-freeze-msqe-po2/seed1");
+    // V2 cut as the default study cuts it: 4 bits per tensor, float-conv.
+    g.v2_granularities = {"tensor"};
+    g.v2_bn_stats = {"float-conv"};
+    ids.clear();
+    for (const study::CellSpec& c : study::make_grid(g))
+        if (c.arch == "v2") ids.push_back(c.id());
+    CHECK(ids == std::vector<std::string>{"v2-4bit-tensor-msqe-po2/seed0", "v2-4bit-tensor-msqe-po2/seed1"});
     g.v2_bits = {2};
     CHECK_THROWS_WITH_AS(g.validate(), doctest::Contains("no MobileNetV2 cell"), Error);
     g.v2_bits = {4};
+    g.v2_bn_stats = {"quantized-conv"};
+    CHECK_THROWS_WITH_AS(g.validate(), doctest::Contains("no MobileNetV2 cell"), Error);
+    g.v2_bn_stats = {"float-conv"};
     g.bn_stats_bits = {2};
     CHECK_THROWS_WITH_AS(g.validate(), doctest::Contains("--bn-stats-bits: 2 is not one of --bits"), Error);
     g.bn_stats_bits = {4};
