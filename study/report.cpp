@@ -36,22 +36,21 @@ std::vector<double> as_doubles(const std::vector<int64_t>& v) { return {v.begin(
 
 // ---- Figures ----------------------------------------------------------------
 
-// A figure of one wide panel (a line per method), or of a panel per method.
-Figure wide_figure(const std::string& title) {
+// An empty figure with panels of the given size.
+Figure sized_figure(const std::string& title, int panel_width, int panel_height) {
     Figure fig;
     fig.title = title;
-    fig.panel_width = 1000;
-    fig.panel_height = 460;
+    fig.panel_width = panel_width;
+    fig.panel_height = panel_height;
+    return fig;
+}
+// A figure of one wide panel (a line per method), or of a panel per method.
+Figure wide_figure(const std::string& title) {
+    Figure fig = sized_figure(title, 1000, 460);
     fig.panels.emplace_back();
     return fig;
 }
-Figure panel_per_method(const std::string& title) {
-    Figure fig;
-    fig.title = title;
-    fig.panel_width = 640;
-    fig.panel_height = 320;
-    return fig;
-}
+Figure panel_per_method(const std::string& title) { return sized_figure(title, 640, 320); }
 
 Figure exponent_figure(const FloatModel& f, const std::vector<const CellResult*>& cells, const StudyOptions& o,
                        int64_t qat_steps) {
@@ -287,13 +286,7 @@ std::vector<Comparison> comparisons(const std::vector<FloatModel>& floats, const
 // ---- Figures over seeds -----------------------------------------------------------
 
 // A panel per granularity, side by side, each wide enough for its legend.
-Figure seeds_figure(const std::string& title) {
-    Figure fig;
-    fig.title = title;
-    fig.panel_width = 820;
-    fig.panel_height = 400;
-    return fig;
-}
+Figure seeds_figure(const std::string& title) { return sized_figure(title, 820, 400); }
 
 // Top-1 against bits, a line per method (default fixes, first batch-statistics
 // mode), error bars of one standard deviation over the seeds; a panel per
