@@ -25,9 +25,21 @@ Quantizer::ScaleChoice LsqQuantizer::choose_scales(const Tensor& x, bool trainin
         });
         if (training) std::copy(choice.scale.begin(), choice.scale.end(), s_.value().f32());
     }
-    for (int64_t gi = 0; gi < groups_.count; ++gi)
-        HFQ_CHECK(std::isfinite(choice.scale[gi]) && choice.scale[gi] > 0, who(), ": the scale of group ", gi, " is ",
-                  choice.scale[gi], "; it must be positive and finite (did training diverge?)");
+    // The scale is a positive quantity, but a step of the scale's optimizer
+    // (Adam: about its learning rate, whatever the gradient's size) can carry
+    // a tiny scale (a near-dead channel) past zero. Project it back onto
+    // s >= min_init_scale, as torch.ao's learnable fake-quantize clamps its
+    // scale to eps; in training the parameter itself is set, so the next
+    // optimizer step starts from the projected value.
+    const float floor = options_.min_init_scale;
+    for (int64_t gi = 0; gi < groups_.count; ++gi) {
+        HFQ_CHECK(std::isfinite(choice.scale[gi]), who(), ": the scale of group ", gi, " is ", choice.scale[gi],
+                  "; it must be finite (did training diverge?)");
+        if (choice.scale[gi] < floor) {
+            choice.scale[gi] = floor;
+            if (training) s_.value().f32()[gi] = floor;
+        }
+    }
     return choice;
 }
 

@@ -3,7 +3,8 @@
 // as the most common learned-scale quantizer to compare against:
 //   s initialised to 2 mean|x| / sqrt(qp) from the first weights seen,
 //   dL/ds = sum_i g_i t_i / sqrt(N qp)  (N: the elements of the scale group),
-//   dL/dx = g * m(x; s).
+//   dL/dx = g * m(x; s),
+//   s kept >= min_init_scale (a step that carries it below is projected back).
 #pragma once
 #include "quant/quantizer.h"
 

@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "engine/random.h"
@@ -352,8 +353,23 @@ TEST_CASE("lsq: initialisation, forward on a real scale, gradients") {
     }
     CHECK(clipped > 0);
 
-    // A scale driven to zero or below is refused with a clear message.
+    // A scale an optimizer step carried below min_init_scale (here: past zero)
+    // is projected back onto it: in evaluation only for that forward, in
+    // training into the parameter too. Channel 0 keeps its scale.
+    const float kept = s_param.value().f32()[0], floor = opt.min_init_scale;
     s_param.value().f32()[1] = -0.1f;
+    y = q->fake_quantize(w, false);
+    CHECK(s_param.value().f32()[1] == -0.1f);
+    for (int64_t i = n; i < 2 * n; ++i)  // on the grid of the floor (almost all clip to +-7 floor)
+        CHECK(y.value().f32()[i] == floor * std::fmin(std::fmax(std::nearbyint(xv[i] / floor), -7.0f), 7.0f));
+    y = q->fake_quantize(w, true);
+    CHECK(s_param.value().f32()[1] == floor);
+    CHECK(s_param.value().f32()[0] == kept);
+    CHECK(q->report().scales == std::vector<float>{kept, floor});
+
+    // A scale that is not finite is refused with a clear message.
+    s_param.value().f32()[1] = std::numeric_limits<float>::quiet_NaN();
     const std::string msg = hfq::testing::error_message([&] { q->fake_quantize(w, true); });
     CHECK(msg.find("scale of group 1") != std::string::npos);
+    CHECK(msg.find("finite") != std::string::npos);
 }
