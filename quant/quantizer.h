@@ -111,7 +111,7 @@ struct QuantizerOptions {
 
     // learnable-po2 (4.1)
     ExponentRounding rounding = ExponentRounding::msqe_round;
-    float min_init_scale = 1e-5f;  // e = log2(max(3 std / qp, min_init_scale)) at the first call
+    float min_init_scale = 1e-5f;  // e = log2(max(3 std / qp, min_init_scale)) at the first call; lsq: its scale's floor
 };
 
 using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
