@@ -83,7 +83,8 @@ struct Settings {
     uint64_t seed = 0;
     bool profile = false;                 // after the timed steps, profile as many again op by op
     bool trainer_qat = false;             // quantize as train_mobilenet's QAT does, not as the baseline
-    std::string bn_stats = "float-conv";  // with trainer_qat: the folded layers' batch statistics
+    std::string bn_stats = "quantized-conv";  // with trainer_qat: the folded layers' batch statistics ...
+    bool bn_frozen = false;                   // ... or none: moving statistics, as after --freeze-bn-at
     bool sync_bn = true;                  // data parallel: batch statistics over all ranks
     int rounds = 1;                       // with --ranks: every configuration this many times, layouts alternating
 };
@@ -208,7 +209,8 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
         trainer.quantizer = hfq_method(quant);
         trainer.bits = s.bits;
         trainer.bn_stats = s.bn_stats;
-        quant::QuantPolicy policy = trainer.quant_policy();
+        trainer.freeze_bn_at = s.bn_frozen ? 0 : 1;  // frozen from the first step, or never
+        quant::QuantPolicy policy = trainer.quant_policy(/*qat_steps=*/0);
         if (!s.trainer_qat) {  // as the baseline: per tensor, every layer at `bits`, batch norm not folded
             policy.options.per_channel = false;
             policy.first_layer_bits = policy.last_layer_bits = 0;
@@ -274,6 +276,8 @@ json bench_model(const std::string& arch, int res, const std::string& quant, con
     return {{"model", arch},
             {"res", res},
             {"quant", quant},
+            {"trainer_qat", s.trainer_qat},
+            {"bn_stats", s.trainer_qat ? (s.bn_frozen ? "frozen" : s.bn_stats) : "not folded"},
             {"bits", s.bits},
             {"batch", s.batch},
             {"threads", s.threads},
@@ -309,7 +313,7 @@ json bench_integer(const std::string& arch, int res, const Settings& s) {
     TrainConfig trainer;
     trainer.bits = s.bits;
     trainer.activation_bits = 8;
-    const quant::QuantPolicy policy = trainer.quant_policy();
+    const quant::QuantPolicy policy = trainer.quant_policy(/*qat_steps=*/0);
     quant::quantize_model(*model, policy);
     Rng rng(s.seed);
     const Tensor images = random_batch({s.batch, res, res, 3}, rng);
@@ -515,7 +519,7 @@ json under_mpirun(int ranks, const std::string& arch, int res, const std::string
     command += cat(" ", self, " --models ", arch, " --res ", res, " --quants ", quant, " --bits ", s.bits,
                    " --batch ", s.batch, " --threads ", threads, " --warmup ", s.warmup, " --steps ", s.steps,
                    " --min-time ", s.min_time);
-    if (s.trainer_qat) command += cat(" --trainer-qat --bn-stats ", s.bn_stats);
+    if (s.trainer_qat) command += cat(" --trainer-qat --bn-stats ", s.bn_stats, s.bn_frozen ? " --bn-frozen" : "");
     if (s.profile) command += " --profile";
     if (!s.sync_bn) command += " --no-sync-bn";
     std::fflush(stdout);
@@ -630,8 +634,12 @@ int main(int argc, char** argv) {
         "Quantize as train_mobilenet's QAT does by default (per channel, batch norm folded, first and last "
         "layer 8 bits) instead of as the PyTorch baseline (per tensor, not folded, every layer at --bits)");
     app.add_option("--bn-stats", s.bn_stats, "With --trainer-qat: the folded layers' batch statistics")
-        ->check(CLI::IsMember({"float-conv", "quantized-conv"}))
+        ->check(CLI::IsMember({"quantized-conv", "float-conv"}))
         ->needs(trainer_qat);  // the baseline's configuration does not fold
+    app.add_flag("--bn-frozen", s.bn_frozen,
+                 "With --trainer-qat: the folded layers on their moving statistics, as in the trainer's QAT after "
+                 "--freeze-bn-at (no batch statistics)")
+        ->needs(trainer_qat);
     app.add_flag("--profile", s.profile,
                  "After each configuration's timed steps, profile as many more op by op and print where the time goes "
                  "(ops merged by name and output shape)");

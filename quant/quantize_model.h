@@ -61,11 +61,13 @@ struct QuantPolicy {
     bool fold_bn = true;  // train_mobilenet --fold-bn
     // Training steps after which folded layers stop using batch statistics and
     // switch to the moving statistics (-1: never, until switched by hand).
-    int64_t freeze_bn_step = -1;  // --freeze-bn-step
+    int64_t freeze_bn_step = -1;  // train_mobilenet: --freeze-bn-at x QAT's steps
     // Where folded layers take their batch statistics from until they freeze
     // (quant/folded_conv_bn.h): "float-conv", a second float convolution
     // (Jacob et al.), or "quantized-conv", the quantized convolution's output
     // in float units (PyTorch's ConvBn2d: one convolution, about half the work).
+    // The library's defaults are a policy's meaning without these keys (saved
+    // before them); train_mobilenet's are quantized-conv, frozen half-way.
     std::string bn_stats = "float-conv";  // --bn-stats
     // Optional activation quantization after ReLU/ReLU6 (unsigned grid,
     // learnable-po2), for W4A8-style simulation. 0 = off.

@@ -202,7 +202,7 @@ TrainConfig cell_train_config(const StudyOptions& options, const CellSpec& cell,
     c.bits = cell.bits;
     c.per_channel = cell.per_channel;
     c.bn_stats = cell.bn_stats == "float-conv" ? "float-conv" : "quantized-conv";
-    c.freeze_bn_step = cell.bn_stats == "quantized-conv-freeze" ? qat_steps / 2 : -1;
+    c.freeze_bn_at = cell.bn_stats == "quantized-conv-freeze" ? 0.5 : 1;
     c.seed = options.train.seed + uint64_t(cell.seed);
     c.quantizer = learnable ? "learnable-po2" : cell.method;
     if (learnable) c.rounding = cell.method == "learnable-po2-ceil" ? "ceil" : "msqe-round";

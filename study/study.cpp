@@ -160,7 +160,7 @@ StudyOutcome run_study(const StudyOptions& options_in, const std::function<void(
             f.model_name = model_name(f.checkpoint);
             TrainConfig policy_config = o.train;
             policy_config.quantizer = "msqe-po2";
-            const std::vector<DepthwiseLayer> dw = depthwise_layers(f.checkpoint, policy_config.quant_policy());
+            const std::vector<DepthwiseLayer> dw = depthwise_layers(f.checkpoint, policy_config.quant_policy(/*qat_steps=*/0));
             f.histogram_layer = o.histogram_layer.empty() ? most_outlier_heavy(dw).name : o.histogram_layer;
             HFQ_CHECK(std::any_of(dw.begin(), dw.end(),
                                   [&](const DepthwiseLayer& d) { return d.name == f.histogram_layer; }),

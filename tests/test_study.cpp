@@ -381,7 +381,7 @@ TEST_CASE("The grid: bits, scales, batch statistics, fixes and seeds, and each c
     CHECK((plain.outlier_mask && plain.second_moments && plain.line_search));
     CHECK(plain.stable_start_step == -1);
     CHECK(plain.bn_stats == "float-conv");
-    CHECK(plain.freeze_bn_step == -1);
+    CHECK(plain.freeze_bn_step(100) == -1);
     const TrainConfig round = config("learnable-po2-msqe-round", "default");
     CHECK(round.quantizer == "learnable-po2");
     CHECK(round.rounding == "msqe-round");
@@ -392,7 +392,7 @@ TEST_CASE("The grid: bits, scales, batch statistics, fixes and seeds, and each c
     CHECK(c.bits == 3);
     CHECK(c.per_channel);
     CHECK(c.bn_stats == "quantized-conv");
-    CHECK(c.freeze_bn_step == 50);
+    CHECK(c.freeze_bn_step(100) == 50);
     CHECK(c.seed == o.train.seed + 2);
     CHECK(spec.id() == "v1-3bit-channel-qconv-freeze-msqe-po2/seed2");
     CHECK(spec.setting() == "3 bits per channel, quantized-conv + freeze");

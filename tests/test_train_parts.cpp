@@ -143,6 +143,37 @@ TEST_CASE("Config: defaults, command line, config file layering, errors") {
     fails({"--config", file.c_str()}, "not valid JSON");
 }
 
+TEST_CASE("Config: the batch-norm freeze is a fraction of QAT; older configs' freeze-bn-step") {
+    const TrainConfig d;
+    CHECK(d.bn_stats == "quantized-conv");  // the default: ConvBn2d's statistics, frozen half-way
+    CHECK(d.freeze_bn_at == 0.5);
+    CHECK(d.freeze_bn_step(1872) == 936);  // default QAT on Fashion-MNIST: 4 epochs x 468 steps
+    CHECK(d.quant_policy(1872).freeze_bn_step == 936);
+    TrainConfig c;
+    c.freeze_bn_at = 2.0 / 3;
+    CHECK(c.freeze_bn_step(12) == 8);  // rounded, not truncated: 2/3 x 12 is 7.999...
+    c.freeze_bn_at = 0;
+    CHECK(c.freeze_bn_step(12) == 0);  // moving statistics from the first step
+    c.freeze_bn_at = 1;
+    CHECK(c.freeze_bn_step(12) == -1);  // never
+    CHECK(c.quant_policy(12).freeze_bn_step == -1);
+
+    const ParsedArgs bad = parse({"--freeze-bn-at", "1.5"});
+    CHECK(!bad.run);
+    CHECK(bad.message.find("--freeze-bn-at must be in [0, 1] (a fraction of QAT), got 1.5") != std::string::npos);
+
+    // A run folder's config.json from before the option: "never" reads as 1,
+    // a step number is refused naming the file (its fraction needs the data).
+    TrainConfig old;
+    old.apply_json(R"({"freeze-bn-step": -1, "bn-stats": "float-conv"})", "old/config.json");
+    CHECK(old.freeze_bn_at == 1);
+    CHECK(old.bn_stats == "float-conv");
+    TrainConfig untouched;
+    CHECK_THROWS_WITH_AS(untouched.apply_json(R"({"freeze-bn-step": 936})", "old/config.json"),
+                         doctest::Contains("old/config.json: freeze-bn-step 936 comes from an older hfq"), Error);
+    CHECK(untouched.freeze_bn_at == 0.5);  // a failed read changes nothing
+}
+
 TEST_CASE("Config: --resume takes the run's config; only run-control options may change") {
     test::TempDir dir;
     TrainConfig saved;

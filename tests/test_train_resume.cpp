@@ -30,7 +30,7 @@ TrainConfig resume_config(const std::string& data, const std::string& out, bool 
         c.quantizer = "learnable-po2";
         c.dropout = 0.2;
         c.activation_bits = 8;
-        c.freeze_bn_step = 8;
+        c.freeze_bn_at = 2.0 / 3;  // QAT step 8 of 12
     } else {
         // msqe-po2 per channel with the stable-exponent schedule across the stops, Nesterov.
         c.per_channel = true;

@@ -151,7 +151,7 @@ TEST_CASE("A W4A8 run ends with the integer engine equal to the fake-quant model
     test::make_image_folder(dir / "images");
     TrainConfig c = test::tiny_config(dir / "images", dir / "run");
     c.activation_bits = 8;
-    c.freeze_bn_step = 4;
+    c.freeze_bn_at = 2.0 / 3;  // QAT step 4 of 6
     const RunResult r = run_training(c);
     check_finished_run(c, r, 6 * (c.epochs + c.qat_epochs));  // 48 images, batch 8
     const nlohmann::json& engine = r.summary.at("integer_engine");

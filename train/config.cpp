@@ -1,6 +1,7 @@
 #include "train/config.h"
 
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -94,11 +95,11 @@ void visit_fields(Config& c, Visitor&& v) {
     v("qat-epochs", c.qat_epochs, T, "Epochs of quantization-aware training");
     v("qat-lr", c.qat_lr, T, "Peak learning rate of QAT (SGD; same schedule as float training)");
     v("qat-warmup-epochs", c.qat_warmup_epochs, T, "Linear warm-up of QAT, in epochs");
-    v("freeze-bn-step", c.freeze_bn_step, T, "QAT step after which folded layers use the moving batch-norm "
-      "statistics (-1: never)");
-    v("bn-stats", c.bn_stats, T, "Batch statistics of folded layers until they freeze: float-conv (a second, float "
-      "convolution; Jacob et al.) or quantized-conv (the quantized convolution's, in float units; PyTorch's "
-      "ConvBn2d: about half the convolution work)");
+    v("freeze-bn-at", c.freeze_bn_at, T, "Fraction of QAT after which folded layers use the moving batch-norm "
+      "statistics instead of the batch's (0: from the start, 1: never)");
+    v("bn-stats", c.bn_stats, T, "Batch statistics of folded layers until they freeze: quantized-conv (the "
+      "quantized convolution's, in float units; PyTorch's ConvBn2d) or float-conv (a second, float convolution; "
+      "Jacob et al.: about twice the convolution work)");
     v("stable-start-step", c.stable_start_step, T, "msqe-po2: QAT step at which the stable exponent starts "
       "averaging (-1: off)");
     v("stable-switch-step", c.stable_switch_step, T, "msqe-po2: QAT step at which layers switch to the "
@@ -250,6 +251,16 @@ void TrainConfig::apply_json(const std::string& text, const std::string& source)
     HFQ_CHECK(j.is_object(), source, ": must hold a JSON object of option values, e.g. {\"lr\": 0.05}");
     std::set<std::string> known;
     TrainConfig updated = *this;  // a failed read changes nothing
+    // Configs written before --freeze-bn-at gave the freeze as a step
+    // ("freeze-bn-step", -1: never); "never" is --freeze-bn-at 1, a step
+    // number has no fraction without the run's data, so it is refused.
+    if (auto legacy = j.find("freeze-bn-step"); legacy != j.end()) {
+        HFQ_CHECK(legacy->is_number_integer() && legacy->get<int64_t>() == -1 && !j.contains("freeze-bn-at"), source,
+                  ": freeze-bn-step ", legacy->dump(), " comes from an older hfq; give the freeze as a fraction of "
+                  "QAT with freeze-bn-at (--freeze-bn-at) instead");
+        updated.freeze_bn_at = 1;
+        j.erase("freeze-bn-step");
+    }
     visit_fields(updated, JsonReader{j, source, known});
     for (const auto& [key, value] : j.items())
         HFQ_CHECK(known.count(key), source, ": unknown option '", key, "' (see train_mobilenet --help)");
@@ -324,13 +335,14 @@ void TrainConfig::validate() const {
             throw Error(cat("--bn-stats: ", e.what()));
         }
         try {
-            quant_policy().validate();
+            quant_policy(qat_epochs).validate();
         } catch (const Error& e) {
             throw Error(cat("--quantizer ", quantizer, ": ", e.what()));
         }
         HFQ_CHECK(qat_epochs >= 0 && qat_epochs <= 100000, "--qat-epochs must be in 0..100000, got ", qat_epochs);
         HFQ_CHECK(qat_lr > 0, "--qat-lr must be positive, got ", qat_lr);
-        HFQ_CHECK(freeze_bn_step >= -1, "--freeze-bn-step must be >= 0, or -1 (never), got ", freeze_bn_step);
+        HFQ_CHECK(freeze_bn_at >= 0 && freeze_bn_at <= 1, "--freeze-bn-at must be in [0, 1] (a fraction of QAT), got ",
+                  freeze_bn_at);
         HFQ_CHECK(stable_start_step >= -1 && stable_switch_step >= -1,
                   "--stable-start-step and --stable-switch-step must be >= 0, or -1 (off)");
         if (stable_start_step >= 0 || stable_switch_step >= 0) {
@@ -358,7 +370,12 @@ void TrainConfig::validate() const {
               progress, "'");
 }
 
-quant::QuantPolicy TrainConfig::quant_policy() const {
+int64_t TrainConfig::freeze_bn_step(int64_t qat_steps) const {
+    if (freeze_bn_at >= 1) return -1;
+    return std::llround(freeze_bn_at * double(qat_steps));
+}
+
+quant::QuantPolicy TrainConfig::quant_policy(int64_t qat_steps) const {
     quant::QuantPolicy p;
     p.method = quantizer;
     p.options.bits = bits;
@@ -371,7 +388,7 @@ quant::QuantPolicy TrainConfig::quant_policy() const {
     p.first_layer_bits = first_layer_bits;
     p.last_layer_bits = last_layer_bits;
     p.fold_bn = fold_bn;
-    p.freeze_bn_step = freeze_bn_step;
+    p.freeze_bn_step = freeze_bn_step(qat_steps);
     p.bn_stats = bn_stats;
     p.activation_bits = activation_bits;
     return p;

@@ -84,8 +84,8 @@ struct TrainConfig {
     int qat_epochs = 4;
     double qat_lr = 0.01;
     double qat_warmup_epochs = 0;
-    int64_t freeze_bn_step = -1;               // QAT steps with batch statistics in folded layers (-1: never freeze)
-    std::string bn_stats = "float-conv";       // their source: float-conv or quantized-conv (quant::QuantPolicy)
+    double freeze_bn_at = 0.5;                 // fraction of QAT's steps with batch statistics in folded layers (1: all)
+    std::string bn_stats = "quantized-conv";   // their source: quantized-conv or float-conv (quant::QuantPolicy)
     int64_t stable_start_step = -1;            // QAT step at which the stable exponent starts averaging (-1: off)
     int64_t stable_switch_step = -1;           // QAT step at which layers switch to it (-1: never)
     std::string quantizer_optimizer = "adam";  // for learnable scales: adam or sgd
@@ -120,7 +120,11 @@ struct TrainConfig {
     static std::vector<std::string> training_differences(const TrainConfig& a, const TrainConfig& b);
 
     // Derived settings.
-    quant::QuantPolicy quant_policy() const;  // for quantizer != "none"
+    // For quantizer != "none". qat_steps: QAT's length in steps
+    // (qat_epochs x batches per epoch), which --freeze-bn-at is a fraction of.
+    quant::QuantPolicy quant_policy(int64_t qat_steps) const;
+    // The QAT step from which folded layers use the moving statistics (-1: never).
+    int64_t freeze_bn_step(int64_t qat_steps) const;
     bool qat() const { return quantizer != "none"; }
 };
 

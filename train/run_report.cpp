@@ -7,12 +7,12 @@
 
 namespace hfq {
 
-Json run_summary(const TrainConfig& c, const TrainData& data, int64_t steps, const Json& results,
+Json run_summary(const TrainConfig& c, const quant::QuantPolicy& policy, const TrainData& data, int64_t steps, const Json& results,
                  const quant::AuditReport& audit, const std::vector<quant::LayerDiagnostics>& layers) {
     Json summary = {{"data", data.kind}, {"test_samples", data.test->size()}, {"steps", steps}};
     if (results.contains("float")) summary["float"] = results["float"];
     if (c.qat()) {
-        summary["quantizer"] = Json::parse(c.quant_policy().to_json());
+        summary["quantizer"] = Json::parse(policy.to_json());
         summary["fake_quant"] = results["qat"];
         summary["integer_export"] = results["integer"];
         if (results.contains("integer_engine")) summary["integer_engine"] = results["integer_engine"];

@@ -18,8 +18,8 @@
 namespace hfq {
 
 // `results`: TrainState::results (the stages' last evaluations and times);
-// `audit` and `layers` only for QAT runs.
-Json run_summary(const TrainConfig& config, const TrainData& data, int64_t steps, const Json& results,
+// `policy`, `audit` and `layers` only for QAT runs.
+Json run_summary(const TrainConfig& config, const quant::QuantPolicy& policy, const TrainData& data, int64_t steps, const Json& results,
                  const quant::AuditReport& audit, const std::vector<quant::LayerDiagnostics>& layers);
 
 // The table of results (float, fake-quant, integer export), the audit's

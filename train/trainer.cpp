@@ -93,6 +93,10 @@ private:
     void record_time();
     std::string path(const char* file) const { return (run_.out / file).string(); }
     Model& model() { return *run_.model; }
+    // The quantization of this run: --freeze-bn-at resolved over QAT's steps.
+    quant::QuantPolicy quant_policy() const {
+        return cfg_.quant_policy(int64_t(cfg_.qat_epochs) * run_.batches_per_epoch());
+    }
     TrainState& state() { return run_.state; }
 
     TrainConfig cfg_;
@@ -170,7 +174,7 @@ void Trainer::save(const NamedOptimizers& optimizers) {
     record_time();
     if (mpi::is_root())
         save_training_checkpoint(path("checkpoint.safetensors"), model(), optimizers, state(), cfg_,
-                                 run_.data.preprocessing);
+                                 quant_policy(), run_.data.preprocessing);
     last_saved_step_ = state().global_step;
 }
 
@@ -204,7 +208,7 @@ void Trainer::enter_qat() {
         state().results["float"] = eval_json(evaluate(model(), run_.data.test, eval_options()));
     }
     if (mpi::is_root()) save_checkpoint(path("float.safetensors"), model(), run_.data.preprocessing);
-    quant::quantize_model(model(), cfg_.quant_policy());
+    quant::quantize_model(model(), quant_policy());
     if (cfg_.zero_dead_channels) report_dead_channels(quant::zero_dead_channels(model()));
     say(cat("Quantization-aware training: ", cfg_.quantizer, ", ", cfg_.bits, " bits",
             cfg_.per_channel ? " per channel" : " per tensor", "; ", quant::quantized_layers(model()).size(),
@@ -224,13 +228,13 @@ Json Trainer::evaluate_export(Json* engine) {
         mpi::is_root()
             ? path("export.safetensors")
             : (fs::temp_directory_path() / cat("hfq-export-rank", mpi::rank(), "-", getpid(), ".safetensors")).string();
-    quant::export_quantized_model(file, model(), cfg_.quant_policy(), run_.data.preprocessing);
+    quant::export_quantized_model(file, model(), quant_policy(), run_.data.preprocessing);
     // export.onnx beside it, the same model for ONNX runtimes (deploy/onnx_export.h).
     if (mpi::is_root()) deploy::write_onnx(file, path("export.onnx"));
     const std::shared_ptr<Model> integer = quant::build_model_from_export(file);
     Json r = eval_json(evaluate(*integer, run_.data.test, eval_options()));
     r["seconds"] = seconds_since(t0);
-    if (engine && cfg_.quant_policy().activation_bits > 0) {
+    if (engine && quant_policy().activation_bits > 0) {
         const auto t1 = Clock::now();
         const IntegerEngineCheck c = check_integer_engine(file, model(), run_.data.test, eval_options());
         *engine = eval_json(c.engine);
@@ -400,7 +404,7 @@ Json Trainer::finish() {
     state().stage = Stage::done;
 
     std::map<std::string, std::string> metadata;
-    if (quant::is_quantized(model())) metadata[quant::kQuantPolicyKey] = cfg_.quant_policy().to_json();
+    if (quant::is_quantized(model())) metadata[quant::kQuantPolicyKey] = quant_policy().to_json();
     if (mpi::is_root()) save_checkpoint(path("final.safetensors"), model(), run_.data.preprocessing, metadata);
     save(NamedOptimizers{});
 
@@ -417,7 +421,7 @@ Json Trainer::finish() {
         audit = quant::audit_export(model(), path("export.safetensors"), sample);
         layers = quant::collect_diagnostics(model());
     }
-    const Json summary = run_summary(cfg_, run_.data, state().global_step, results, audit, layers);
+    const Json summary = run_summary(cfg_, quant_policy(), run_.data, state().global_step, results, audit, layers);
     if (mpi::is_root()) write_file_atomically(path("summary.json"), summary.dump(2) + "\n");
     record({{"type", "final"}, {"summary", summary}});
     say(results_table(cfg_, summary, layers, run_.out.string()));

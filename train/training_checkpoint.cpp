@@ -44,7 +44,8 @@ TrainState TrainState::from_json(const std::string& text, const std::string& sou
 }
 
 void save_training_checkpoint(const std::string& path, Model& model, const NamedOptimizers& optimizers,
-                              TrainState state, const TrainConfig& config, const Preprocessing& preprocessing) {
+                              TrainState state, const TrainConfig& config, const quant::QuantPolicy& policy,
+                              const Preprocessing& preprocessing) {
     state.rngs.clear();
     for (const auto& [name, rng] : model.named_rngs()) state.rngs[name] = {rng->state(), rng->stream()};
 
@@ -56,7 +57,7 @@ void save_training_checkpoint(const std::string& path, Model& model, const Named
     metadata["format"] = "pt";
     metadata[kModelConfigKey] = model.config().to_json();
     metadata[kPreprocessingKey] = preprocessing.to_json();
-    if (quant::is_quantized(model)) metadata[quant::kQuantPolicyKey] = config.quant_policy().to_json();
+    if (quant::is_quantized(model)) metadata[quant::kQuantPolicyKey] = policy.to_json();
     metadata[kTrainConfigKey] = config.to_json();
     metadata[kTrainStateKey] = state.to_json();
     write_safetensors(path, tensors, metadata);

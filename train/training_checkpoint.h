@@ -54,9 +54,11 @@ struct TrainState {
 
 using NamedOptimizers = std::vector<std::pair<std::string, Optimizer*>>;
 
-// Writes the checkpoint (atomically). `state.rngs` is filled from the model here.
+// Writes the checkpoint (atomically). `state.rngs` is filled from the model
+// here; `policy` (the run's, train/config.h quant_policy) only once quantized.
 void save_training_checkpoint(const std::string& path, Model& model, const NamedOptimizers& optimizers,
-                              TrainState state, const TrainConfig& config, const Preprocessing& preprocessing);
+                              TrainState state, const TrainConfig& config, const quant::QuantPolicy& policy,
+                              const Preprocessing& preprocessing);
 
 struct TrainingCheckpoint {
     SafetensorsFile file;
