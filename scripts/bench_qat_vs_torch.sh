@@ -13,6 +13,8 @@
 # --freeze-bn-at, the moving statistics after it (frozen); "default" is the
 # step the trainer's default QAT takes on average (half of each: the time
 # per image averaged). float-conv is the former default's batch statistics.
+# GFLOP/s is the float step's (3 x 2 x MACs per image x img/s), to hold
+# against the FMA peak that the --machine line prints first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=v1,v2; res=224; rounds=2
@@ -47,7 +49,7 @@ models, resolutions = sys.argv[3].split(","), [int(r) for r in sys.argv[4].split
 def rows(name, k):
     return {(r["model"], r["res"]): r for r in json.load(open(f"{out}/{name}{k}.json"))["models"]}
 print(f"{'round':5} {'model':5}{'res':>5} {'float':>7} {'qconv':>7} {'frozen':>7} {'default':>8} {'fl-conv':>8}"
-      f" {'float/default':>14} {'torch.ao':>9} {'default/ao':>11} {'MB: float':>10} {'default':>8} {'fl-conv':>8} {'ao':>6}")
+      f" {'GFLOP/s':>8} {'float/default':>14} {'torch.ao':>9} {'default/ao':>11} {'MB: float':>10} {'default':>8} {'fl-conv':>8} {'ao':>6}")
 for k in range(1, rounds + 1):
     fl, qc, fr, fc = (rows(n, k) for n in ("float", "qconv", "frozen", "floatconv"))
     for m in models:
@@ -59,7 +61,7 @@ for k in range(1, rounds + 1):
             ao = json.load(open(f"{out}/torch_ao{k}_{res}.json")) if m == "v2" else None
             f = fl[key]["train_img_s"]
             print(f"{k:5} {m:5}{res:5} {f:7.1f} {a:7.1f} {b:7.1f} {default:8.1f} {fc[key]['train_img_s']:8.1f}"
-                  f" {f / default:14.2f}" +
+                  f" {fl[key]['train_gflop_s']:8.0f} {f / default:14.2f}" +
                   (f" {ao['train_img_s']:9.1f} {default / ao['train_img_s']:11.2f}" if ao else f" {'':9} {'':11}") +
                   f" {fl[key]['peak_rss_mb']:10.0f} {peak:8.0f} {fc[key]['peak_rss_mb']:8.0f}" +
                   (f" {ao['peak_rss_mb']:6.0f}" if ao else ""))
