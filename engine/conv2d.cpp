@@ -13,6 +13,8 @@
 // a reorder of it otherwise. dW comes out in the layout backward weights
 // prefers, reordered to OIHW. Pointwise convolutions (1x1, stride 1) skip all
 // this: they are matrix products on the plain layouts (engine/conv2d_pointwise.cpp).
+// A depthwise weight gradient for which oneDNN has no depthwise kernel (tiny
+// images) is hfq's own loop (engine/conv2d_depthwise.cpp).
 //
 // Each distinct configuration (shapes, stride, padding, groups, bias) gets its
 // primitives once, in a cache; the backward ones are made on first use, so an
@@ -23,6 +25,7 @@
 #include <optional>
 
 #include "engine/check.h"
+#include "engine/conv2d_depthwise.h"
 #include "engine/conv2d_pointwise.h"
 #include "engine/dnnl_context.h"
 
@@ -37,8 +40,8 @@ using Extent = ConvExtent;
 Extent spatial_extent(int64_t in, int64_t kernel, const Conv2dParams& p, const char* dim, const Shape& x,
                       const Shape& w) {
     HFQ_CHECK(p.same_padding || in + 2 * p.padding >= kernel, "conv2d: kernel ", dim, " ", kernel,
-              " is larger than the padded input ", dim, " ", in, " + 2*", p.padding, " (x ", shape_str(x),
-              ", weight ", shape_str(w), ")");
+              " is larger than the padded input ", dim, " ", in, " + 2*", p.padding, " (x ", shape_str(x), ", weight ",
+              shape_str(w), ")");
     return conv_extent(in, kernel, p);
 }
 
@@ -61,6 +64,11 @@ struct ConvGeometry {
     bool pointwise() const {
         return kh == 1 && kw == 1 && stride == 1 && groups == 1 && rows.pad_before + rows.pad_after == 0 &&
                cols.pad_before + cols.pad_after == 0;
+    }
+    // One filter per channel.
+    bool depthwise() const { return groups == cin && cout == cin; }
+    DepthwiseShape depthwise_shape() const {
+        return {n, h, w, cin, rows.out, cols.out, kh, kw, stride, rows.pad_before, cols.pad_before};
     }
 
     // oneDNN descriptors. Activations: logical NCHW dims, NHWC memory.
@@ -186,11 +194,22 @@ public:
         return *bwd_weights_;
     }
 
+    // Whether the weight gradient is hfq's loop: a depthwise convolution for
+    // which oneDNN offers only a generic kernel (its depthwise ones are
+    // named *_dw), see engine/conv2d_depthwise.cpp.
+    bool weights_by_loop() {
+        if (!weights_by_loop_)
+            weights_by_loop_ =
+                g_.depthwise() && std::string(backward_weights().pd.impl_info_str()).find("_dw") == std::string::npos;
+        return *weights_by_loop_;
+    }
+
 private:
     ConvGeometry g_;
     Kernel<dnnl::convolution_forward> fwd_;
     std::optional<Kernel<dnnl::convolution_backward_data>> bwd_data_;
     std::optional<Kernel<dnnl::convolution_backward_weights>> bwd_weights_;
+    std::optional<bool> weights_by_loop_;
 };
 
 ConvPrimitives& primitives_for(const ConvGeometry& g) {
@@ -215,6 +234,10 @@ Tensor backward_data(ConvPrimitives& prims, const Tensor& dy, const Tensor& fwd_
 // dW {Cout,Cin/groups,KH,KW} and, with a bias, db {Cout}, from x and dy.
 void backward_weights(ConvPrimitives& prims, const Tensor& dy, const Tensor& x, Tensor& dw, Tensor& db) {
     const ConvGeometry& g = prims.geometry();
+    if (prims.weights_by_loop()) {
+        depthwise_weight_gradient(x.f32(), dy.f32(), dw.f32(), g.has_bias ? db.f32() : nullptr, g.depthwise_shape());
+        return;
+    }
     const auto& bwd = prims.backward_weights();
     const memory::desc plain = g.plain_weights();
     const memory::desc kernel_layout = bwd.pd.diff_weights_desc();
@@ -238,8 +261,8 @@ ConvExtent conv_extent(int64_t in, int64_t kernel, const Conv2dParams& p) {
         const int64_t total = std::max<int64_t>((out - 1) * s + kernel - in, 0);
         return {out, total / 2, total - total / 2};
     }
-    HFQ_CHECK(in + 2 * p.padding >= kernel, "conv2d: kernel ", kernel, " is larger than the padded input ", in,
-              " + 2*", p.padding);
+    HFQ_CHECK(in + 2 * p.padding >= kernel, "conv2d: kernel ", kernel, " is larger than the padded input ", in, " + 2*",
+              p.padding);
     return {(in + 2 * p.padding - kernel) / s + 1, p.padding, p.padding};
 }
 
@@ -290,7 +313,7 @@ Conv2dImplNames conv2d_impl_names(const Shape& x, const Shape& weight, bool has_
     if (g.pointwise()) return {kPointwiseImplName, kPointwiseImplName, kPointwiseImplName};
     ConvPrimitives& prims = primitives_for(g);
     return {prims.forward().pd.impl_info_str(), prims.backward_data().pd.impl_info_str(),
-            prims.backward_weights().pd.impl_info_str()};
+            prims.weights_by_loop() ? kDepthwiseWeightsImplName : prims.backward_weights().pd.impl_info_str()};
 }
 
 }  // namespace hfq

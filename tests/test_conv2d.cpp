@@ -252,6 +252,22 @@ TEST_CASE("MobileNet's convolutions on NHWC run oneDNN's JIT kernels for the ISA
         CHECK(runs_isa(names.backward_data));
         CHECK(runs_isa(names.backward_weights));
     }
+    // A small network's tail (32x32 inputs): oneDNN's depthwise kernels refuse
+    // images of 2x2 and smaller, and its generic fallback for the weight
+    // gradient took 4-8 ms per call on AVX2; conv2d then runs its own loop.
+    const Config tails[] = {
+        {"depthwise on 2x2", {32, 2, 2, 512}, {512, 1, 3, 3}, {1, 1, false, 512}},
+        {"depthwise on 2x2, stride 2", {32, 2, 2, 512}, {512, 1, 3, 3}, {2, 1, false, 512}},
+        {"depthwise on 1x1", {32, 1, 1, 1024}, {1024, 1, 3, 3}, {1, 1, false, 1024}},
+    };
+    for (const Config& c : tails) {
+        const Conv2dImplNames names = conv2d_impl_names(c.x, c.w, false, c.p);
+        INFO("case: ", std::string(c.name), ", ISA ", isa, ", backward weights ", names.backward_weights);
+        CHECK((names.backward_weights == "hfq:depthwise_weights" ||
+               names.backward_weights.find("_dw") != std::string::npos));
+        CHECK(runs_isa(names.forward));
+        CHECK(runs_isa(names.backward_data));
+    }
     // Pointwise convolutions are matrix products (engine/conv2d_pointwise.cpp).
     const Conv2dImplNames pw = conv2d_impl_names({4, 14, 14, 64}, {128, 64, 1, 1}, false, {1, 0, false, 1});
     CHECK(pw.forward == "sgemm:pointwise");
@@ -285,6 +301,79 @@ TEST_CASE("pointwise conv2d: output and every gradient do not depend on the thre
         CHECK(y[0] == y[2]);
         CHECK(dx[0] == dx[1]);
         CHECK(dx[0] == dx[2]);
+        CHECK(dw[0] == dw[1]);
+        CHECK(dw[0] == dw[2]);
+        CHECK(db[0] == db[1]);
+        CHECK(db[0] == db[2]);
+    }
+}
+
+TEST_CASE("depthwise weight gradient on tiny images (hfq's loop) is within its float rounding of the exact sum, at any thread count") {
+    // dW[c,i,j] = sum over n,oh,ow of dy[n,oh,ow,c] * x[n, oh*s - pad_top + i, ow*s - pad_left + j, c],
+    // db[c] = sum of dy. The loop sums m terms in float, one after another;
+    // each product and each addition rounds by at most u = 2^-24 relative, so
+    // the classic bound on such a sum is |computed - exact| <= gamma_m *
+    // sum |term|, gamma_m = m u / (1 - m u) (Higham, Accuracy and Stability
+    // of Numerical Algorithms, 3.1). The reference sums in double: its own
+    // error, m * 2^-53 of the same magnitude sum, is ~2^-29 of the bound.
+    struct Tail {
+        const char* name;
+        Shape x, w;
+        Conv2dParams p;
+        Expected e;
+    };
+    const Tail tails[] = {
+        {"2x2, stride 1, 40 channels (two blocks and a part)",
+         {5, 2, 2, 40},
+         {40, 1, 3, 3},
+         {1, 1, false, 40},
+         {2, 2, 1, 1}},
+        {"2x2, stride 2", {4, 2, 2, 24}, {24, 1, 3, 3}, {2, 1, false, 24}, {1, 1, 1, 1}},
+        {"1x1", {6, 1, 1, 19}, {19, 1, 3, 3}, {1, 1, false, 19}, {1, 1, 1, 1}},
+        {"2x1, 5x5, SAME", {3, 2, 1, 17}, {17, 1, 5, 5}, {1, 0, true, 17}, {2, 1, 2, 2}},
+    };
+    const int threads_before = compute_threads();
+    for (const Tail& c : tails) {
+        INFO("case: ", std::string(c.name));
+        REQUIRE(conv2d_impl_names(c.x, c.w, true, c.p).backward_weights == "hfq:depthwise_weights");
+        const Tensor x = random_tensor(c.x, 11), w = random_tensor(c.w, 12), b = random_tensor({c.w[0]}, 13);
+        const Tensor dy = random_tensor({c.x[0], c.e.ho, c.e.wo, c.w[0]}, 14);
+        const int64_t kh = c.w[2], kw = c.w[3], ch = c.x[3], s = c.p.stride;
+        std::vector<double> dw_ref(ch * kh * kw, 0.0), dw_abs(dw_ref.size(), 0.0), db_ref(ch, 0.0), db_abs(ch, 0.0);
+        std::vector<int64_t> dw_terms(dw_ref.size(), 0);  // m per dW entry; every db sums n*ho*wo terms
+        for (int64_t n = 0; n < c.x[0]; ++n)
+            for (int64_t oh = 0; oh < c.e.ho; ++oh)
+                for (int64_t ow = 0; ow < c.e.wo; ++ow)
+                    for (int64_t k = 0; k < ch; ++k) {
+                        const double g = dy.f32()[((n * c.e.ho + oh) * c.e.wo + ow) * ch + k];
+                        db_ref[k] += g;
+                        db_abs[k] += std::abs(g);
+                        for (int64_t i = 0; i < kh; ++i)
+                            for (int64_t j = 0; j < kw; ++j) {
+                                const int64_t ih = oh * s - c.e.pad_top + i, iw = ow * s - c.e.pad_left + j;
+                                if (ih < 0 || ih >= c.x[1] || iw < 0 || iw >= c.x[2]) continue;
+                                const double t = g * x.f32()[((n * c.x[1] + ih) * c.x[2] + iw) * ch + k];
+                                dw_ref[(k * kh + i) * kw + j] += t;
+                                dw_abs[(k * kh + i) * kw + j] += std::abs(t);
+                                ++dw_terms[(k * kh + i) * kw + j];
+                            }
+                    }
+        std::vector<std::vector<float>> dw, db;
+        for (int threads : {1, 2, 3}) {
+            set_compute_threads(threads);
+            Variable xv(x), wv(w, true), bv(b, true);
+            conv2d(xv, wv, bv, c.p).backward(dy);
+            dw.push_back(wv.grad().to_vector());
+            db.push_back(bv.grad().to_vector());
+        }
+        set_compute_threads(threads_before);
+        const auto gamma = [](int64_t m) { return m * 0x1p-24 / (1 - m * 0x1p-24); };
+        for (size_t k = 0; k < dw_ref.size(); ++k) {
+            INFO("dW entry ", k, ": ", dw[0][k], " against ", dw_ref[k]);
+            REQUIRE(std::abs(dw[0][k] - dw_ref[k]) <= gamma(dw_terms[k]) * dw_abs[k]);
+        }
+        const int64_t db_terms = c.x[0] * c.e.ho * c.e.wo;
+        for (int64_t k = 0; k < ch; ++k) REQUIRE(std::abs(db[0][k] - db_ref[k]) <= gamma(db_terms) * db_abs[k]);
         CHECK(dw[0] == dw[1]);
         CHECK(dw[0] == dw[2]);
         CHECK(db[0] == db[1]);
