@@ -40,10 +40,18 @@ inline std::vector<uint8_t> read_bytes(const std::string& path) {
     return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
-// The file's whole content ("" when it cannot be read).
+// The file's whole content ("" when it cannot be read). A read that fails
+// after the file opened throws out of libstdc++'s filebuf, whatever the
+// stream's exception mask: that happens to /proc/<pid>/stat when the process
+// ends between the open and the read (ESRCH), which the process scans of the
+// MPI tests meet whenever another test's processes come and go.
 inline std::string read_text(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    try {
+        std::ifstream in(path, std::ios::binary);
+        return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    } catch (const std::ios_base::failure&) {
+        return "";
+    }
 }
 
 // TurboJPEG compression of a continuous 8-bit image: RGB (CV_8UC3, RGB order),
